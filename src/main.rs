@@ -1,1 +1,80 @@
-fn main() {}
+//! The `gatehouse` binary: parses the command line and the process
+//! configuration, then wires the control plane, the data plane or both
+//! (standalone) and runs them until a shutdown signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod standalone;
+
+/// Kong-compatible API gateway: Admin API, proxy, control and data planes.
+#[derive(Parser, Debug)]
+#[command(name = "gatehouse", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML, kong.conf key names); also GATEHOUSE_CONF.
+    #[arg(long, global = true, value_name = "FILE")]
+    conf: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Admin API and the proxy in one process on an embedded
+    /// SQLite database (or PostgreSQL with database_url=postgres://…).
+    ///
+    /// Settings come from defaults, then the --conf file, then GATEHOUSE_*
+    /// variables: GATEHOUSE_PREFIX (state directory, ./gatehouse),
+    /// GATEHOUSE_ADMIN_LISTEN (127.0.0.1:8001), GATEHOUSE_PROXY_LISTEN
+    /// (0.0.0.0:8000, 0.0.0.0:8443 ssl), GATEHOUSE_DATABASE_URL,
+    /// GATEHOUSE_WORKER_THREADS, GATEHOUSE_LOG_LEVEL, GATEHOUSE_LOG_FORMAT
+    /// (human|json), GATEHOUSE_PROXY_ACCESS_LOG (off|stdout).
+    Standalone,
+    /// Print the effective configuration and exit.
+    Config,
+}
+
+/// Exit status for bad configuration (EX_USAGE), as sysexits.h.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config::Config::load(cli.conf.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gatehouse: {}", error_chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Config => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&cfg.public_json()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Standalone => match standalone::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatehouse: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// An error and its sources on one line, for operators.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

@@ -6,9 +6,7 @@ use std::sync::{Arc, LazyLock};
 
 use serde_json::{json, Map, Value};
 
-use crate::schema::{
-    matcher, EntityCheck, EntitySchema, Field, OnDelete, Record, Subschemas,
-};
+use crate::schema::{matcher, EntityCheck, EntitySchema, Field, OnDelete, Record, Subschemas};
 
 pub mod typedefs;
 mod url;
@@ -95,10 +93,7 @@ fn services() -> EntitySchema {
             Field::integer().default(Value::Null).between(0.0, 64.0),
         )
         .field("ca_certificates", Field::array(Field::string().uuid()))
-        .field(
-            "enabled",
-            Field::boolean().required().default(json!(true)),
-        )
+        .field("enabled", Field::boolean().required().default(json!(true)))
         .check(EntityCheck::conditional(
             "protocol",
             matcher().one_of(["tcp", "tls", "udp", "grpc", "grpcs"]),
@@ -159,9 +154,15 @@ fn expand_service_url(v: &Value) -> Option<Map<String, Value>> {
     };
     let mut m = Map::new();
     m.insert("protocol".into(), json!(protocol));
-    m.insert("host".into(), parsed.host.map(Value::String).unwrap_or(Value::Null));
+    m.insert(
+        "host".into(),
+        parsed.host.map(Value::String).unwrap_or(Value::Null),
+    );
     m.insert("port".into(), port);
-    m.insert("path".into(), parsed.path.map(Value::String).unwrap_or(Value::Null));
+    m.insert(
+        "path".into(),
+        parsed.path.map(Value::String).unwrap_or(Value::Null),
+    );
     Some(m)
 }
 
@@ -179,9 +180,12 @@ fn validate_router_path(v: &Value) -> Result<(), String> {
     let path = v.as_str().unwrap_or("");
     if let Some(re) = path.strip_prefix('~') {
         t::check_percent_encoding(re)?;
-        return regex::Regex::new(re)
-            .map(|_| ())
-            .map_err(|e| format!("invalid regex: '{re}' (PCRE returned: {})", first_line(&e.to_string())));
+        return regex::Regex::new(re).map(|_| ()).map_err(|e| {
+            format!(
+                "invalid regex: '{re}' (PCRE returned: {})",
+                first_line(&e.to_string())
+            )
+        });
     }
     t::validate_path(v)?;
     let normalized = crate::uri::normalize(path);
@@ -236,7 +240,10 @@ fn route_subschemas() -> RouteSubschemas {
     let http = Record::new()
         .field(
             "sources",
-            forbidden(source_dest(), "cannot set 'sources' when 'protocols' is 'http' or 'https'"),
+            forbidden(
+                source_dest(),
+                "cannot set 'sources' when 'protocols' is 'http' or 'https'",
+            ),
         )
         .field(
             "destinations",
@@ -260,14 +267,23 @@ fn route_subschemas() -> RouteSubschemas {
             "methods",
             forbidden(methods(), &format!("cannot set 'methods' {stream_err}")),
         )
-        .field("hosts", forbidden(hosts(), &format!("cannot set 'hosts' {stream_err}")))
+        .field(
+            "hosts",
+            forbidden(hosts(), &format!("cannot set 'hosts' {stream_err}")),
+        )
         .field(
             "paths",
-            forbidden(Field::array(router_path()), &format!("cannot set 'paths' {stream_err}")),
+            forbidden(
+                Field::array(router_path()),
+                &format!("cannot set 'paths' {stream_err}"),
+            ),
         )
         .field(
             "headers",
-            forbidden(route_headers(), &format!("cannot set 'headers' {stream_err}")),
+            forbidden(
+                route_headers(),
+                &format!("cannot set 'headers' {stream_err}"),
+            ),
         )
         .check(EntityCheck::ConditionalAtLeastOneOf {
             if_field: "protocols",
@@ -298,11 +314,17 @@ fn route_subschemas() -> RouteSubschemas {
         )
         .field(
             "methods",
-            forbidden(methods(), "cannot set 'methods' when 'protocols' is 'grpc' or 'grpcs'"),
+            forbidden(
+                methods(),
+                "cannot set 'methods' when 'protocols' is 'grpc' or 'grpcs'",
+            ),
         )
         .field(
             "sources",
-            forbidden(source_dest(), "cannot set 'sources' when 'protocols' is 'grpc' or 'grpcs'"),
+            forbidden(
+                source_dest(),
+                "cannot set 'sources' when 'protocols' is 'grpc' or 'grpcs'",
+            ),
         )
         .field(
             "destinations",
@@ -345,7 +367,11 @@ fn hosts() -> Field {
                 "invalid wildcard: must have at most one wildcard",
             )
             .match_any(
-                &[("^%*%.", r"^\*\."), ("%.%*$", r"\.\*$"), ("^[^*]*$", r"^[^*]*$")],
+                &[
+                    ("^%*%.", r"^\*\."),
+                    ("%.%*$", r"\.\*$"),
+                    ("^[^*]*$", r"^[^*]*$"),
+                ],
                 "invalid wildcard: must be placed at leftmost or rightmost label",
             )
             .custom(validate_hosts_entry),
@@ -531,7 +557,9 @@ fn healthchecks() -> Field {
         .field("timeout", seconds().default(json!(1)))
         .field(
             "concurrency",
-            Field::integer().between(1.0, 2147483648.0).default(json!(10)),
+            Field::integer()
+                .between(1.0, 2147483648.0)
+                .default(json!(10)),
         )
         .field("http_path", t::path().default(json!("/")))
         .field("https_sni", t::sni())
@@ -582,7 +610,10 @@ fn healthchecks() -> Field {
         Record::new()
             .field("active", Field::record(active))
             .field("passive", Field::record(passive))
-            .field("threshold", Field::number().default(json!(0)).between(0.0, 100.0)),
+            .field(
+                "threshold",
+                Field::number().default(json!(0)).between(0.0, 100.0),
+            ),
     )
     .default(defaults)
 }
@@ -610,7 +641,10 @@ fn upstreams() -> EntitySchema {
         .field("created_at", t::auto_timestamp_s())
         .field(
             "name",
-            Field::string().required().unique().custom(validate_upstream_name),
+            Field::string()
+                .required()
+                .unique()
+                .custom(validate_upstream_name),
         )
         .field("updated_at", t::auto_timestamp_s())
         .field(
@@ -634,24 +668,64 @@ fn upstreams() -> EntitySchema {
         .field("hash_fallback_uri_capture", simple())
         .field(
             "slots",
-            Field::integer().default(json!(10000)).between(10.0, 65536.0),
+            Field::integer()
+                .default(json!(10000))
+                .between(10.0, 65536.0),
         )
         .field("healthchecks", healthchecks())
         .field("tags", t::tags())
         .field("host_header", t::host_with_optional_port())
         .field("client_certificate", Field::foreign("certificates"))
         .field("use_srv_name", Field::boolean().default(json!(false)))
-        .check(cond("hash_on", "^header$", "hash_on_header", matcher().required()))
-        .check(cond("hash_fallback", "^header$", "hash_fallback_header", matcher().required()))
-        .check(cond("hash_on", "^cookie$", "hash_on_cookie", matcher().required()))
-        .check(cond("hash_fallback", "^cookie$", "hash_on_cookie", matcher().required()))
-        .check(cond("hash_on", "^none$", "hash_fallback", matcher().one_of(["none"])))
-        .check(cond("hash_on", "^cookie$", "hash_fallback", matcher().one_of(["none"])))
+        .check(cond(
+            "hash_on",
+            "^header$",
+            "hash_on_header",
+            matcher().required(),
+        ))
+        .check(cond(
+            "hash_fallback",
+            "^header$",
+            "hash_fallback_header",
+            matcher().required(),
+        ))
+        .check(cond(
+            "hash_on",
+            "^cookie$",
+            "hash_on_cookie",
+            matcher().required(),
+        ))
+        .check(cond(
+            "hash_fallback",
+            "^cookie$",
+            "hash_on_cookie",
+            matcher().required(),
+        ))
+        .check(cond(
+            "hash_on",
+            "^none$",
+            "hash_fallback",
+            matcher().one_of(["none"]),
+        ))
+        .check(cond(
+            "hash_on",
+            "^cookie$",
+            "hash_fallback",
+            matcher().one_of(["none"]),
+        ))
         .check(cond(
             "hash_on",
             "^consumer$",
             "hash_fallback",
-            matcher().one_of(["none", "ip", "header", "cookie", "path", "query_arg", "uri_capture"]),
+            matcher().one_of([
+                "none",
+                "ip",
+                "header",
+                "cookie",
+                "path",
+                "query_arg",
+                "uri_capture",
+            ]),
         ))
         .check(cond(
             "hash_on",
@@ -681,8 +755,16 @@ fn upstreams() -> EntitySchema {
                 "uri_capture",
             ]),
         ))
-        .check(EntityCheck::Distinct(vec!["hash_on_header", "hash_fallback_header"]))
-        .check(cond("hash_on", "^query_arg$", "hash_on_query_arg", matcher().required()))
+        .check(EntityCheck::Distinct(vec![
+            "hash_on_header",
+            "hash_fallback_header",
+        ]))
+        .check(cond(
+            "hash_on",
+            "^query_arg$",
+            "hash_on_query_arg",
+            matcher().required(),
+        ))
         .check(cond(
             "hash_fallback",
             "^query_arg$",
@@ -693,7 +775,12 @@ fn upstreams() -> EntitySchema {
             "hash_on_query_arg",
             "hash_fallback_query_arg",
         ]))
-        .check(cond("hash_on", "^uri_capture$", "hash_on_uri_capture", matcher().required()))
+        .check(cond(
+            "hash_on",
+            "^uri_capture$",
+            "hash_on_uri_capture",
+            matcher().required(),
+        ))
         .check(cond(
             "hash_fallback",
             "^uri_capture$",
@@ -757,10 +844,7 @@ fn targets() -> EntitySchema {
                 .required()
                 .on_delete(OnDelete::Cascade),
         )
-        .field(
-            "target",
-            Field::string().required().custom(validate_target),
-        )
+        .field("target", Field::string().required().custom(validate_target))
         .field(
             "weight",
             Field::integer().default(json!(100)).between(0.0, 65535.0),
@@ -774,7 +858,11 @@ fn targets() -> EntitySchema {
 }
 
 fn check_cert_key(e: &Map<String, Value>) -> Result<(), String> {
-    crate::pem::check_pair(e.get("cert"), e.get("key"), "certificate does not match key")
+    crate::pem::check_pair(
+        e.get("cert"),
+        e.get("key"),
+        "certificate does not match key",
+    )
 }
 
 fn check_cert_key_alt(e: &Map<String, Value>) -> Result<(), String> {
@@ -829,7 +917,8 @@ fn check_ca_certificate(e: &Map<String, Value>) -> Result<(), String> {
     if crate::pem::count_certificates(cert) > 1 {
         return Err("please submit only one certificate at a time".into());
     }
-    let info = crate::pem::parse_certificate(cert).map_err(|e| format!("invalid certificate: {e}"))?;
+    let info =
+        crate::pem::parse_certificate(cert).map_err(|e| format!("invalid certificate: {e}"))?;
     let now = crate::schema::validate_now_s() as i64;
     if info.not_after < now {
         return Err("certificate expired, \"Not After\" time is in the past".into());

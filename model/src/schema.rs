@@ -40,7 +40,10 @@ pub enum FieldType {
     Boolean,
     Array(Box<Field>),
     Set(Box<Field>),
-    Map { keys: Box<Field>, values: Box<Field> },
+    Map {
+        keys: Box<Field>,
+        values: Box<Field>,
+    },
     Record(Arc<Record>),
     /// A reference to another entity by primary key, `{"id": …}` on the wire.
     Foreign(&'static str),
@@ -287,7 +290,8 @@ impl Field {
         self
     }
     pub fn match_none(mut self, display: &'static str, regex: &str, err: &str) -> Field {
-        self.match_none.push(Pattern::new(display, regex, Some(err)));
+        self.match_none
+            .push(Pattern::new(display, regex, Some(err)));
         self
     }
     pub fn match_all(mut self, display: &'static str, regex: &str, err: &str) -> Field {

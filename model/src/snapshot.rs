@@ -25,13 +25,20 @@ impl ConfigSnapshot {
 
     /// Typed entities of one kind; entries that do not deserialize are
     /// returned as errors so the caller can refuse the whole snapshot.
-    pub fn typed<T: for<'de> Deserialize<'de>>(&self, entity: &str) -> Result<Vec<T>, SnapshotError> {
+    pub fn typed<T: for<'de> Deserialize<'de>>(
+        &self,
+        entity: &str,
+    ) -> Result<Vec<T>, SnapshotError> {
         self.list(entity)
             .iter()
             .map(|v| {
                 T::deserialize(v).map_err(|e| SnapshotError::Entity {
                     entity: entity.to_owned(),
-                    id: v.get("id").and_then(Value::as_str).unwrap_or("?").to_owned(),
+                    id: v
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_owned(),
                     reason: e.to_string(),
                 })
             })

@@ -163,7 +163,9 @@ pub fn normalize_ip(s: &str) -> Result<HostPort<'_>, HostError> {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
             return Err(HostError::InvalidPort);
         }
-        p.parse::<u16>().map(Some).map_err(|_| HostError::InvalidPort)
+        p.parse::<u16>()
+            .map(Some)
+            .map_err(|_| HostError::InvalidPort)
     };
     if let Some(rest) = s.strip_prefix('[') {
         let (addr, after) = rest.split_once(']').ok_or(HostError::Invalid)?;
@@ -276,9 +278,7 @@ pub fn validate_wildcard_host(v: &Value) -> Result<(), String> {
 
 pub fn validate_path(v: &Value) -> Result<(), String> {
     let path = str_of(v);
-    let allowed = |c: char| {
-        c.is_ascii_alphanumeric() || ".-_~/%:@!$&'()*+,;=".contains(c)
-    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || ".-_~/%:@!$&'()*+,;=".contains(c);
     if !path.starts_with('/') || !path.chars().all(allowed) {
         return Err(format!(
             "invalid path: '{path}' (characters outside of the reserved list of RFC 3986 found)"
@@ -356,7 +356,9 @@ pub fn validate_header_name(v: &Value) -> Result<(), String> {
     if !name.is_empty() && name.bytes().all(token) {
         Ok(())
     } else {
-        Err(format!("bad header name '{name}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"))
+        Err(format!(
+            "bad header name '{name}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
+        ))
     }
 }
 

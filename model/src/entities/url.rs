@@ -72,7 +72,13 @@ fn split_host_port(authority: &str) -> (&str, Option<&str>) {
 mod tests {
     use super::*;
 
-    fn check(input: &str, scheme: Option<&str>, host: Option<&str>, port: Option<&str>, path: Option<&str>) {
+    fn check(
+        input: &str,
+        scheme: Option<&str>,
+        host: Option<&str>,
+        port: Option<&str>,
+        path: Option<&str>,
+    ) {
         let p = parse_url(input);
         assert_eq!(p.scheme.as_deref(), scheme, "{input}");
         assert_eq!(p.host.as_deref(), host, "{input}");
@@ -82,10 +88,34 @@ mod tests {
 
     #[test]
     fn splits_like_luasocket() {
-        check("https://service.test/", Some("https"), Some("service.test"), None, Some("/"));
-        check("http://a.test:8080/x/y?q=1", Some("http"), Some("a.test"), Some("8080"), Some("/x/y"));
+        check(
+            "https://service.test/",
+            Some("https"),
+            Some("service.test"),
+            None,
+            Some("/"),
+        );
+        check(
+            "http://a.test:8080/x/y?q=1",
+            Some("http"),
+            Some("a.test"),
+            Some("8080"),
+            Some("/x/y"),
+        );
         check("invalid url", None, None, None, Some("invalid url"));
-        check("http://[::1]:81", Some("http"), Some("::1"), Some("81"), None);
-        check("grpc://user@h.test", Some("grpc"), Some("h.test"), None, None);
+        check(
+            "http://[::1]:81",
+            Some("http"),
+            Some("::1"),
+            Some("81"),
+            None,
+        );
+        check(
+            "grpc://user@h.test",
+            Some("grpc"),
+            Some("h.test"),
+            None,
+            None,
+        );
     }
 }

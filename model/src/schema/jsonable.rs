@@ -81,13 +81,21 @@ pub(super) fn field_to_json(f: &Field) -> Value {
     opt(&mut m, "one_of", f.one_of.clone().map(Value::Array));
     opt(&mut m, "not_one_of", f.not_one_of.clone().map(Value::Array));
     opt(&mut m, "gt", f.gt.map(num));
-    opt(&mut m, "between", f.between.map(|(a, b)| json!([num(a), num(b)])));
+    opt(
+        &mut m,
+        "between",
+        f.between.map(|(a, b)| json!([num(a), num(b)])),
+    );
     opt(&mut m, "len_eq", f.len_eq.map(|n| json!(n)));
     opt(&mut m, "len_min", f.len_min.map(|n| json!(n)));
     opt(&mut m, "len_max", f.len_max.map(|n| json!(n)));
     opt(&mut m, "starts_with", f.starts_with.map(|s| json!(s)));
     opt(&mut m, "match", f.match_.as_ref().map(|p| json!(p.display)));
-    opt(&mut m, "not_match", f.not_match.as_ref().map(|p| json!(p.display)));
+    opt(
+        &mut m,
+        "not_match",
+        f.not_match.as_ref().map(|p| json!(p.display)),
+    );
     if !f.match_none.is_empty() {
         let v: Vec<Value> = f
             .match_none
@@ -109,7 +117,11 @@ pub(super) fn field_to_json(f: &Field) -> Value {
         m.insert("match_any".into(), json!({"patterns": p, "err": err}));
     }
     opt(&mut m, "contains", f.contains.clone());
-    opt(&mut m, "mutually_exclusive_subsets", f.mutually_exclusive_subsets.as_ref().map(|s| json!(s)));
+    opt(
+        &mut m,
+        "mutually_exclusive_subsets",
+        f.mutually_exclusive_subsets.as_ref().map(|s| json!(s)),
+    );
     opt(&mut m, "err", f.err.as_ref().map(|e| json!(e)));
     opt(
         &mut m,

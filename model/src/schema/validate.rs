@@ -161,7 +161,9 @@ impl Field {
         if value.is_null() {
             if matches!(self.ne, Some(Value::Null)) {
                 return Err(Value::String(
-                    self.err.clone().unwrap_or_else(|| "value must not be null".into()),
+                    self.err
+                        .clone()
+                        .unwrap_or_else(|| "value must not be null".into()),
                 ));
             }
             if let Some(eq) = &self.eq {
@@ -176,7 +178,9 @@ impl Field {
         }
         if matches!(self.eq, Some(Value::Null)) {
             return Err(Value::String(
-                self.err.clone().unwrap_or_else(|| "value must be null".into()),
+                self.err
+                    .clone()
+                    .unwrap_or_else(|| "value must be null".into()),
             ));
         }
 
@@ -223,9 +227,7 @@ impl Field {
                 let copy = record
                     .process_auto_fields(map.clone(), Context::Insert)
                     .map_err(Value::Object)?;
-                record
-                    .validate(&copy, true, None)
-                    .map_err(Value::Object)?;
+                record.validate(&copy, true, None).map_err(Value::Object)?;
             }
             FieldType::Foreign(_) => {
                 let Value::Object(map) = value else {
@@ -306,7 +308,10 @@ impl Field {
         }
         if let Some(limit) = self.gt {
             if as_f64(value).is_some_and(|v| v <= limit) {
-                return Err(format!("value must be greater than {}", lua_str(&limit.into())));
+                return Err(format!(
+                    "value must be greater than {}",
+                    lua_str(&limit.into())
+                ));
             }
         }
         if self.timestamp && as_f64(value).is_some_and(|v| v <= 0.0) {
@@ -368,7 +373,10 @@ impl Field {
             }
             for p in &self.match_none {
                 if p.regex.is_match(s) {
-                    return Err(p.err.clone().unwrap_or_else(|| format!("invalid value: {s}")));
+                    return Err(p
+                        .err
+                        .clone()
+                        .unwrap_or_else(|| format!("invalid value: {s}")));
                 }
             }
             if let Some(p) = &self.match_ {
@@ -378,7 +386,10 @@ impl Field {
             }
             for p in &self.match_all {
                 if !p.regex.is_match(s) {
-                    return Err(p.err.clone().unwrap_or_else(|| format!("invalid value: {s}")));
+                    return Err(p
+                        .err
+                        .clone()
+                        .unwrap_or_else(|| format!("invalid value: {s}")));
                 }
             }
             if let Some((patterns, err)) = &self.match_any {
@@ -426,7 +437,10 @@ impl Field {
             return Some(Value::Null);
         }
         if let FieldType::Record(r) = &self.ty {
-            return r.process_auto_fields(Map::new(), Context::Insert).ok().map(Value::Object);
+            return r
+                .process_auto_fields(Map::new(), Context::Insert)
+                .ok()
+                .map(Value::Object);
         }
         None
     }
@@ -558,7 +572,10 @@ impl Record {
             .fields
             .iter()
             .map(|(n, _)| *n)
-            .chain(sub.into_iter().flat_map(|s| s.fields.iter().map(|(n, _)| *n)))
+            .chain(
+                sub.into_iter()
+                    .flat_map(|s| s.fields.iter().map(|(n, _)| *n)),
+            )
             .collect();
         let mut done = HashSet::new();
         for name in names {
@@ -606,7 +623,11 @@ impl Record {
     }
 
     /// Kong's `merge_values`: `top` over `bottom`, records merged deeply.
-    pub fn merge_values(&self, top: Map<String, Value>, bottom: &Map<String, Value>) -> Map<String, Value> {
+    pub fn merge_values(
+        &self,
+        top: Map<String, Value>,
+        bottom: &Map<String, Value>,
+    ) -> Map<String, Value> {
         let mut out = bottom.clone();
         for (k, v) in top {
             let merged = match (self.get(&k).map(|f| &f.ty), &v, bottom.get(&k)) {
@@ -887,37 +908,35 @@ impl Record {
                 else_match,
                 else_then_at_least_one_of,
                 else_then_err,
-            } => {
-                match get_path(input, if_field) {
-                    None => Ok(()),
-                    Some(if_value) => {
-                        let base = self.field_path(if_field, sub);
-                        let check_names = |names: &[&str], err: &Option<&str>| {
-                            if names.iter().any(|n| nonempty(n)) {
-                                Ok(())
-                            } else {
-                                let list = quoted_list(names);
-                                Err(match err {
+            } => match get_path(input, if_field) {
+                None => Ok(()),
+                Some(if_value) => {
+                    let base = self.field_path(if_field, sub);
+                    let check_names = |names: &[&str], err: &Option<&str>| {
+                        if names.iter().any(|n| nonempty(n)) {
+                            Ok(())
+                        } else {
+                            let list = quoted_list(names);
+                            Err(match err {
                                     Some(e) => format!("{prefix}{}", e.replace("%s", &list)),
                                     None => format!(
                                         "{prefix}at least one of these fields must be non-empty: {list}"
                                     ),
                                 })
+                        }
+                    };
+                    if inherit(if_match, base).validate(if_value).is_ok() {
+                        check_names(then_at_least_one_of, then_err)
+                    } else {
+                        match else_match {
+                            Some(m) if inherit(m, base).validate(if_value).is_ok() => {
+                                check_names(else_then_at_least_one_of, else_then_err)
                             }
-                        };
-                        if inherit(if_match, base).validate(if_value).is_ok() {
-                            check_names(then_at_least_one_of, then_err)
-                        } else {
-                            match else_match {
-                                Some(m) if inherit(m, base).validate(if_value).is_ok() => {
-                                    check_names(else_then_at_least_one_of, else_then_err)
-                                }
-                                _ => Ok(()),
-                            }
+                            _ => Ok(()),
                         }
                     }
                 }
-            }
+            },
             C::Custom { check, .. } => check(input),
         };
         if let Err(msg) = result {

@@ -1,0 +1,925 @@
+//! Entity operations with Kong's DAO semantics (insert, update, upsert,
+//! delete with cascades, unique and foreign-key checks, pagination, tags)
+//! over an in-memory copy of the configuration that is written through to
+//! the database.
+//!
+//! Writers are serialised by one async mutex: a write validates against the
+//! in-memory state, commits its changes in one database transaction and only
+//! then applies them in memory, so a failed commit leaves nothing behind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use base64::Engine;
+use gatehouse_model::entities::{self, ENTITIES};
+use gatehouse_model::schema::{is_uuid, Context, EntitySchema, Errors, FieldType, OnDelete};
+use gatehouse_model::snapshot::ConfigSnapshot;
+use gatehouse_model::DbError;
+use serde_json::{json, Map, Value};
+use tokio::sync::{watch, Mutex};
+
+use crate::store::{Backend, Change, StoreError};
+
+type Entity = Map<String, Value>;
+
+/// Entities of every kind at one version.
+#[derive(Default)]
+pub struct State {
+    pub version: u64,
+    tables: HashMap<&'static str, BTreeMap<String, Entity>>,
+    /// `(entity, unique field)` → value key → id. Cache keys are indexed
+    /// under the field name `#cache_key`.
+    unique: HashMap<(&'static str, &'static str), HashMap<String, String>>,
+}
+
+const CACHE_KEY: &str = "#cache_key";
+
+impl State {
+    fn table(&self, entity: &str) -> Option<&BTreeMap<String, Entity>> {
+        self.tables.get(entity)
+    }
+
+    pub fn get(&self, entity: &str, id: &str) -> Option<&Entity> {
+        self.table(entity)?.get(id)
+    }
+
+    pub fn iter(&self, entity: &str) -> impl Iterator<Item = &Entity> {
+        self.table(entity).into_iter().flat_map(|t| t.values())
+    }
+
+    pub fn count(&self, entity: &str) -> usize {
+        self.table(entity).map_or(0, BTreeMap::len)
+    }
+
+    fn index_keys(schema: &EntitySchema, e: &Entity) -> Vec<(&'static str, String)> {
+        let mut keys = Vec::new();
+        for field in schema.unique_fields() {
+            match e.get(field) {
+                None | Some(Value::Null) => {}
+                Some(v) => keys.push((field, value_key(v))),
+            }
+        }
+        if !schema.cache_key.is_empty() {
+            keys.push((CACHE_KEY, cache_key(schema, e)));
+        }
+        keys
+    }
+
+    fn put(&mut self, schema: &'static EntitySchema, id: String, e: Entity) {
+        self.remove(schema, &id);
+        for (field, key) in Self::index_keys(schema, &e) {
+            self.unique
+                .entry((schema.name, field))
+                .or_default()
+                .insert(key, id.clone());
+        }
+        self.tables.entry(schema.name).or_default().insert(id, e);
+    }
+
+    fn remove(&mut self, schema: &'static EntitySchema, id: &str) {
+        let Some(old) = self.tables.get_mut(schema.name).and_then(|t| t.remove(id)) else {
+            return;
+        };
+        for (field, key) in Self::index_keys(schema, &old) {
+            if let Some(idx) = self.unique.get_mut(&(schema.name, field)) {
+                if idx.get(&key).is_some_and(|owner| owner == id) {
+                    idx.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn lookup_unique(
+        &self,
+        entity: &'static str,
+        field: &'static str,
+        v: &Value,
+    ) -> Option<&String> {
+        self.unique.get(&(entity, field))?.get(&value_key(v))
+    }
+
+    /// The configuration as a snapshot for data planes.
+    pub fn snapshot(&self) -> ConfigSnapshot {
+        let mut entities = BTreeMap::new();
+        for schema in ENTITIES.iter() {
+            let list: Vec<Value> = self
+                .iter(schema.name)
+                .map(|e| Value::Object(e.clone()))
+                .collect();
+            entities.insert(schema.name.to_owned(), list);
+        }
+        ConfigSnapshot {
+            version: self.version,
+            entities,
+        }
+    }
+}
+
+fn value_key(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn cache_key(schema: &EntitySchema, e: &Entity) -> String {
+    schema
+        .cache_key
+        .iter()
+        .map(|f| match e.get(*f) {
+            Some(Value::Object(o)) => o.get("id").map(value_key).unwrap_or_default(),
+            Some(Value::Null) | None => String::new(),
+            Some(v) => value_key(v),
+        })
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn foreign_id(e: &Entity, field: &str) -> Option<String> {
+    e.get(field)?.get("id")?.as_str().map(str::to_owned)
+}
+
+/// The parent of a nested request (`/services/{id}/routes`): the child's
+/// foreign field and the parent's id.
+#[derive(Clone, Debug)]
+pub struct Parent {
+    pub field: &'static str,
+    pub id: String,
+}
+
+/// Filters for listing entities.
+#[derive(Clone, Debug, Default)]
+pub struct PageQuery {
+    pub size: usize,
+    pub offset: Option<String>,
+    pub tags: Option<(Vec<String>, bool)>,
+    pub parent: Option<Parent>,
+}
+
+pub struct Page {
+    pub data: Vec<Value>,
+    pub offset: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaoError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+}
+
+pub struct Dao {
+    state: RwLock<State>,
+    writer: Mutex<()>,
+    backend: Box<dyn Backend>,
+    version_tx: watch::Sender<u64>,
+}
+
+impl Dao {
+    /// Load every stored entity into memory.
+    pub async fn load(backend: Box<dyn Backend>) -> Result<Arc<Dao>, StoreError> {
+        let (rows, version) = backend.load().await?;
+        let mut state = State {
+            version,
+            ..State::default()
+        };
+        for row in rows {
+            let (Some(schema), Value::Object(body)) = (entities::entity(&row.entity), row.body)
+            else {
+                tracing::warn!(entity = %row.entity, id = %row.id, "Skipping a stored entity of unknown kind.");
+                continue;
+            };
+            state.put(schema, row.id, body);
+        }
+        let (version_tx, _) = watch::channel(version);
+        Ok(Arc::new(Dao {
+            state: RwLock::new(state),
+            writer: Mutex::new(()),
+            backend,
+            version_tx,
+        }))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Run `f` over a consistent read of the state.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.read(|s| s.version)
+    }
+
+    /// Find an entity by id or endpoint key, optionally under a parent.
+    pub fn select(
+        &self,
+        schema: &'static EntitySchema,
+        key: &str,
+        parent: Option<&Parent>,
+    ) -> Option<Value> {
+        self.read(|s| {
+            let id = resolve_key(s, schema, key, parent)?;
+            let e = s.get(schema.name, &id)?;
+            if let Some(p) = parent {
+                if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                    return None;
+                }
+            }
+            Some(render(s, schema, e))
+        })
+    }
+
+    pub fn page(&self, schema: &'static EntitySchema, q: &PageQuery) -> Result<Page, DbError> {
+        let after = match &q.offset {
+            None => None,
+            Some(o) => Some(decode_offset(o)?),
+        };
+        Ok(self.read(|s| {
+            let mut data = Vec::new();
+            let mut last = None;
+            let mut more = false;
+            let table = s.table(schema.name);
+            let iter = table.into_iter().flat_map(|t| match &after {
+                Some(a) => t.range::<String, _>((
+                    std::ops::Bound::Excluded(a.clone()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.range::<String, _>(..),
+            });
+            for (id, e) in iter {
+                if let Some(p) = &q.parent {
+                    if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                        continue;
+                    }
+                }
+                if let Some((tags, and)) = &q.tags {
+                    let have: Vec<&str> = e
+                        .get("tags")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    let ok = if *and {
+                        tags.iter().all(|t| have.contains(&t.as_str()))
+                    } else {
+                        tags.iter().any(|t| have.contains(&t.as_str()))
+                    };
+                    if !ok {
+                        continue;
+                    }
+                }
+                if data.len() == q.size {
+                    more = true;
+                    break;
+                }
+                data.push(render(s, schema, e));
+                last = Some(id.clone());
+            }
+            Page {
+                data,
+                offset: if more {
+                    last.map(|l| encode_offset(&l))
+                } else {
+                    None
+                },
+            }
+        }))
+    }
+
+    /// `POST`: create an entity.
+    pub async fn insert(
+        &self,
+        schema: &'static EntitySchema,
+        input: Entity,
+        parent: Option<&Parent>,
+    ) -> Result<Value, DaoError> {
+        let _w = self.writer.lock().await;
+        let (id, entity, extra) = self.read(|s| prepare_insert(s, schema, input, parent))?;
+        self.commit(schema, id, entity, extra).await
+    }
+
+    /// `PATCH`: merge `input` over an existing entity.
+    pub async fn update(
+        &self,
+        schema: &'static EntitySchema,
+        key: &str,
+        input: Entity,
+        parent: Option<&Parent>,
+    ) -> Result<Value, DaoError> {
+        let _w = self.writer.lock().await;
+        let (id, entity, extra) = self.read(|s| prepare_update(s, schema, key, input, parent))?;
+        self.commit(schema, id, entity, extra).await
+    }
+
+    /// `PUT`: create or replace the entity named by `key`.
+    pub async fn upsert(
+        &self,
+        schema: &'static EntitySchema,
+        key: &str,
+        input: Entity,
+        parent: Option<&Parent>,
+    ) -> Result<Value, DaoError> {
+        let _w = self.writer.lock().await;
+        let (id, entity, extra) = self.read(|s| prepare_upsert(s, schema, key, input, parent))?;
+        self.commit(schema, id, entity, extra).await
+    }
+
+    /// `DELETE`: remove an entity and what cascades from it. Deleting
+    /// something absent is not an error.
+    pub async fn delete(
+        &self,
+        schema: &'static EntitySchema,
+        key: &str,
+        parent: Option<&Parent>,
+    ) -> Result<(), DaoError> {
+        let _w = self.writer.lock().await;
+        let changes = self.read(
+            |s| -> Result<Vec<(&'static EntitySchema, String)>, DbError> {
+                let Some(id) = resolve_key(s, schema, key, parent) else {
+                    return Ok(Vec::new());
+                };
+                let Some(e) = s.get(schema.name, &id) else {
+                    return Ok(Vec::new());
+                };
+                if let Some(p) = parent {
+                    if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                        return Ok(Vec::new());
+                    }
+                }
+                let mut out = Vec::new();
+                collect_deletes(s, schema, &id, &mut out)?;
+                Ok(out)
+            },
+        )?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let db_changes: Vec<Change> = changes
+            .iter()
+            .map(|(sch, id)| Change::Delete {
+                entity: sch.name,
+                id: id.clone(),
+            })
+            .collect();
+        let version = self.backend.commit(&db_changes).await?;
+        self.apply(version, |state| {
+            for (sch, id) in &changes {
+                state.remove(sch, id);
+            }
+        });
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        schema: &'static EntitySchema,
+        id: String,
+        entity: Entity,
+        extra: Vec<Pending>,
+    ) -> Result<Value, DaoError> {
+        let mut db_changes = vec![Change::Upsert {
+            entity: schema.name,
+            id: id.clone(),
+            body: Value::Object(entity.clone()),
+        }];
+        for p in &extra {
+            db_changes.push(match p {
+                Pending::Put(sch, pid, e) => Change::Upsert {
+                    entity: sch.name,
+                    id: pid.clone(),
+                    body: Value::Object(e.clone()),
+                },
+                Pending::Delete(sch, pid) => Change::Delete {
+                    entity: sch.name,
+                    id: pid.clone(),
+                },
+            });
+        }
+        let version = self.backend.commit(&db_changes).await?;
+        Ok(self.apply(version, |state| {
+            for p in extra {
+                match p {
+                    Pending::Delete(sch, pid) => state.remove(sch, &pid),
+                    Pending::Put(sch, pid, e) => state.put(sch, pid, e),
+                }
+            }
+            state.put(schema, id.clone(), entity);
+            let e = state.get(schema.name, &id).cloned().unwrap_or_default();
+            render(state, schema, &e)
+        }))
+    }
+
+    fn apply<T>(&self, version: u64, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = {
+            let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let out = f(&mut guard);
+            guard.version = version;
+            out
+        };
+        self.version_tx.send_replace(version);
+        out
+    }
+}
+
+/// Extra entity changes riding with a write (a certificate's SNIs).
+enum Pending {
+    Put(&'static EntitySchema, String, Entity),
+    Delete(&'static EntitySchema, String),
+}
+
+fn encode_offset(id: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(json!([id]).to_string())
+}
+
+fn decode_offset(offset: &str) -> Result<String, DbError> {
+    let bad = |reason: &str| DbError::InvalidOffset {
+        offset: offset.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(offset)
+        .map_err(|_| bad("bad base64 encoding"))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad("bad json encoding"))?;
+    v.get(0)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| bad("bad json encoding"))
+}
+
+/// Resolve a URL key (id or endpoint key) to an id.
+fn resolve_key(
+    s: &State,
+    schema: &'static EntitySchema,
+    key: &str,
+    parent: Option<&Parent>,
+) -> Option<String> {
+    if is_uuid(key) {
+        let id = key.to_ascii_lowercase();
+        return s.get(schema.name, &id).map(|_| id);
+    }
+    if schema.name == "targets" {
+        // Targets are named by `host:port` within their upstream.
+        let up = parent?;
+        return s
+            .iter("targets")
+            .find(|t| {
+                t.get("target").and_then(Value::as_str) == Some(key)
+                    && foreign_id(t, up.field).as_deref() == Some(up.id.as_str())
+            })
+            .and_then(|t| t.get("id")?.as_str().map(str::to_owned));
+    }
+    if schema.name == "certificates" {
+        // Kong lets a certificate be named by one of its SNIs.
+        let sni_schema = entities::entity("snis")?;
+        let sni_id = s.lookup_unique(sni_schema.name, "name", &json!(key))?;
+        return foreign_id(s.get("snis", sni_id)?, "certificate");
+    }
+    let field = schema.endpoint_key?;
+    s.lookup_unique(schema.name, field, &json!(key)).cloned()
+}
+
+/// The entity as the Admin API shows it.
+fn render(s: &State, schema: &EntitySchema, e: &Entity) -> Value {
+    let mut out = e.clone();
+    if schema.name == "certificates" {
+        let id = e.get("id").and_then(Value::as_str).unwrap_or("");
+        let mut names: Vec<String> = s
+            .iter("snis")
+            .filter(|sni| foreign_id(sni, "certificate").as_deref() == Some(id))
+            .filter_map(|sni| sni.get("name")?.as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        out.insert("snis".into(), json!(names));
+    }
+    Value::Object(out)
+}
+
+fn schema_error(errors: Errors) -> DbError {
+    DbError::SchemaViolation(errors)
+}
+
+/// Replace `{"name": …}`-style foreign references by `{"id": …}`.
+fn resolve_foreign(s: &State, schema: &EntitySchema, input: &mut Entity) -> Result<(), DbError> {
+    let mut unresolved = Errors::new();
+    for (field, _, reference) in schema.foreign_fields() {
+        let Some(Value::Object(r)) = input.get(field) else {
+            continue;
+        };
+        if r.contains_key("id") {
+            continue;
+        }
+        let Some(parent) = entities::entity(reference) else {
+            continue;
+        };
+        let Some(ek) = parent.endpoint_key else {
+            continue;
+        };
+        let Some(v) = r.get(ek).cloned() else {
+            continue;
+        };
+        match s.lookup_unique(parent.name, ek, &v) {
+            Some(id) => {
+                input.insert(field.to_owned(), json!({ "id": id }));
+            }
+            None => {
+                let key = lua_kv(ek, &v);
+                let mut sub = Map::new();
+                sub.insert(
+                    ek.to_owned(),
+                    json!(format!(
+                        "the foreign key cannot be resolved with '{key}' for an existing '{reference}' entity"
+                    )),
+                );
+                unresolved.insert(field.to_owned(), Value::Object(sub));
+            }
+        }
+    }
+    if unresolved.is_empty() {
+        Ok(())
+    } else {
+        Err(DbError::ForeignKeysUnresolved(unresolved))
+    }
+}
+
+fn lua_kv(k: &str, v: &Value) -> String {
+    let mut m = Map::new();
+    m.insert(k.to_owned(), v.clone());
+    gatehouse_model::error::lua_pretty(&Value::Object(m), None)
+}
+
+/// Validate a processed entity; `full` demands required fields.
+fn validate(schema: &EntitySchema, e: &Entity, full: bool) -> Result<(), DbError> {
+    if let Some(key) = schema.subschema_key {
+        // Kong checks the subschema key first and reports only it.
+        if matches!(e.get(key), None | Some(Value::Null)) {
+            return Err(DbError::schema(key, "required field missing"));
+        }
+        if let (Some(subs), Some(v)) = (&schema.subschemas, e.get(key)) {
+            if !v.is_null() && schema.subschema_for(e).is_none() {
+                let name = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Array(a) => a.first().map(value_key).unwrap_or_default(),
+                    other => other.to_string(),
+                };
+                return Err(DbError::schema(
+                    key,
+                    &subs.unknown_error().replace("%s", &name),
+                ));
+            }
+        }
+    }
+    let sub = schema.subschema_for(e);
+    schema
+        .record
+        .validate(e, full, sub.as_deref())
+        .map_err(schema_error)
+}
+
+fn process(schema: &EntitySchema, input: Entity, ctx: Context) -> Result<Entity, DbError> {
+    let sub = schema.subschema_for(&input);
+    let now = gatehouse_model::schema::validate_now_s();
+    schema
+        .record
+        .process_auto_fields_with(input, ctx, sub.as_deref(), now)
+        .map_err(schema_error)
+}
+
+/// Check foreign keys exist and unique fields are free.
+fn check_constraints(
+    s: &State,
+    schema: &'static EntitySchema,
+    id: &str,
+    e: &Entity,
+) -> Result<(), DbError> {
+    for (field, _, reference) in schema.foreign_fields() {
+        if let Some(fid) = foreign_id(e, field) {
+            if s.get(reference, &fid).is_none() {
+                let mut key = Map::new();
+                key.insert("id".into(), json!(fid));
+                return Err(DbError::ForeignKeyViolation {
+                    field: field.to_owned(),
+                    key,
+                    parent: reference.to_owned(),
+                });
+            }
+        }
+    }
+    for (field, key) in State::index_keys(schema, e) {
+        let owner = s
+            .unique
+            .get(&(schema.name, field))
+            .and_then(|idx| idx.get(&key));
+        if let Some(owner) = owner {
+            if owner != id {
+                let mut fields = Map::new();
+                if field == CACHE_KEY {
+                    for f in &schema.cache_key {
+                        fields.insert((*f).to_owned(), e.get(*f).cloned().unwrap_or(Value::Null));
+                    }
+                } else {
+                    fields.insert(
+                        field.to_owned(),
+                        e.get(field).cloned().unwrap_or(Value::Null),
+                    );
+                }
+                return Err(DbError::UniqueViolation(fields));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_parent(input: &mut Entity, parent: Option<&Parent>) {
+    if let Some(p) = parent {
+        input.insert(p.field.to_owned(), json!({ "id": p.id }));
+    }
+}
+
+/// A certificate's `snis` are stored as SNI entities, not in the row.
+fn take_snis(schema: &EntitySchema, e: &mut Entity) -> Option<Value> {
+    if schema.name == "certificates" {
+        e.remove("snis")
+    } else {
+        None
+    }
+}
+
+fn sni_changes(
+    s: &State,
+    cert_id: &str,
+    snis: Option<Value>,
+    replace: bool,
+) -> Result<Vec<Pending>, DbError> {
+    let Some(sni_schema) = entities::entity("snis") else {
+        return Ok(Vec::new());
+    };
+    let names: Vec<String> = match snis {
+        None => return Ok(Vec::new()),
+        Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        Some(_) => return Err(DbError::schema("snis", "expected an array")),
+    };
+    let mut out = Vec::new();
+    let existing: Vec<(String, String)> = s
+        .iter("snis")
+        .filter(|sni| foreign_id(sni, "certificate").as_deref() == Some(cert_id))
+        .filter_map(|sni| {
+            Some((
+                sni.get("id")?.as_str()?.to_owned(),
+                sni.get("name")?.as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for name in &names {
+        if seen.contains(name) {
+            return Err(DbError::schema(
+                "snis",
+                &format!("duplicate SNI in request: {name}"),
+            ));
+        }
+        seen.push(name.clone());
+        if let Some(owner) = s.lookup_unique("snis", "name", &json!(name)) {
+            let owner_cert = s
+                .get("snis", owner)
+                .and_then(|e| foreign_id(e, "certificate"));
+            if owner_cert.as_deref() != Some(cert_id) {
+                return Err(DbError::schema(
+                    "snis",
+                    &format!(
+                        "{name} already associated with existing certificate '{}'",
+                        owner_cert.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+    if replace {
+        for (id, name) in &existing {
+            if !names.contains(name) {
+                out.push(Pending::Delete(sni_schema, id.clone()));
+            }
+        }
+    }
+    for name in names {
+        if existing.iter().any(|(_, n)| *n == name) {
+            continue;
+        }
+        let input = json!({"name": name, "certificate": {"id": cert_id}});
+        let Value::Object(input) = input else {
+            continue;
+        };
+        let e = process(sni_schema, input, Context::Insert)?;
+        validate(sni_schema, &e, true)?;
+        let id = e
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        out.push(Pending::Put(sni_schema, id, e));
+    }
+    Ok(out)
+}
+
+fn finish(
+    s: &State,
+    schema: &'static EntitySchema,
+    mut e: Entity,
+    raw: &Entity,
+) -> Result<(String, Entity), DbError> {
+    let id = e
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    e.insert("id".into(), json!(id));
+    check_constraints(s, schema, &id, &e)?;
+    if let Some(on_write) = schema.on_write {
+        on_write(&mut e, raw).map_err(|msg| {
+            let mut errs = Errors::new();
+            errs.insert("@entity".into(), json!([msg]));
+            DbError::SchemaViolation(errs)
+        })?;
+        // Derived fields (such as cert_digest) are unique too.
+        check_constraints(s, schema, &id, &e)?;
+    }
+    Ok((id, e))
+}
+
+fn prepare_insert(
+    s: &State,
+    schema: &'static EntitySchema,
+    mut input: Entity,
+    parent: Option<&Parent>,
+) -> Result<(String, Entity, Vec<Pending>), DbError> {
+    set_parent(&mut input, parent);
+    resolve_foreign(s, schema, &mut input)?;
+    if let Some(Value::String(id)) = input.get("id") {
+        if is_uuid(id) && s.get(schema.name, &id.to_ascii_lowercase()).is_some() {
+            let mut key = Map::new();
+            key.insert("id".into(), json!(id));
+            return Err(DbError::UniqueViolation(key));
+        }
+    }
+    let raw = input.clone();
+    let mut e = process(schema, input, Context::Insert)?;
+    validate(schema, &e, true)?;
+    let snis = take_snis(schema, &mut e);
+    let (id, e) = finish(s, schema, e, &raw)?;
+    let extra = sni_changes(s, &id, snis, false)?;
+    Ok((id, e, extra))
+}
+
+fn prepare_update(
+    s: &State,
+    schema: &'static EntitySchema,
+    key: &str,
+    mut input: Entity,
+    parent: Option<&Parent>,
+) -> Result<(String, Entity, Vec<Pending>), DbError> {
+    let id = resolve_key(s, schema, key, parent).ok_or(DbError::NotFound)?;
+    let existing = s.get(schema.name, &id).ok_or(DbError::NotFound)?;
+    if let Some(p) = parent {
+        if foreign_id(existing, p.field).as_deref() != Some(p.id.as_str()) {
+            return Err(DbError::NotFound);
+        }
+    }
+    set_parent(&mut input, parent);
+    resolve_foreign(s, schema, &mut input)?;
+    let raw = input.clone();
+    let snis = take_snis(schema, &mut input);
+    let processed = process(schema, input, Context::Update)?;
+    let mut merged = schema.record.merge_values(processed, existing);
+    merged.insert("id".into(), json!(id));
+    // A changed subschema key (a plugin renamed) brings the new defaults.
+    let merged = if schema.subschema_key.is_some() {
+        let sub = schema.subschema_for(&merged);
+        let now = gatehouse_model::schema::validate_now_s();
+        schema
+            .record
+            .process_auto_fields_with(merged.clone(), Context::Update, sub.as_deref(), now)
+            .map_err(schema_error)?
+    } else {
+        merged
+    };
+    validate(schema, &merged, false)?;
+    let (id, e) = finish(s, schema, merged, &raw)?;
+    let extra = sni_changes(s, &id, snis, true)?;
+    Ok((id, e, extra))
+}
+
+fn prepare_upsert(
+    s: &State,
+    schema: &'static EntitySchema,
+    key: &str,
+    mut input: Entity,
+    parent: Option<&Parent>,
+) -> Result<(String, Entity, Vec<Pending>), DbError> {
+    let existing_id = resolve_key(s, schema, key, parent);
+    if let Some(eid) = &existing_id {
+        if let (Some(p), Some(e)) = (parent, s.get(schema.name, eid)) {
+            if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                return Err(DbError::NotFound);
+            }
+        }
+    }
+    let id = if is_uuid(key) {
+        key.to_ascii_lowercase()
+    } else if let Some(eid) = existing_id.clone() {
+        eid
+    } else {
+        uuid::Uuid::new_v4().to_string()
+    };
+    if !is_uuid(key) {
+        match (schema.endpoint_key, schema.name) {
+            (_, "certificates") => return Err(DbError::NotFound),
+            (Some(ek), _) => {
+                input.insert(ek.to_owned(), json!(key));
+            }
+            (None, _) => return Err(DbError::NotFound),
+        }
+    }
+    input.insert("id".into(), json!(id));
+    set_parent(&mut input, parent);
+    resolve_foreign(s, schema, &mut input)?;
+    let created_at = existing_id
+        .as_ref()
+        .and_then(|eid| s.get(schema.name, eid))
+        .and_then(|e| e.get("created_at").cloned());
+    if let Some(c) = created_at {
+        if schema.record.get("created_at").is_some() {
+            input.entry("created_at").or_insert(c);
+        }
+    }
+    let raw = input.clone();
+    let mut e = process(schema, input, Context::Upsert)?;
+    validate(schema, &e, true)?;
+    let snis = take_snis(schema, &mut e);
+    let (id, e) = finish(s, schema, e, &raw)?;
+    let extra = sni_changes(s, &id, snis, true)?;
+    Ok((id, e, extra))
+}
+
+/// Everything a delete removes, children first, or the restriction that
+/// forbids it.
+fn collect_deletes(
+    s: &State,
+    schema: &'static EntitySchema,
+    id: &str,
+    out: &mut Vec<(&'static EntitySchema, String)>,
+) -> Result<(), DbError> {
+    if out
+        .iter()
+        .any(|(sch, i)| sch.name == schema.name && i == id)
+    {
+        return Ok(());
+    }
+    for (child, field) in entities::children_of(schema.name) {
+        let cascade = child
+            .field(field)
+            .and_then(|f| f.on_delete)
+            .is_some_and(|o| o == OnDelete::Cascade)
+            || (child.name == "snis" && schema.name == "certificates");
+        let ids: Vec<String> = s
+            .iter(child.name)
+            .filter(|e| foreign_id(e, field).as_deref() == Some(id))
+            .filter_map(|e| e.get("id")?.as_str().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        if !cascade {
+            return Err(DbError::ForeignKeyRestricted {
+                parent: schema.name.to_owned(),
+                child: child.name.to_owned(),
+            });
+        }
+        for cid in ids {
+            collect_deletes(s, child, &cid, out)?;
+        }
+    }
+    out.push((schema, id.to_owned()));
+    Ok(())
+}
+
+/// Whether a field of `schema` is a foreign key to `parent`; the child's
+/// field for nested endpoints.
+pub fn parent_field(child: &EntitySchema, parent: &str) -> Option<&'static str> {
+    child
+        .record
+        .fields
+        .iter()
+        .find(|(_, f)| matches!(f.ty, FieldType::Foreign(r) if r == parent))
+        .map(|(n, _)| *n)
+}

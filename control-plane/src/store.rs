@@ -1,0 +1,355 @@
+//! Durable storage: entities as JSON documents, an ordered change log and a
+//! global config version, behind one trait with a SQLite and a PostgreSQL
+//! backend. Every write is one transaction that stores the entity changes,
+//! appends them to the change log and bumps the version, so a reader never
+//! sees entities without their log rows or the reverse.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("stored entity {entity}/{id} is not valid JSON")]
+    Corrupt {
+        entity: String,
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unsupported database url {0:?} (expected sqlite://… or postgres://…)")]
+    UnsupportedUrl(String),
+}
+
+/// One entity change inside a write.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Upsert {
+        entity: &'static str,
+        id: String,
+        body: Value,
+    },
+    Delete {
+        entity: &'static str,
+        id: String,
+    },
+}
+
+/// A stored entity row.
+#[derive(Debug, Clone)]
+pub struct StoredEntity {
+    pub entity: String,
+    pub id: String,
+    pub body: Value,
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A database backend. Implementations run `commit` as one transaction.
+pub trait Backend: Send + Sync {
+    /// Every stored entity and the current config version.
+    fn load(&self) -> BoxFut<'_, (Vec<StoredEntity>, u64)>;
+    /// Store `changes` atomically and return the new config version.
+    fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64>;
+    /// Whether the database answers.
+    fn ping(&self) -> BoxFut<'_, ()>;
+    fn kind(&self) -> &'static str;
+}
+
+/// Open the database named by `url` and apply migrations.
+pub async fn open(url: &str) -> Result<Box<dyn Backend>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Box::new(Sqlite::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Box::new(Postgres::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn decode(entity: String, id: String, body: &str) -> Result<StoredEntity, StoreError> {
+    let body = serde_json::from_str(body).map_err(|source| StoreError::Corrupt {
+        entity: entity.clone(),
+        id: id.clone(),
+        source,
+    })?;
+    Ok(StoredEntity { entity, id, body })
+}
+
+pub struct Sqlite {
+    pool: SqlitePool,
+}
+
+impl Sqlite {
+    pub async fn open(url: &str) -> Result<Sqlite, StoreError> {
+        let connect = |source| StoreError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(connect)?
+            .create_if_missing(true)
+            // WAL with NORMAL sync keeps commits durable against process
+            // crashes while making each Admin write cost one fsync at most.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(connect)?;
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+        Ok(Sqlite { pool })
+    }
+}
+
+impl Backend for Sqlite {
+    fn load(&self) -> BoxFut<'_, (Vec<StoredEntity>, u64)> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let version: i64 = sqlx::query_scalar("SELECT version FROM config_version")
+                .fetch_one(&mut *tx)
+                .await?;
+            let rows = sqlx::query("SELECT entity, id, body FROM entities ORDER BY entity, id")
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let rows = rows
+                .into_iter()
+                .map(|r| decode(r.get(0), r.get(1), r.get::<&str, _>(2)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, version as u64))
+        })
+    }
+
+    fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE config_version SET version = version + 1 RETURNING version",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let now = now_s();
+            for (seq, change) in changes.iter().enumerate() {
+                match change {
+                    Change::Upsert { entity, id, body } => {
+                        let text = body.to_string();
+                        sqlx::query(
+                            "INSERT INTO entities (entity, id, body) VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
+                        )
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(&text)
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                             VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6)",
+                        )
+                        .bind(version)
+                        .bind(seq as i64)
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(&text)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    Change::Delete { entity, id } => {
+                        sqlx::query("DELETE FROM entities WHERE entity = ?1 AND id = ?2")
+                            .bind(*entity)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                             VALUES (?1, ?2, ?3, ?4, 'delete', NULL, ?5)",
+                        )
+                        .bind(version)
+                        .bind(seq as i64)
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(version as u64)
+        })
+    }
+
+    fn ping(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+pub struct Postgres {
+    pool: PgPool,
+}
+
+impl Postgres {
+    pub async fn open(url: &str) -> Result<Postgres, StoreError> {
+        let connect = |source| StoreError::Connect {
+            url: redact(url),
+            source,
+        };
+        let opts = PgConnectOptions::from_str(url).map_err(connect)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(connect)?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        Ok(Postgres { pool })
+    }
+}
+
+/// A database URL with its password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:****{}", &url[..scheme_end + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Backend for Postgres {
+    fn load(&self) -> BoxFut<'_, (Vec<StoredEntity>, u64)> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+            let version: i64 = sqlx::query_scalar("SELECT version FROM config_version")
+                .fetch_one(&mut *tx)
+                .await?;
+            let rows = sqlx::query(
+                "SELECT entity, id::text, body::text FROM entities ORDER BY entity, id",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            let rows = rows
+                .into_iter()
+                .map(|r| decode(r.get(0), r.get(1), r.get::<&str, _>(2)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, version as u64))
+        })
+    }
+
+    fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            // The row lock on config_version serialises writers from every
+            // control-plane node, so versions are gap-free and ordered.
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE config_version SET version = version + 1 RETURNING version",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let now = now_s();
+            for (seq, change) in changes.iter().enumerate() {
+                match change {
+                    Change::Upsert { entity, id, body } => {
+                        let text = body.to_string();
+                        sqlx::query(
+                            "INSERT INTO entities (entity, id, body) VALUES ($1, $2::uuid, $3::jsonb) \
+                             ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
+                        )
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(&text)
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                             VALUES ($1, $2, $3, $4::uuid, 'upsert', $5::jsonb, $6)",
+                        )
+                        .bind(version)
+                        .bind(seq as i32)
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(&text)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    Change::Delete { entity, id } => {
+                        sqlx::query("DELETE FROM entities WHERE entity = $1 AND id = $2::uuid")
+                            .bind(*entity)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                             VALUES ($1, $2, $3, $4::uuid, 'delete', NULL, $5)",
+                        )
+                        .bind(version)
+                        .bind(seq as i32)
+                        .bind(*entity)
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(version as u64)
+        })
+    }
+
+    fn ping(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}

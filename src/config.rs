@@ -1,0 +1,291 @@
+//! Process configuration. Sources, later ones winning: built-in defaults,
+//! then `gatehouse.toml` (path from `--conf` or `GATEHOUSE_CONF`), then
+//! `GATEHOUSE_*` environment variables. Key names follow `kong.conf`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Every key, so that unrelated `GATEHOUSE_*` variables in the environment
+/// (such as `GATEHOUSE_BIN` in benchmark scripts) are not read as settings.
+const KEYS: &[&str] = &[
+    "prefix",
+    "admin_listen",
+    "proxy_listen",
+    "status_listen",
+    "cluster_listen",
+    "cluster_control_plane",
+    "cluster_mtls",
+    "cluster_cert",
+    "cluster_cert_key",
+    "cluster_ca_cert",
+    "database_url",
+    "worker_threads",
+    "log_level",
+    "log_format",
+    "proxy_access_log",
+    "admin_access_log",
+    "shutdown_grace_seconds",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// Working directory: SQLite file, pid file, caches. Default `./gatehouse`.
+    pub prefix: PathBuf,
+    /// Admin API listeners. Default `127.0.0.1:8001`.
+    pub admin_listen: String,
+    /// Proxy listeners. Default `0.0.0.0:8000, 0.0.0.0:8443 ssl`.
+    pub proxy_listen: String,
+    /// Status listener of a data plane. Default `off` in standalone.
+    pub status_listen: String,
+    /// Control-plane endpoint for data planes. Default `0.0.0.0:8005`.
+    pub cluster_listen: String,
+    /// The control plane a data plane connects to. No default.
+    pub cluster_control_plane: Option<String>,
+    /// `shared` or `pki`. Default `shared`.
+    pub cluster_mtls: String,
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_cert_key: Option<PathBuf>,
+    pub cluster_ca_cert: Option<PathBuf>,
+    /// `sqlite://…` or `postgres://…`. Default `sqlite://$prefix/gatehouse.db`.
+    pub database_url: Option<String>,
+    /// Tokio worker threads. Default: the number of cores.
+    pub worker_threads: Option<usize>,
+    /// A tracing filter. Default `info`.
+    pub log_level: String,
+    /// `human` or `json`. Default `human`.
+    pub log_format: String,
+    /// `off` or a destination (`stdout`). Default `off`.
+    pub proxy_access_log: String,
+    /// `off` or `stdout`. Default `off`.
+    pub admin_access_log: String,
+    /// How long in-flight requests may finish after SIGTERM. Default 10.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            prefix: PathBuf::from("./gatehouse"),
+            admin_listen: "127.0.0.1:8001".into(),
+            proxy_listen: "0.0.0.0:8000, 0.0.0.0:8443 ssl".into(),
+            status_listen: "off".into(),
+            cluster_listen: "0.0.0.0:8005".into(),
+            cluster_control_plane: None,
+            cluster_mtls: "shared".into(),
+            cluster_cert: None,
+            cluster_cert_key: None,
+            cluster_ca_cert: None,
+            database_url: None,
+            worker_threads: None,
+            log_level: "info".into(),
+            log_format: "human".into(),
+            proxy_access_log: "off".into(),
+            admin_access_log: "off".into(),
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("invalid configuration")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid {key} {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// One `*_listen` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Listen {
+    pub addr: SocketAddr,
+    pub ssl: bool,
+    pub http2: bool,
+}
+
+impl Config {
+    /// Build the figment: defaults → TOML file → environment.
+    pub(crate) fn figment(conf: Option<&Path>) -> Figment {
+        let conf = conf
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("GATEHOUSE_CONF").map(PathBuf::from));
+        let mut f = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = conf {
+            f = f.merge(Toml::file_exact(path));
+        }
+        f.merge(Env::prefixed("GATEHOUSE_").only(KEYS))
+    }
+
+    pub(crate) fn load(conf: Option<&Path>) -> Result<Config, ConfigError> {
+        let cfg: Config = Config::figment(conf).extract().map_err(Box::new)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        parse_listen("admin_listen", &self.admin_listen)?;
+        parse_listen("proxy_listen", &self.proxy_listen)?;
+        parse_listen("status_listen", &self.status_listen)?;
+        parse_listen("cluster_listen", &self.cluster_listen)?;
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return Err(ConfigError::Invalid {
+                key: "log_format",
+                value: self.log_format.clone(),
+                reason: "expected human or json".into(),
+            });
+        }
+        if !matches!(self.cluster_mtls.as_str(), "shared" | "pki") {
+            return Err(ConfigError::Invalid {
+                key: "cluster_mtls",
+                value: self.cluster_mtls.clone(),
+                reason: "expected shared or pki".into(),
+            });
+        }
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "worker_threads",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                value: self.log_level.clone(),
+                reason: e.to_string(),
+            });
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return Err(ConfigError::Invalid {
+                    key: "database_url",
+                    value: url.clone(),
+                    reason: "expected sqlite://… or postgres://…".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.prefix.join("gatehouse.db").display()))
+    }
+
+    /// The configuration as `GET /` shows it, secrets removed.
+    pub(crate) fn public_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(url) = &self.database_url {
+            v["database_url"] = serde_json::json!(gatehouse_control_plane::store::redact(url));
+        }
+        v["database"] = serde_json::json!(if self.database_url().starts_with("postgres") {
+            "postgres"
+        } else {
+            "sqlite"
+        });
+        v["router_flavor"] = serde_json::json!("traditional_compatible");
+        v["role"] = serde_json::json!("traditional");
+        v
+    }
+}
+
+/// Parse a Kong-style listen list: `127.0.0.1:8000, 0.0.0.0:8443 ssl`,
+/// or `off`.
+pub(crate) fn parse_listen(key: &'static str, value: &str) -> Result<Vec<Listen>, ConfigError> {
+    let value = value.trim();
+    if value.is_empty() || value == "off" {
+        return Ok(Vec::new());
+    }
+    value
+        .split(',')
+        .map(|entry| {
+            let mut words = entry.split_whitespace();
+            let addr_s = words.next().unwrap_or("");
+            let addr: SocketAddr =
+                addr_s
+                    .replace("localhost:", "127.0.0.1:")
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid {
+                        key,
+                        value: entry.trim().to_owned(),
+                        reason: "expected ip:port (e.g. 127.0.0.1:8001 or [::1]:8001)".into(),
+                    })?;
+            let mut listen = Listen {
+                addr,
+                ssl: false,
+                http2: false,
+            };
+            for flag in words {
+                match flag {
+                    "ssl" => listen.ssl = true,
+                    "http2" => listen.http2 = true,
+                    "reuseport" | "deferred" | "bind" | "proxy_protocol" => {}
+                    other => {
+                        return Err(ConfigError::Invalid {
+                            key,
+                            value: entry.trim().to_owned(),
+                            reason: format!("unknown flag {other:?}"),
+                        })
+                    }
+                }
+            }
+            Ok(listen)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "g.toml",
+                "admin_listen = \"127.0.0.1:9001\"\nlog_level = \"debug\"",
+            )?;
+            jail.set_env("GATEHOUSE_LOG_LEVEL", "warn");
+            jail.set_env("GATEHOUSE_BIN", "/not/a/setting");
+            let cfg = Config::load(Some(Path::new("g.toml"))).expect("valid config");
+            assert_eq!(cfg.admin_listen, "127.0.0.1:9001");
+            assert_eq!(cfg.log_level, "warn");
+            assert_eq!(cfg.proxy_listen, "0.0.0.0:8000, 0.0.0.0:8443 ssl");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "no_such_key = 1")?;
+            assert!(Config::load(Some(Path::new("bad.toml"))).is_err());
+            jail.create_file("bad2.toml", "admin_listen = \"nowhere\"")?;
+            let err = Config::load(Some(Path::new("bad2.toml"))).expect_err("bad listen");
+            assert!(err.to_string().contains("admin_listen"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn parses_listen_lists() {
+        let l = parse_listen("proxy_listen", "0.0.0.0:8000, [::1]:8443 ssl http2").expect("valid");
+        assert_eq!(l.len(), 2);
+        assert!(!l[0].ssl);
+        assert!(l[1].ssl && l[1].http2);
+        assert!(parse_listen("proxy_listen", "off").expect("off").is_empty());
+        assert!(parse_listen("proxy_listen", "1.2.3.4:80 bogus").is_err());
+    }
+}

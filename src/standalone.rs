@@ -1,0 +1,207 @@
+//! `gatehouse standalone`: the control plane's Admin API and a data plane
+//! in one process. The local data plane follows the configuration version
+//! exactly as a remote one will: each new version becomes a snapshot that is
+//! built into a runtime off the request path and swapped in.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gatehouse_control_plane::admin::{self, AdminState, NodeInfo};
+use gatehouse_control_plane::{store, Dao};
+use gatehouse_data_plane::{DataPlane, ProxyConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{parse_listen, Config};
+
+pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
+    init_tracing(&cfg);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cfg.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.build().context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.prefix)
+        .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+
+    // Bind every listener before touching the database, so a busy port
+    // fails fast with a clear message.
+    let mut admin_listeners = Vec::new();
+    for l in parse_listen("admin_listen", &cfg.admin_listen)? {
+        if l.ssl {
+            warn!(addr = %l.addr, "TLS on the Admin API is not supported yet; skipping this listener.");
+            continue;
+        }
+        admin_listeners.push(bind(l.addr, "admin_listen").await?);
+    }
+    let mut proxy_listeners = Vec::new();
+    for l in parse_listen("proxy_listen", &cfg.proxy_listen)? {
+        if l.ssl {
+            warn!(addr = %l.addr, "TLS proxy listeners are not supported yet; skipping this listener.");
+            continue;
+        }
+        proxy_listeners.push(bind(l.addr, "proxy_listen").await?);
+    }
+
+    let url = cfg.database_url();
+    let backend = store::open(&url)
+        .await
+        .with_context(|| format!("cannot open the database {}", store::redact(&url)))?;
+    let kind = backend.kind();
+    let dao = Dao::load(backend)
+        .await
+        .context("cannot load the configuration")?;
+    info!(
+        database = kind,
+        config_version = dao.version(),
+        "Configuration loaded."
+    );
+
+    let dp = DataPlane::new(ProxyConfig {
+        access_log: cfg.proxy_access_log != "off",
+        max_body_bytes: None,
+        header_read_timeout: Duration::from_secs(60),
+        latency_headers: true,
+    });
+    let first = dao.read(|s| s.snapshot());
+    dp.apply(&first)
+        .context("cannot build the proxy from the stored configuration")?;
+
+    let pid_file = cfg.prefix.join("gatehouse.pid");
+    let _ = std::fs::write(&pid_file, std::process::id().to_string());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(());
+    let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    tasks.spawn(follow_versions(
+        dao.clone(),
+        dp.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    let node = NodeInfo {
+        node_id: uuid::Uuid::new_v4().to_string(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".to_owned()),
+        configuration: cfg.public_json(),
+    };
+    let state = AdminState::new(dao.clone(), node);
+    for listener in admin_listeners {
+        info!(addr = %listener.local_addr()?, "Admin API listening.");
+        let app = admin::router(state.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let res = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = res {
+                error!(error = %e, "Admin API server failed.");
+            }
+        });
+    }
+    for listener in proxy_listeners {
+        info!(addr = %listener.local_addr()?, "Proxy listening.");
+        tasks.spawn(gatehouse_data_plane::serve(
+            listener,
+            dp.clone(),
+            shutdown_rx.clone(),
+            grace,
+        ));
+    }
+
+    wait_for_signal().await;
+    info!("Shutting down: no new connections, draining in-flight requests.");
+    drop(shutdown_tx);
+    let drained = tokio::time::timeout(grace + Duration::from_secs(1), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("Grace period over; closing remaining connections.");
+    }
+    let _ = std::fs::remove_file(pid_file);
+    Ok(())
+}
+
+/// Rebuild the data plane whenever the configuration version moves. The
+/// watch channel coalesces bursts of writes: a build always starts from
+/// the newest version, and at most one build runs at a time.
+async fn follow_versions(dao: Arc<Dao>, dp: Arc<DataPlane>, mut shutdown: watch::Receiver<()>) {
+    let mut versions = dao.subscribe();
+    loop {
+        tokio::select! {
+            changed = versions.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        let dao = dao.clone();
+        let dp = dp.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let snapshot = dao.read(|s| s.snapshot());
+            dp.apply(&snapshot).map(|()| snapshot.version)
+        })
+        .await;
+        match res {
+            Ok(Ok(version)) => {
+                tracing::debug!(config_version = version, "Proxy configuration applied.")
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "Proxy kept its previous configuration: the new one does not build.")
+            }
+            Err(e) => error!(error = %e, "Proxy build task failed."),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

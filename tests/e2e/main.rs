@@ -1,0 +1,18 @@
+//! End-to-end tests: real `gatehouse` processes, real sockets, real
+//! PostgreSQL. One binary with modules, so processes and the database
+//! cluster are shared setup rather than per-file copies.
+
+mod admin;
+mod postgres;
+mod process;
+mod proxy;
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .expect("http client")
+}
