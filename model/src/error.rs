@@ -124,7 +124,7 @@ fn flatten(errors: &Errors, with_entity: bool) -> Vec<String> {
     let mut buf = Vec::new();
     if with_entity {
         if let Some(Value::Array(list)) = errors.get("@entity") {
-            buf.extend(list.iter().map(|v| lua_tostring(v)));
+            buf.extend(list.iter().map(lua_tostring));
         }
     }
     let mut keys: Vec<&String> = errors.keys().filter(|k| *k != "@entity").collect();

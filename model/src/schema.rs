@@ -28,6 +28,10 @@ pub type CustomValidator = fn(&Value) -> Result<(), String>;
 /// A check over a whole record (Kong's `custom_entity_check`).
 pub type EntityCheckFn = fn(&Map<String, Value>) -> Result<(), String>;
 
+/// A transformation run on a validated entity before it is stored; it gets
+/// the entity and the raw input of the write.
+pub type OnWrite = fn(&mut Map<String, Value>, &Map<String, Value>) -> Result<(), String>;
+
 /// A shorthand field expands one input key into several (Kong's
 /// `shorthand_fields`, e.g. a service's `url`).
 pub type ShorthandFn = fn(&Value) -> Option<Map<String, Value>>;
@@ -470,11 +474,11 @@ pub struct EntitySchema {
     pub record: Record,
     pub subschema_key: Option<&'static str>,
     pub subschemas: Option<Box<dyn Subschemas>>,
-    /// Timestamps in milliseconds (targets) rather than seconds.
+    /// Whether the entity accepts a `ttl` (key-auth credentials).
     pub ttl: bool,
     /// Rewrites applied to a validated entity before it is stored (Kong's
     /// `transformations`, such as hashing basic-auth passwords).
-    pub on_write: Option<fn(&mut Map<String, Value>, &Map<String, Value>) -> Result<(), String>>,
+    pub on_write: Option<OnWrite>,
 }
 
 impl EntitySchema {

@@ -110,7 +110,7 @@ pub fn header_name() -> Field {
 }
 
 pub fn cookie_name() -> Field {
-    Field::string().custom(validate_header_name)
+    Field::string().custom(validate_http_token)
 }
 
 pub fn headers() -> Field {
@@ -352,13 +352,29 @@ pub fn validate_tag(v: &Value) -> Result<(), String> {
 
 pub fn validate_header_name(v: &Value) -> Result<(), String> {
     let name = str_of(v);
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if !name.is_empty() && name.bytes().all(token) {
+    if name.is_empty() {
+        return Err("no header name provided".into());
+    }
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         Ok(())
     } else {
         Err(format!(
             "bad header name '{name}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
         ))
+    }
+}
+
+/// An RFC 7230 token (cookie names).
+pub fn validate_http_token(v: &Value) -> Result<(), String> {
+    let name = str_of(v);
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !name.is_empty() && name.bytes().all(token) {
+        Ok(())
+    } else {
+        Err("contains one or more invalid characters. ASCII control characters (0-31;127), space, tab and the characters ()<>@,;:\\\"/?={}[] are not allowed.".into())
     }
 }
 

@@ -287,22 +287,22 @@ impl Field {
 
     fn run_validators(&self, value: &Value) -> Result<(), String> {
         if let Some(eq) = &self.eq {
-            if value != eq {
+            if !json_eq(value, eq) {
                 return Err(format!("value must be {}", lua_str(eq)));
             }
         }
         if let Some(ne) = &self.ne {
-            if value == ne {
+            if json_eq(value, ne) {
                 return Err(format!("value must not be {}", lua_str(value)));
             }
         }
         if let Some(options) = &self.not_one_of {
-            if options.contains(value) {
+            if options.iter().any(|o| json_eq(o, value)) {
                 return Err(format!("must not be one of: {}", join(options)));
             }
         }
         if let Some(options) = &self.one_of {
-            if !options.contains(value) {
+            if !options.iter().any(|o| json_eq(o, value)) {
                 return Err(format!("expected one of: {}", join(options)));
             }
         }
@@ -400,7 +400,7 @@ impl Field {
         }
         if let Some(wanted) = &self.contains {
             if let Value::Array(items) = value {
-                if !items.contains(wanted) {
+                if !items.iter().any(|i| json_eq(i, wanted)) {
                     return Err(format!("expected to contain: {}", lua_str(wanted)));
                 }
             }
@@ -501,6 +501,14 @@ fn adjust_elements(el: &Field, items: Vec<Value>, ctx: Context) -> Result<Vec<Va
         .into_iter()
         .map(|item| Ok(el.adjust(Some(item), ctx)?.unwrap_or(Value::Null)))
         .collect()
+}
+
+/// Equality as Lua sees it: numbers compare by value (`1.0 == 1`).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
 }
 
 fn join(options: &[Value]) -> String {
