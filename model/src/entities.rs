@@ -198,7 +198,8 @@ fn validate_router_path(v: &Value) -> Result<(), String> {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines().last().unwrap_or(s).trim().to_owned()
+    let last = s.lines().last().unwrap_or(s).trim();
+    last.strip_prefix("error: ").unwrap_or(last).to_owned()
 }
 
 fn validate_hosts_entry(v: &Value) -> Result<(), String> {
