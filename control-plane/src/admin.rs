@@ -814,7 +814,7 @@ async fn status_info(st: &AdminState, query: &[(String, String)]) -> Reply {
     };
     let reachable = st.dao.backend().ping().await.is_ok();
     let rss = rss_bytes().unwrap_or(0);
-    let hash = st.dao.read(|s| s.snapshot().hash());
+    let hash = st.dao.read(|s| s.hash());
     ok(json!({
         "database": {"reachable": reachable},
         "memory": {

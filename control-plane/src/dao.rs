@@ -98,6 +98,21 @@ impl State {
         self.unique.get(&(entity, field))?.get(&value_key(v))
     }
 
+    /// The content hash of the configuration, equal to the hash of its
+    /// snapshot, computed without copying entities.
+    pub fn hash(&self) -> String {
+        let mut names: Vec<&'static str> = ENTITIES.iter().map(|e| e.name).collect();
+        names.sort_unstable();
+        let mut h = gatehouse_model::snapshot::ContentHasher::default();
+        for name in names {
+            h.list(name);
+            for e in self.iter(name) {
+                h.entity(e);
+            }
+        }
+        h.finish()
+    }
+
     /// The configuration as a snapshot for data planes.
     pub fn snapshot(&self) -> ConfigSnapshot {
         let mut entities = BTreeMap::new();

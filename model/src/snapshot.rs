@@ -48,16 +48,40 @@ impl ConfigSnapshot {
     /// Hash of the content (not the version): equal configurations hash
     /// equally whatever path produced them.
     pub fn hash(&self) -> String {
-        let mut h = Sha256::new();
+        let mut h = ContentHasher::default();
         for (name, list) in &self.entities {
-            h.update(name.as_bytes());
-            h.update([0]);
+            h.list(name);
             for v in list {
-                h.update(v.to_string().as_bytes());
-                h.update([0]);
+                h.entity(v);
             }
         }
-        hex::encode(&h.finalize()[..16])
+        h.finish()
+    }
+}
+
+/// The content hash of a configuration, fed list by list (in entity-name
+/// order) and entity by entity (in id order), so that holders of the same
+/// configuration in other shapes compute the same value without building a
+/// snapshot.
+#[derive(Default)]
+pub struct ContentHasher {
+    inner: Sha256,
+}
+
+impl ContentHasher {
+    pub fn list(&mut self, name: &str) {
+        self.inner.update(name.as_bytes());
+        self.inner.update([0]);
+    }
+
+    pub fn entity<T: Serialize>(&mut self, v: &T) {
+        let bytes = serde_json::to_vec(v).unwrap_or_default();
+        self.inner.update(&bytes);
+        self.inner.update([0]);
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(&self.inner.finalize()[..16])
     }
 }
 
@@ -154,3 +178,26 @@ pub struct Plugin {
 
 /// A snapshot shared between threads without copying.
 pub type SharedSnapshot = Arc<ConfigSnapshot>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn hash_depends_on_content_not_version() {
+        let mut a = ConfigSnapshot::default();
+        a.entities
+            .insert("services".into(), vec![json!({"id": "1", "host": "a"})]);
+        let mut b = a.clone();
+        b.version = 7;
+        assert_eq!(a.hash(), b.hash());
+        b.entities
+            .insert("services".into(), vec![json!({"id": "1", "host": "b"})]);
+        assert_ne!(a.hash(), b.hash());
+        let mut h = ContentHasher::default();
+        h.list("services");
+        h.entity(&json!({"id": "1", "host": "a"}));
+        assert_eq!(h.finish(), a.hash());
+    }
+}
