@@ -114,7 +114,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "localhost".to_owned()),
         configuration: cfg.public_json(),
     };
-    let state = AdminState::new(dao.clone(), node);
+    let state = AdminState::new(dao.clone(), node, cfg.admin_access_log != "off");
     for listener in admin_listeners {
         info!(addr = %listener.local_addr()?, "Admin API listening.");
         let app = admin::router(state.clone());

@@ -41,14 +41,17 @@ pub struct NodeInfo {
 pub struct AdminState {
     pub dao: Arc<Dao>,
     pub node: NodeInfo,
+    /// Write one line per request to stdout (`admin_access_log = stdout`).
+    pub access_log: bool,
     requests: AtomicU64,
 }
 
 impl AdminState {
-    pub fn new(dao: Arc<Dao>, node: NodeInfo) -> Arc<AdminState> {
+    pub fn new(dao: Arc<Dao>, node: NodeInfo, access_log: bool) -> Arc<AdminState> {
         Arc::new(AdminState {
             dao,
             node,
+            access_log,
             requests: AtomicU64::new(0),
         })
     }
@@ -72,6 +75,8 @@ enum Endpoint {
     PluginsEnabled,
     Schema(&'static EntitySchema),
     SchemaValidate(&'static EntitySchema),
+    /// `/schemas/{name}` for a name that is no entity.
+    NoSchema(String),
     PluginSchema(String),
     PluginSchemaValidate,
     Tags(Option<String>),
@@ -104,6 +109,7 @@ impl Endpoint {
             | Endpoint::Endpoints
             | Endpoint::PluginsEnabled
             | Endpoint::Schema(_)
+            | Endpoint::NoSchema(_)
             | Endpoint::PluginSchema(_)
             | Endpoint::Tags(_)
             | Endpoint::UpstreamHealth(_)
@@ -138,8 +144,14 @@ fn route(segs: &[String]) -> Option<Endpoint> {
         ["plugins", "enabled"] => Endpoint::PluginsEnabled,
         ["schemas", "plugins", "validate"] => Endpoint::PluginSchemaValidate,
         ["schemas", "plugins", name] => Endpoint::PluginSchema((*name).to_owned()),
-        ["schemas", name] => Endpoint::Schema(entities::entity(name)?),
-        ["schemas", name, "validate"] => Endpoint::SchemaValidate(entities::entity(name)?),
+        ["schemas", name] => match entities::entity(name) {
+            Some(e) => Endpoint::Schema(e),
+            None => Endpoint::NoSchema((*name).to_owned()),
+        },
+        ["schemas", name, "validate"] => match entities::entity(name) {
+            Some(e) => Endpoint::SchemaValidate(e),
+            None => Endpoint::NoSchema((*name).to_owned()),
+        },
         ["tags"] => Endpoint::Tags(None),
         ["tags", tag] => Endpoint::Tags(Some((*tag).to_owned())),
         ["upstreams", u, "health"] => Endpoint::UpstreamHealth((*u).to_owned()),
@@ -257,8 +269,20 @@ async fn handle(State(st): State<Arc<AdminState>>, req: Request) -> Response {
     let origin = parts.headers.get(header::ORIGIN).cloned();
     let req_allow_headers = parts.headers.get("access-control-request-headers").cloned();
     let is_head = parts.method == Method::HEAD;
+    let started = std::time::Instant::now();
 
     let mut r = dispatch(&st, &parts.method, &parts.uri, &parts.headers, body).await;
+    if st.access_log {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "admin {} {} {} {}ms",
+            parts.method,
+            parts.uri,
+            r.status.as_u16(),
+            started.elapsed().as_millis()
+        );
+    }
 
     let mut builder = Response::builder().status(r.status);
     let h = builder.headers_mut().expect("a fresh builder has headers");
@@ -411,6 +435,9 @@ async fn dispatch(
         Endpoint::Endpoints => ok(json!({"data": endpoint_list(), "next": null})),
         Endpoint::PluginsEnabled => ok(json!({ "enabled_plugins": plugins::names() })),
         Endpoint::Schema(s) => ok(s.to_json()),
+        Endpoint::NoSchema(name) => {
+            message(StatusCode::NOT_FOUND, &format!("No entity named '{name}'"))
+        }
         Endpoint::PluginSchema(name) => match plugins::subschema(&name) {
             Some(r) => ok(r.to_json()),
             None => message(StatusCode::NOT_FOUND, &format!("No plugin named '{name}'")),
