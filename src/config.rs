@@ -247,6 +247,10 @@ pub(crate) fn parse_listen(key: &'static str, value: &str) -> Result<Vec<Listen>
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error, which we do not choose"
+)]
 mod tests {
     use super::*;
 

@@ -1,1 +1,102 @@
-//! placeholder
+//! The data plane: it turns a configuration snapshot into an immutable
+//! runtime (a compiled router plus resolved services) and proxies HTTP
+//! traffic with it. Kong rebuilds its router in the worker that serves
+//! requests and reads its database on the way; here a snapshot is built off
+//! the request path and published with one atomic swap, so a config change
+//! never stalls or half-applies to a request. The crate holds no database
+//! connection and takes no lock on the request path.
+//!
+//! The life of a request:
+//!
+//! ```text
+//!  accept ─► hyper (HTTP/1.1 keep-alive or h2c)
+//!     └─► runtime = DataPlane::runtime.load_full()      one config version per request
+//!          └─► router.find(method, host, path, headers)  404 when nothing matches
+//!               └─► route's service                      503 when the route has none
+//!                    └─► rewrite path (strip_path, path_handling), Host,
+//!                        X-Forwarded-*, Via; drop hop-by-hop headers
+//!                         └─► pooled client ─► upstream  502 / 504 on failure
+//!                              └─► response streamed back with Via
+//! ```
+//!
+//! **Invariant:** a request sees exactly one config version, the one it
+//! loaded when it started; `apply` never blocks requests.
+
+mod proxy;
+mod router;
+mod runtime;
+mod upstream_uri;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use gatehouse_model::snapshot::ConfigSnapshot;
+
+pub use proxy::serve;
+pub use runtime::BuildError;
+
+use runtime::{ClientCache, Runtime};
+
+/// Process-level proxy settings (not entity configuration).
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Emit one `gatehouse::access` INFO event per request. Default: `true`.
+    pub access_log: bool,
+    /// Largest accepted request body; `None` means unlimited. Default: `None`.
+    pub max_body_bytes: Option<u64>,
+    /// Time a client has to send the request head on HTTP/1. Default: 60 s
+    /// (nginx's `client_header_timeout`).
+    pub header_read_timeout: Duration,
+    /// Add Kong's `X-Kong-Proxy-Latency`, `X-Kong-Upstream-Latency` and
+    /// `X-Kong-Response-Latency` headers. Default: `true`.
+    pub latency_headers: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            access_log: true,
+            max_body_bytes: None,
+            header_read_timeout: Duration::from_secs(60),
+            latency_headers: true,
+        }
+    }
+}
+
+/// The proxy's state: the runtime in use and the upstream connection pools
+/// that outlive runtimes.
+pub struct DataPlane {
+    runtime: ArcSwap<Runtime>,
+    clients: ClientCache,
+    cfg: ProxyConfig,
+}
+
+impl DataPlane {
+    /// A data plane with an empty runtime (version 0) that answers every
+    /// request with 404 until the first `apply`.
+    pub fn new(cfg: ProxyConfig) -> Arc<DataPlane> {
+        Arc::new(DataPlane {
+            runtime: ArcSwap::from_pointee(Runtime::empty()),
+            clients: ClientCache::default(),
+            cfg,
+        })
+    }
+
+    /// Builds a runtime from `snapshot` and publishes it with one store.
+    /// Requests already running finish on the runtime they loaded. On error
+    /// the runtime in use stays. The build is synchronous and CPU bound: call
+    /// it from `spawn_blocking` for large configurations. Callers apply
+    /// snapshots one at a time, in version order.
+    pub fn apply(&self, snapshot: &ConfigSnapshot) -> Result<(), BuildError> {
+        let runtime = Runtime::build(snapshot, &self.clients)?;
+        self.runtime.store(Arc::new(runtime));
+        tracing::info!(config_version = snapshot.version, "Applied configuration.");
+        Ok(())
+    }
+
+    /// Version of the configuration in use (0 before the first `apply`).
+    pub fn version(&self) -> u64 {
+        self.runtime.load().version
+    }
+}

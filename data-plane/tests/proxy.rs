@@ -1,0 +1,773 @@
+//! The proxy over real sockets: a hyper echo server as the upstream, the
+//! data plane serving on 127.0.0.1:0, and hyper clients.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_data_plane::{serve, DataPlane, ProxyConfig};
+use gatehouse_model::snapshot::ConfigSnapshot;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+const SERVICE_ID: &str = "10000000-0000-4000-8000-000000000001";
+
+// ---------------------------------------------------------------- upstream
+
+/// An upstream that answers with what it received as JSON; with
+/// `x-echo-stream` it streams the request body back instead, and with
+/// `x-echo-delay-ms` it waits before answering.
+async fn start_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(echo));
+                // Clients that go away mid-request are part of some tests.
+                let _ = connection.await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo(
+    request: Request<Incoming>,
+) -> Result<Response<Either<Incoming, Full<Bytes>>>, Infallible> {
+    if let Some(delay) = request.headers().get("x-echo-delay-ms") {
+        let millis = delay
+            .to_str()
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+    if request.method() == Method::HEAD {
+        // hyper drops the body of a HEAD response but announces its length.
+        return Ok(Response::new(Either::Right(Full::new(Bytes::from_static(
+            b"0123456789",
+        )))));
+    }
+    if request.headers().contains_key("x-echo-stream") {
+        let mut response = Response::new(Either::Left(request.into_body()));
+        response
+            .headers_mut()
+            .insert("via", "1.0 origin".parse().expect("valid"));
+        return Ok(response);
+    }
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in request.headers() {
+        headers
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let method = request.method().to_string();
+    let path = request.uri().to_string();
+    let version = format!("{:?}", request.version());
+    let body_len = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes().len(),
+        Err(_) => 0,
+    };
+    let body = json!({
+        "method": method,
+        "path": path,
+        "version": version,
+        "headers": headers,
+        "body_len": body_len,
+    });
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    let response_headers = response.headers_mut();
+    response_headers.insert("content-type", "application/json".parse().expect("valid"));
+    response_headers.insert("via", "1.0 origin".parse().expect("valid"));
+    response_headers.insert("keep-alive", "timeout=5".parse().expect("valid"));
+    Ok(response)
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+// ----------------------------------------------------------------- gateway
+
+struct Gateway {
+    addr: SocketAddr,
+    dp: Arc<DataPlane>,
+    shutdown: Option<watch::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl Gateway {
+    async fn start(cfg: ProxyConfig, snapshot: Option<ConfigSnapshot>) -> Gateway {
+        let dp = DataPlane::new(cfg);
+        if let Some(snapshot) = snapshot {
+            dp.apply(&snapshot).expect("snapshot applies");
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (shutdown, shutdown_rx) = watch::channel(());
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::clone(&dp),
+            shutdown_rx,
+            Duration::from_secs(5),
+        ));
+        Gateway {
+            addr,
+            dp,
+            shutdown: Some(shutdown),
+            server,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+fn config() -> ProxyConfig {
+    ProxyConfig {
+        access_log: true,
+        max_body_bytes: None,
+        header_read_timeout: Duration::from_secs(5),
+        latency_headers: true,
+    }
+}
+
+fn service(id: &str, port: u16, fields: Value) -> Value {
+    let mut service = json!({
+        "id": id,
+        "name": format!("service-{port}"),
+        "protocol": "http",
+        "host": "127.0.0.1",
+        "port": port,
+        "path": null,
+        "retries": 5,
+        "connect_timeout": 2000,
+        "read_timeout": 5000,
+        "write_timeout": 5000,
+        "enabled": true,
+    });
+    merge(&mut service, fields);
+    service
+}
+
+fn route(id: u32, service_id: Option<&str>, fields: Value) -> Value {
+    let mut route = json!({
+        "id": format!("20000000-0000-4000-8000-{id:012}"),
+        "name": format!("route-{id}"),
+        "protocols": ["http", "https"],
+        "https_redirect_status_code": 426,
+        "strip_path": true,
+        "preserve_host": false,
+        "path_handling": "v0",
+        "regex_priority": 0,
+        "created_at": 1_700_000_000 + i64::from(id),
+        "service": service_id.map(|id| json!({"id": id})),
+    });
+    merge(&mut route, fields);
+    route
+}
+
+fn merge(target: &mut Value, fields: Value) {
+    if let (Value::Object(target), Value::Object(fields)) = (target, fields) {
+        target.extend(fields);
+    }
+}
+
+fn snapshot(version: u64, services: Vec<Value>, routes: Vec<Value>) -> ConfigSnapshot {
+    let mut entities = BTreeMap::new();
+    entities.insert("services".to_owned(), services);
+    entities.insert("routes".to_owned(), routes);
+    ConfigSnapshot { version, entities }
+}
+
+/// One service on `upstream` with routes `/echo` (strip_path) and `/keep`.
+fn echo_snapshot(version: u64, upstream: SocketAddr) -> ConfigSnapshot {
+    snapshot(
+        version,
+        vec![service(SERVICE_ID, upstream.port(), json!({}))],
+        vec![
+            route(1, Some(SERVICE_ID), json!({"paths": ["/echo"]})),
+            route(
+                2,
+                Some(SERVICE_ID),
+                json!({"paths": ["/keep"], "strip_path": false}),
+            ),
+        ],
+    )
+}
+
+// ------------------------------------------------------------------ client
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|value| value.to_str().expect("ASCII header"))
+    }
+}
+
+fn client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn send(request: Request<Full<Bytes>>) -> Reply {
+    let response = client().request(request).await.expect("the proxy answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(
+        request
+            .body(Full::new(Bytes::new()))
+            .expect("valid request"),
+    )
+    .await
+}
+
+/// The upstream's view of the request's header `name` (values joined).
+fn upstream_header(echo: &Value, name: &str) -> Option<String> {
+    echo["headers"][name].as_array().map(|values| {
+        values
+            .iter()
+            .map(|value| value.as_str().expect("string"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// A request body fed chunk by chunk from a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+// ------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn proxies_with_strip_path_and_forwarded_headers() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+
+    let reply = get(
+        &gateway.url("/echo/hello?x=1&y"),
+        &[
+            ("host", "Gateway.Test:1234"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-host", "spoofed.test"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "secret"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("x-custom", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let echo = reply.json();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/hello?x=1&y");
+    assert_eq!(echo["version"], "HTTP/1.1");
+    let header = |name| upstream_header(&echo, name);
+    assert_eq!(
+        header("host"),
+        Some(format!("127.0.0.1:{}", upstream.port()))
+    );
+    assert_eq!(
+        header("x-forwarded-for").as_deref(),
+        Some("10.0.0.1, 127.0.0.1")
+    );
+    assert_eq!(header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(header("x-forwarded-host").as_deref(), Some("gateway.test"));
+    assert_eq!(
+        header("x-forwarded-port"),
+        Some(gateway.addr.port().to_string())
+    );
+    assert_eq!(header("x-forwarded-path").as_deref(), Some("/echo/hello"));
+    assert_eq!(header("x-forwarded-prefix").as_deref(), Some("/echo"));
+    assert_eq!(header("x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(
+        header("via"),
+        Some(format!("1.1 gatehouse/{}", env!("CARGO_PKG_VERSION")))
+    );
+    assert_eq!(header("x-custom").as_deref(), Some("kept"));
+    assert_eq!(header("x-hop"), None);
+    assert_eq!(header("proxy-authorization"), None);
+    assert_eq!(header("connection"), None);
+
+    assert_eq!(
+        reply.header("via"),
+        Some(&*format!(
+            "1.0 origin, 1.1 gatehouse/{}",
+            env!("CARGO_PKG_VERSION")
+        ))
+    );
+    assert_eq!(reply.header("keep-alive"), None);
+    assert!(reply.header("x-kong-upstream-latency").is_some());
+    assert!(reply.header("x-kong-proxy-latency").is_some());
+
+    // strip_path false keeps the path; no prefix is forwarded, even a
+    // client's.
+    let reply = get(
+        &gateway.url("/keep/a"),
+        &[("x-forwarded-prefix", "/spoofed")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let echo = reply.json();
+    assert_eq!(echo["path"], "/keep/a");
+    assert_eq!(upstream_header(&echo, "x-forwarded-prefix"), None);
+    assert_eq!(
+        upstream_header(&echo, "x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+
+    // The prefix alone strips to the service path.
+    let reply = get(&gateway.url("/echo"), &[]).await;
+    assert_eq!(reply.json()["path"], "/");
+}
+
+#[tokio::test]
+async fn service_path_and_preserve_host() {
+    let upstream = start_upstream().await;
+    let snapshot = snapshot(
+        1,
+        vec![service(
+            SERVICE_ID,
+            upstream.port(),
+            json!({"path": "/base"}),
+        )],
+        vec![
+            route(1, Some(SERVICE_ID), json!({"paths": ["/svc"]})),
+            route(
+                2,
+                Some(SERVICE_ID),
+                json!({"hosts": ["preserved.test"], "preserve_host": true}),
+            ),
+            route(
+                3,
+                Some(SERVICE_ID),
+                json!({"paths": ["/v1"], "path_handling": "v1"}),
+            ),
+        ],
+    );
+    let gateway = Gateway::start(config(), Some(snapshot)).await;
+
+    let echo = get(&gateway.url("/svc/x"), &[]).await.json();
+    assert_eq!(echo["path"], "/base/x");
+
+    let echo = get(&gateway.url("/v1x"), &[]).await.json();
+    assert_eq!(echo["path"], "/basex");
+
+    let echo = get(&gateway.url("/anything"), &[("host", "preserved.test")])
+        .await
+        .json();
+    assert_eq!(echo["path"], "/base/anything");
+    assert_eq!(
+        upstream_header(&echo, "host").as_deref(),
+        Some("preserved.test")
+    );
+}
+
+#[tokio::test]
+async fn gateway_errors_use_kong_bodies() {
+    let upstream = start_upstream().await;
+    let closed = closed_port().await;
+    let slow_service = "10000000-0000-4000-8000-000000000002";
+    let closed_service = "10000000-0000-4000-8000-000000000003";
+    let snapshot = snapshot(
+        1,
+        vec![
+            service(slow_service, upstream.port(), json!({"read_timeout": 200})),
+            service(closed_service, closed, json!({})),
+        ],
+        vec![
+            route(1, Some(slow_service), json!({"paths": ["/slow"]})),
+            route(2, Some(closed_service), json!({"paths": ["/closed"]})),
+            route(3, None, json!({"paths": ["/serviceless"]})),
+            route(
+                4,
+                Some(slow_service),
+                json!({"paths": ["/secure"], "protocols": ["https"]}),
+            ),
+        ],
+    );
+    let gateway = Gateway::start(config(), Some(snapshot)).await;
+
+    let check = |reply: &Reply, status: StatusCode, body: &str| {
+        assert_eq!(reply.status, status);
+        assert_eq!(reply.body, body.as_bytes());
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(
+            reply.header("server"),
+            Some(&*format!("gatehouse/{}", env!("CARGO_PKG_VERSION")))
+        );
+        assert!(reply.header("x-kong-response-latency").is_some());
+    };
+
+    let reply = get(&gateway.url("/nothing/here"), &[]).await;
+    check(
+        &reply,
+        StatusCode::NOT_FOUND,
+        r#"{"message":"no Route matched with those values"}"#,
+    );
+
+    let reply = get(&gateway.url("/closed"), &[]).await;
+    check(
+        &reply,
+        StatusCode::BAD_GATEWAY,
+        r#"{"message":"An invalid response was received from the upstream server"}"#,
+    );
+
+    let started = Instant::now();
+    let reply = get(&gateway.url("/slow"), &[("x-echo-delay-ms", "3000")]).await;
+    check(
+        &reply,
+        StatusCode::GATEWAY_TIMEOUT,
+        r#"{"message":"The upstream server is timing out"}"#,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "read_timeout applies"
+    );
+
+    let reply = get(&gateway.url("/serviceless"), &[]).await;
+    check(
+        &reply,
+        StatusCode::SERVICE_UNAVAILABLE,
+        r#"{"message":"no Service found with those values"}"#,
+    );
+
+    let reply = get(&gateway.url("/secure"), &[]).await;
+    check(
+        &reply,
+        StatusCode::UPGRADE_REQUIRED,
+        r#"{"message":"Please use HTTPS protocol"}"#,
+    );
+}
+
+#[tokio::test]
+async fn empty_runtime_answers_404() {
+    let gateway = Gateway::start(config(), None).await;
+    assert_eq!(gateway.dp.version(), 0);
+    let reply = get(&gateway.url("/"), &[]).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        reply.body,
+        r#"{"message":"no Route matched with those values"}"#.as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn body_limit() {
+    let upstream = start_upstream().await;
+    let mut cfg = config();
+    cfg.max_body_bytes = Some(1024);
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+
+    let request = Request::post(gateway.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'a'; 1024])))
+        .expect("valid request");
+    let reply = send(request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["body_len"], 1024);
+
+    let request = Request::post(gateway.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'a'; 1025])))
+        .expect("valid request");
+    let reply = send(request).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        reply.body,
+        r#"{"message":"Request size limit exceeded"}"#.as_bytes()
+    );
+
+    // Without Content-Length the limit applies while streaming.
+    let (chunks, receiver) = mpsc::channel(4);
+    for _ in 0..3 {
+        chunks
+            .send(Bytes::from(vec![b'b'; 600]))
+            .await
+            .expect("queued");
+    }
+    drop(chunks);
+    let request = Request::post(gateway.url("/echo"))
+        .body(ChannelBody(receiver))
+        .expect("valid request");
+    let response = client().request(request).await.expect("the proxy answers");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn large_bodies_stream_intact() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+
+    let chunk_count = 128;
+    let chunk_len = 64 * 1024;
+    let (chunks, receiver) = mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        for chunk_idx in 0..chunk_count {
+            let chunk: Vec<u8> = (0..chunk_len)
+                .map(|byte_idx| ((chunk_idx * 7 + byte_idx) % 251) as u8)
+                .collect();
+            chunks
+                .send(Bytes::from(chunk))
+                .await
+                .expect("the proxy reads the body");
+        }
+    });
+    let request = Request::post(gateway.url("/echo/upload"))
+        .header("x-echo-stream", "1")
+        .body(ChannelBody(receiver))
+        .expect("valid request");
+    let response = client().request(request).await.expect("the proxy answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body arrives")
+        .to_bytes();
+    sender.await.expect("sender finished");
+    assert_eq!(body.len(), chunk_count * chunk_len);
+    for (byte_idx, byte) in body.iter().enumerate() {
+        let expected = (((byte_idx / chunk_len) * 7 + byte_idx % chunk_len) % 251) as u8;
+        assert_eq!(*byte, expected, "byte {byte_idx}");
+    }
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_without_buffering() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+
+    let (chunks, receiver) = mpsc::channel(1);
+    let request = Request::post(gateway.url("/echo/duplex"))
+        .header("x-echo-stream", "1")
+        .body(ChannelBody(receiver))
+        .expect("valid request");
+    chunks
+        .send(Bytes::from_static(b"ping-1"))
+        .await
+        .expect("queued");
+    let response = tokio::time::timeout(Duration::from_secs(5), client().request(request))
+        .await
+        .expect("the response head comes before the request body ends")
+        .expect("the proxy answers");
+    let mut body = response.into_body();
+    for round in 1..=3 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("each chunk comes back before the next is sent")
+            .expect("a frame")
+            .expect("no error");
+        assert_eq!(frame.into_data().expect("data"), format!("ping-{round}"));
+        if round < 3 {
+            chunks
+                .send(Bytes::from(format!("ping-{}", round + 1)))
+                .await
+                .expect("queued");
+        }
+    }
+    drop(chunks);
+    let rest = body.collect().await.expect("the body ends").to_bytes();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn h2c_clients() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let response = client
+        .request(
+            Request::get(gateway.url("/echo/h2"))
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+        .expect("the proxy speaks h2c");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body arrives")
+        .to_bytes();
+    let echo: Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(echo["path"], "/h2");
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(
+        upstream_header(&echo, "x-forwarded-host").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        upstream_header(&echo, "via"),
+        Some(format!("2 gatehouse/{}", env!("CARGO_PKG_VERSION")))
+    );
+}
+
+#[tokio::test]
+async fn applying_a_snapshot_changes_routing() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    assert_eq!(gateway.dp.version(), 1);
+    assert_eq!(get(&gateway.url("/echo"), &[]).await.status, StatusCode::OK);
+
+    let next = snapshot(
+        2,
+        vec![service(SERVICE_ID, upstream.port(), json!({}))],
+        vec![route(
+            3,
+            Some(SERVICE_ID),
+            json!({"paths": ["/v2"], "methods": ["POST"]}),
+        )],
+    );
+    gateway.dp.apply(&next).expect("snapshot applies");
+    assert_eq!(gateway.dp.version(), 2);
+    assert_eq!(
+        get(&gateway.url("/echo"), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&gateway.url("/v2"), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let request = Request::post(gateway.url("/v2/x"))
+        .body(Full::new(Bytes::from_static(b"data")))
+        .expect("valid request");
+    let reply = send(request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["method"], "POST");
+
+    // A snapshot that cannot be built leaves the runtime in use.
+    let broken = snapshot(
+        3,
+        vec![],
+        vec![route(
+            4,
+            Some("10000000-0000-4000-8000-0000000000ff"),
+            json!({"paths": ["/"]}),
+        )],
+    );
+    let error = gateway.dp.apply(&broken).expect_err("unknown service");
+    assert!(
+        error
+            .to_string()
+            .contains("10000000-0000-4000-8000-0000000000ff"),
+        "{error}"
+    );
+    let invalid = snapshot(3, vec![json!({"id": "not-a-service"})], vec![]);
+    assert!(gateway.dp.apply(&invalid).is_err());
+    assert_eq!(gateway.dp.version(), 2);
+    let request = Request::post(gateway.url("/v2/x"))
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    assert_eq!(send(request).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_in_flight_requests() {
+    let upstream = start_upstream().await;
+    let mut gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    // An idle keep-alive connection must not hold the drain up.
+    let idle = TcpStream::connect(gateway.addr).await.expect("connect");
+
+    let url = gateway.url("/echo/slow");
+    let in_flight = tokio::spawn(async move { get(&url, &[("x-echo-delay-ms", "300")]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    drop(gateway.shutdown.take());
+
+    let reply = in_flight.await.expect("request task");
+    assert_eq!(reply.status, StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(3), &mut gateway.server)
+        .await
+        .expect("serve returns once drained")
+        .expect("serve does not panic");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        TcpStream::connect(gateway.addr).await.is_err(),
+        "the listener is closed"
+    );
+    drop(idle);
+}
+
+#[tokio::test]
+async fn head_responses_keep_the_upstream_length() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    let request = Request::head(gateway.url("/echo/x"))
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    let reply = send(request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("content-length"), Some("10"));
+}
