@@ -474,6 +474,11 @@ async fn dispatch(
             };
             if m == "GET" {
                 let path = uri.path().trim_end_matches('/').to_owned();
+                if schema.name == "consumers" {
+                    if let Some((_, custom_id)) = query.iter().find(|(k, _)| k == "custom_id") {
+                        return consumers_by_custom_id(st, custom_id);
+                    }
+                }
                 collection_get(st, schema, parent, &query, &path)
             } else {
                 let input = match read_body(headers, body, Some(schema)).await {
@@ -670,6 +675,18 @@ fn collection_get(
         body["offset"] = json!(offset);
     }
     ok(body)
+}
+
+/// Kong's `GET /consumers?custom_id=…`: the consumer with that custom id,
+/// as a one-element page.
+fn consumers_by_custom_id(st: &AdminState, custom_id: &str) -> Reply {
+    let data: Vec<Value> = st.dao.read(|s| {
+        s.iter("consumers")
+            .filter(|c| c.get("custom_id").and_then(Value::as_str) == Some(custom_id))
+            .map(|c| Value::Object(c.clone()))
+            .collect()
+    });
+    ok(json!({ "data": data, "next": null }))
 }
 
 async fn validate_only(schema: &'static EntitySchema, headers: &HeaderMap, body: Body) -> Reply {

@@ -834,6 +834,20 @@ fn validate_target(v: &Value) -> Result<(), String> {
     }
 }
 
+/// Kong's target normal form: `host:port`, `[v6]:port`, with port 8000
+/// when none is given.
+pub fn format_target(target: &str) -> Option<String> {
+    let p = typedefs::normalize_ip(target).ok()?;
+    let port = p.port.unwrap_or(8000);
+    Some(match p.kind {
+        typedefs::HostKind::Ipv6 => {
+            let addr: std::net::Ipv6Addr = p.host.parse().ok()?;
+            format!("[{addr}]:{port}")
+        }
+        _ => format!("{}:{port}", p.host),
+    })
+}
+
 fn targets() -> EntitySchema {
     let record = Record::new()
         .field("id", t::uuid())
@@ -854,6 +868,17 @@ fn targets() -> EntitySchema {
     EntitySchema {
         endpoint_key: Some("target"),
         cache_key: vec!["upstream", "target"],
+        on_write: Some(|entity, input| {
+            if input.contains_key("target") {
+                if let Some(t) = entity.get("target").and_then(Value::as_str) {
+                    let formatted = format_target(t).ok_or_else(|| {
+                        "Invalid target; not a valid hostname or ip address".to_owned()
+                    })?;
+                    entity.insert("target".into(), json!(formatted));
+                }
+            }
+            Ok(())
+        }),
         ..base("targets", record)
     }
 }

@@ -214,3 +214,60 @@ async fn pagination_walks_every_entity_once() {
     assert_eq!(s, 400);
     assert_eq!(v["name"], "invalid size");
 }
+
+#[tokio::test]
+async fn kong_lookups_and_normal_forms() {
+    let g = Gatehouse::start(BIN, &[]);
+    let a = &g.admin;
+
+    let (s, _) = post(
+        &format!("{a}/consumers"),
+        json!({"username": "c1", "custom_id": "ext-1"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_, v) = send("GET", &format!("{a}/consumers?custom_id=ext-1"), None, "").await;
+    assert_eq!(v["data"][0]["username"], "c1");
+    let (_, v) = send("GET", &format!("{a}/consumers?custom_id=nobody"), None, "").await;
+    assert_eq!(v, json!({"data": [], "next": null}));
+
+    // Targets get Kong's default port, and the normal form is what
+    // uniqueness and lookups use.
+    let (s, _) = post(&format!("{a}/upstreams"), json!({"name": "up"})).await;
+    assert_eq!(s, 201);
+    let (s, v) = post(
+        &format!("{a}/upstreams/up/targets"),
+        json!({"target": "10.0.0.1"}),
+    )
+    .await;
+    assert_eq!((s, v["target"].clone()), (201, json!("10.0.0.1:8000")));
+    let (s, v) = post(
+        &format!("{a}/upstreams/up/targets"),
+        json!({"target": "10.0.0.1:8000"}),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    let (s, _) = send(
+        "GET",
+        &format!("{a}/upstreams/up/targets/10.0.0.1:8000"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Form bodies with Kong's nested keys.
+    let (s, v) = send(
+        "POST",
+        &format!("{a}/plugins"),
+        Some("application/x-www-form-urlencoded"),
+        "name=key-auth&config.key_names[]=k1&config.key_names[]=k2&config.hide_credentials=true",
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["config"]["key_names"], json!(["k1", "k2"]));
+    assert_eq!(v["config"]["hide_credentials"], json!(true));
+
+    let (s, v) = send("OPTIONS", &format!("{a}/consumers/c1"), None, "").await;
+    assert_eq!((s, v), (204, Value::Null));
+}

@@ -203,6 +203,22 @@ fn upstreams_and_targets() {
         json!({"upstream": up, "target": "a.test:80"}),
         json!({"weight": 100}),
     );
+    assert_eq!(
+        crate::entities::format_target("a.test").as_deref(),
+        Some("a.test:8000")
+    );
+    assert_eq!(
+        crate::entities::format_target("::1").as_deref(),
+        Some("[::1]:8000")
+    );
+    assert_eq!(
+        crate::entities::format_target("[::1]:81").as_deref(),
+        Some("[::1]:81")
+    );
+    assert_eq!(
+        crate::entities::format_target("1.2.3.4:80").as_deref(),
+        Some("1.2.3.4:80")
+    );
     check_err(
         "targets",
         json!({"upstream": up, "target": "a b"}),
