@@ -585,6 +585,9 @@ impl Record {
                     .flat_map(|s| s.fields.iter().map(|(n, _)| *n)),
             )
             .collect();
+        // Rebuild the map in schema order so responses list fields as Kong
+        // does; keys the schema does not know stay, for validation to report.
+        let mut out = Map::with_capacity(data.len());
         let mut done = HashSet::new();
         for name in names {
             if !done.insert(name) {
@@ -616,7 +619,7 @@ impl Record {
             }
             match field.adjust(value, ctx) {
                 Ok(Some(v)) => {
-                    data.insert(name.to_owned(), v);
+                    out.insert(name.to_owned(), v);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -627,7 +630,8 @@ impl Record {
         if !errs.is_empty() {
             return Err(errs);
         }
-        Ok(data)
+        out.extend(data);
+        Ok(out)
     }
 
     /// Kong's `merge_values`: `top` over `bottom`, records merged deeply.
