@@ -19,9 +19,14 @@ use crate::config::{parse_listen, Config};
 
 pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
     init_tracing(&cfg);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // With one worker the current-thread scheduler does the same work
+    // without cross-thread wake-ups; builds still run on the blocking pool.
+    let mut rt = match cfg.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = cfg.worker_threads {
+    if let Some(n) = cfg.worker_threads.filter(|n| *n > 1) {
         rt.worker_threads(n);
     }
     let rt = rt.build().context("cannot start the async runtime")?;
