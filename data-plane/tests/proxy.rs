@@ -202,7 +202,7 @@ fn snapshot(version: u64, services: Vec<Value>, routes: Vec<Value>) -> ConfigSna
     let mut entities = BTreeMap::new();
     entities.insert("services".to_owned(), services);
     entities.insert("routes".to_owned(), routes);
-    ConfigSnapshot { version, entities }
+    ConfigSnapshot::from_values(version, entities)
 }
 
 /// One service on `upstream` with routes `/echo` (strip_path) and `/keep`.

@@ -9,18 +9,54 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// One validated entity as compact JSON. Documents are shared, not copied,
+/// between the control plane's state and every snapshot taken from it.
+pub type EntityDoc = Arc<str>;
+
 /// All entities at `version`, keyed by entity name (`services`, `routes`,
-/// …), each list ordered by id. Entities are validated JSON objects in
-/// Kong's shapes.
+/// …), each list ordered by id. Entities are validated JSON documents in
+/// Kong's shapes; consumers deserialize the typed views they need.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ConfigSnapshot {
     pub version: u64,
-    pub entities: BTreeMap<String, Vec<Value>>,
+    pub entities: BTreeMap<String, Vec<EntityDoc>>,
 }
 
 impl ConfigSnapshot {
-    pub fn list(&self, entity: &str) -> &[Value] {
+    /// A snapshot from JSON values (tests, declarative files).
+    pub fn from_values(version: u64, entities: BTreeMap<String, Vec<Value>>) -> ConfigSnapshot {
+        ConfigSnapshot {
+            version,
+            entities: entities
+                .into_iter()
+                .map(|(name, list)| {
+                    (
+                        name,
+                        list.iter().map(|v| Arc::from(v.to_string())).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Add or replace one entity list from JSON values.
+    pub fn insert_values(&mut self, entity: &str, list: Vec<Value>) {
+        self.entities.insert(
+            entity.to_owned(),
+            list.iter().map(|v| Arc::from(v.to_string())).collect(),
+        );
+    }
+
+    pub fn docs(&self, entity: &str) -> &[EntityDoc] {
         self.entities.get(entity).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The entities of one kind as JSON values.
+    pub fn list(&self, entity: &str) -> Vec<Value> {
+        self.docs(entity)
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
     }
 
     /// Typed entities of one kind; entries that do not deserialize are
@@ -29,16 +65,14 @@ impl ConfigSnapshot {
         &self,
         entity: &str,
     ) -> Result<Vec<T>, SnapshotError> {
-        self.list(entity)
+        self.docs(entity)
             .iter()
-            .map(|v| {
-                T::deserialize(v).map_err(|e| SnapshotError::Entity {
+            .map(|doc| {
+                serde_json::from_str::<T>(doc).map_err(|e| SnapshotError::Entity {
                     entity: entity.to_owned(),
-                    id: v
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("?")
-                        .to_owned(),
+                    id: serde_json::from_str::<IdOnly>(doc)
+                        .map(|i| i.id)
+                        .unwrap_or_else(|_| "?".to_owned()),
                     reason: e.to_string(),
                 })
             })
@@ -51,12 +85,17 @@ impl ConfigSnapshot {
         let mut h = ContentHasher::default();
         for (name, list) in &self.entities {
             h.list(name);
-            for v in list {
-                h.entity(v);
+            for doc in list {
+                h.doc(doc);
             }
         }
         h.finish()
     }
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
 }
 
 /// The content hash of a configuration, fed list by list (in entity-name
@@ -74,9 +113,9 @@ impl ContentHasher {
         self.inner.update([0]);
     }
 
-    pub fn entity<T: Serialize>(&mut self, v: &T) {
-        let bytes = serde_json::to_vec(v).unwrap_or_default();
-        self.inner.update(&bytes);
+    /// One entity, as its compact JSON document.
+    pub fn doc(&mut self, doc: &str) {
+        self.inner.update(doc.as_bytes());
         self.inner.update([0]);
     }
 
@@ -187,17 +226,16 @@ mod tests {
     #[test]
     fn hash_depends_on_content_not_version() {
         let mut a = ConfigSnapshot::default();
-        a.entities
-            .insert("services".into(), vec![json!({"id": "1", "host": "a"})]);
+        a.insert_values("services", vec![json!({"id": "1", "host": "a"})]);
         let mut b = a.clone();
         b.version = 7;
         assert_eq!(a.hash(), b.hash());
-        b.entities
-            .insert("services".into(), vec![json!({"id": "1", "host": "b"})]);
+        b.insert_values("services", vec![json!({"id": "1", "host": "b"})]);
         assert_ne!(a.hash(), b.hash());
         let mut h = ContentHasher::default();
         h.list("services");
-        h.entity(&json!({"id": "1", "host": "a"}));
+        h.doc(r#"{"id":"1","host":"a"}"#);
         assert_eq!(h.finish(), a.hash());
+        assert_eq!(a.list("services"), vec![json!({"id": "1", "host": "a"})]);
     }
 }
