@@ -202,11 +202,6 @@ fn first_line(s: &str) -> String {
     last.strip_prefix("error: ").unwrap_or(last).to_owned()
 }
 
-fn validate_hosts_entry(v: &Value) -> Result<(), String> {
-    let h = v.as_str().unwrap_or("").replace('*', "abc");
-    t::validate_host_with_optional_port(&Value::String(h))
-}
-
 fn source_dest() -> Field {
     Field::set(Field::record(
         Record::new()
@@ -270,7 +265,7 @@ fn route_subschemas() -> RouteSubschemas {
         )
         .field(
             "hosts",
-            forbidden(hosts(), &format!("cannot set 'hosts' {stream_err}")),
+            forbidden(t::hosts(), &format!("cannot set 'hosts' {stream_err}")),
         )
         .field(
             "paths",
@@ -359,26 +354,6 @@ fn methods() -> Field {
     Field::set(t::http_method())
 }
 
-fn hosts() -> Field {
-    Field::array(
-        Field::string()
-            .match_all(
-                "^[^*]*%*?[^*]*$",
-                r"^[^*]*\*?[^*]*$",
-                "invalid wildcard: must have at most one wildcard",
-            )
-            .match_any(
-                &[
-                    ("^%*%.", r"^\*\."),
-                    ("%.%*$", r"\.\*$"),
-                    ("^[^*]*$", r"^[^*]*$"),
-                ],
-                "invalid wildcard: must be placed at leftmost or rightmost label",
-            )
-            .custom(validate_hosts_entry),
-    )
-}
-
 fn route_headers() -> Field {
     Field::map(
         t::header_name().match_none(
@@ -427,7 +402,7 @@ fn routes() -> EntitySchema {
         .field("sources", source_dest())
         .field("destinations", source_dest())
         .field("methods", methods())
-        .field("hosts", hosts())
+        .field("hosts", t::hosts())
         .field("paths", Field::array(router_path()))
         .field("headers", route_headers())
         .field("regex_priority", Field::integer().default(json!(0)))
