@@ -13,15 +13,20 @@
 //!     └─► runtime = DataPlane::runtime.load_full()      one config version per request
 //!          └─► router.find(method, host, path, headers)  404 when nothing matches
 //!               └─► route's service                      503 when the route has none
-//!                    └─► rewrite path (strip_path, path_handling), Host,
-//!                        X-Forwarded-*, Via; drop hop-by-hop headers
-//!                         └─► pooled client ─► upstream  502 / 504 on failure
-//!                              └─► response streamed back with Via
+//!                    └─► peer: upstream balancer, DNS    503 when no target is healthy
+//!                        answer or the service IP            or the name does not resolve
+//!                         └─► rewrite path (strip_path, path_handling), Host,
+//!                             X-Forwarded-*, Via; drop hop-by-hop headers
+//!                              └─► pooled client ─► peer  502 / 504 on failure
+//!                                   (passive health check of the outcome)
+//!                                   └─► response streamed back with Via; the
+//!                                       peer is released when it ends
 //! ```
 //!
 //! **Invariant:** a request sees exactly one config version, the one it
 //! loaded when it started; `apply` never blocks requests.
 
+mod balancer;
 mod proxy;
 mod router;
 mod runtime;
@@ -33,9 +38,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::ConfigSnapshot;
 
+pub use balancer::{AddressHealthReport, SetHealthError, TargetHealth, UpstreamHealth, Weight};
 pub use proxy::serve;
 pub use runtime::BuildError;
 
+use balancer::Balancers;
 use runtime::{ClientCache, Runtime};
 
 /// Process-level proxy settings (not entity configuration).
@@ -64,11 +71,13 @@ impl Default for ProxyConfig {
     }
 }
 
-/// The proxy's state: the runtime in use and the upstream connection pools
-/// that outlive runtimes.
+/// The proxy's state: the runtime in use, and what outlives runtimes: the
+/// upstream connection pools, the balancers with their health state and
+/// background tasks, the DNS cache.
 pub struct DataPlane {
     runtime: ArcSwap<Runtime>,
     clients: ClientCache,
+    balancers: Balancers,
     cfg: ProxyConfig,
 }
 
@@ -79,6 +88,7 @@ impl DataPlane {
         Arc::new(DataPlane {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             clients: ClientCache::default(),
+            balancers: Balancers::default(),
             cfg,
         })
     }
@@ -89,7 +99,7 @@ impl DataPlane {
     /// it from `spawn_blocking` for large configurations. Callers apply
     /// snapshots one at a time, in version order.
     pub fn apply(&self, snapshot: &ConfigSnapshot) -> Result<(), BuildError> {
-        let runtime = Runtime::build(snapshot, &self.clients)?;
+        let runtime = Runtime::build(snapshot, &self.clients, &self.balancers)?;
         self.runtime.store(Arc::new(runtime));
         tracing::info!(config_version = snapshot.version, "Applied configuration.");
         Ok(())
@@ -98,5 +108,26 @@ impl DataPlane {
     /// Version of the configuration in use (0 before the first `apply`).
     pub fn version(&self) -> u64 {
         self.runtime.load().version
+    }
+
+    /// Health of the targets of upstream `upstream_id` on this data plane;
+    /// `None` when it has no balancer for it (not applied yet).
+    pub fn upstream_health(&self, upstream_id: &str) -> Option<UpstreamHealth> {
+        self.balancers.health(upstream_id)
+    }
+
+    /// Forces the health of target `target` (`host:port`) of an upstream
+    /// on this data plane: all its addresses, or only `address`. Kong's
+    /// `PUT /upstreams/{u}/targets/{t}/healthy|unhealthy`.
+    pub fn set_target_health(
+        &self,
+        upstream_id: &str,
+        upstream_name: &str,
+        target: &str,
+        address: Option<std::net::SocketAddr>,
+        healthy: bool,
+    ) -> Result<(), SetHealthError> {
+        self.balancers
+            .set_health(upstream_id, upstream_name, target, address, healthy)
     }
 }

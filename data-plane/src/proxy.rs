@@ -25,8 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::balancer::{Failure, HashInput, PeerError, Tracked};
 use crate::router::{normalize_path, request_host, RequestView};
-use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
+use crate::runtime::{RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::upstream_uri::push_upstream_path;
 use crate::DataPlane;
 
@@ -102,7 +103,7 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<Tracked<Incoming>, Full<Bytes>>;
 
 /// Per-connection facts, turned into header values once per connection.
 struct Downstream {
@@ -141,6 +142,12 @@ pub(crate) enum ProxyError {
     UnsupportedProtocol {
         service_id: Box<str>,
         protocol: Box<str>,
+    },
+    #[error("service {service_id} has no peer to send the request to")]
+    NoPeer {
+        service_id: Box<str>,
+        #[source]
+        source: PeerError,
     },
     #[error("could not build the upstream request")]
     InvalidUpstreamRequest {
@@ -188,7 +195,8 @@ impl ProxyError {
             ProxyError::NoService { .. }
             | ProxyError::UnsupportedProtocol { .. }
             | ProxyError::InvalidUpstreamRequest { .. } => Side::Internal,
-            ProxyError::UpstreamTimeout { .. }
+            ProxyError::NoPeer { .. }
+            | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. } => Side::Upstream,
         }
@@ -199,6 +207,14 @@ impl ProxyError {
         let (status, body) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, body::NO_ROUTE),
             ProxyError::NoService { .. } => (StatusCode::SERVICE_UNAVAILABLE, body::NO_SERVICE),
+            ProxyError::NoPeer {
+                source: PeerError::NoPeer { .. },
+                ..
+            } => (StatusCode::SERVICE_UNAVAILABLE, body::NO_PEER),
+            ProxyError::NoPeer {
+                source: PeerError::Dns(_),
+                ..
+            } => (StatusCode::SERVICE_UNAVAILABLE, body::NAME_RESOLUTION),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body::TOO_LARGE),
             ProxyError::InvalidUpstreamRequest { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, body::INTERNAL)
@@ -215,13 +231,13 @@ impl ProxyError {
 
     fn from_client(
         error: hyper_util::client::legacy::Error,
-        upstream: &HttpUpstream,
+        upstream: &Authority,
         limit: Option<u64>,
     ) -> ProxyError {
         if let Some(limit) = limit.filter(|_| has_source::<LengthLimitError>(&error)) {
             return ProxyError::BodyTooLarge { limit };
         }
-        let upstream = upstream.authority.clone();
+        let upstream = upstream.clone();
         let timed_out = source_chain(&error).any(|cause| {
             cause
                 .downcast_ref::<io::Error>()
@@ -249,6 +265,9 @@ impl ProxyError {
 mod body {
     pub(super) const NO_ROUTE: &[u8] = br#"{"message":"no Route matched with those values"}"#;
     pub(super) const NO_SERVICE: &[u8] = br#"{"message":"no Service found with those values"}"#;
+    pub(super) const NO_PEER: &[u8] =
+        br#"{"message":"failure to get a peer from the ring-balancer"}"#;
+    pub(super) const NAME_RESOLUTION: &[u8] = br#"{"message":"name resolution failed"}"#;
     pub(super) const TOO_LARGE: &[u8] = br#"{"message":"Request size limit exceeded"}"#;
     pub(super) const BAD_GATEWAY: &[u8] =
         br#"{"message":"An invalid response was received from the upstream server"}"#;
@@ -302,6 +321,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 struct Facts<'r> {
     route: Option<&'r RouteTarget>,
     service: Option<&'r ServiceTarget>,
+    /// The address the request went to.
+    peer: Option<Authority>,
     /// From the start of the request to sending it upstream.
     proxy_latency: Option<Duration>,
     /// From sending the request upstream to its response head.
@@ -355,6 +376,7 @@ async fn handle(
             route_id = facts.route.map(|route| &*route.id),
             service_id = facts.service.map(|service| &*service.id),
             upstream,
+            peer = facts.peer.as_ref().map(Authority::as_str),
             latency_ms = started.elapsed().as_millis() as u64,
             upstream_latency_ms = facts.upstream_latency.map(|latency| latency.as_millis() as u64),
             fault = error.as_ref().map(|error| error.side().as_str()),
@@ -426,6 +448,25 @@ async fn forward<'r>(
     }
 
     let query = parts.uri.query();
+    let path_regex = found
+        .path
+        .and_then(|matched| route.path_regexes.get(matched.path_idx))
+        .and_then(Option::as_ref);
+    let mut peer = upstream
+        .peers
+        .pick(&HashInput {
+            client_ip: downstream.client_ip.as_bytes(),
+            headers: &parts.headers,
+            path: &path,
+            query,
+            path_regex,
+        })
+        .await
+        .map_err(|source| ProxyError::NoPeer {
+            service_id: service.id.clone(),
+            source,
+        })?;
+    facts.peer = Some(peer.authority.clone());
     let mut path_and_query = String::with_capacity(
         service.path.len() + path.len() + query.map_or(0, |query| query.len() + 1),
     );
@@ -439,7 +480,7 @@ async fn forward<'r>(
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    let uri = upstream_uri(upstream, path_and_query)?;
+    let uri = upstream_uri(&peer.authority, path_and_query)?;
     let forwarded_path = HeaderValue::from_str(raw_path).ok();
     let forwarded_host = (!host.is_empty())
         .then(|| HeaderValue::from_str(&host).ok())
@@ -456,12 +497,10 @@ async fn forward<'r>(
     let host_header = if route.preserve_host {
         match parts.headers.get(header::HOST) {
             Some(host) => host.clone(),
-            None => {
-                HeaderValue::from_str(raw_host).unwrap_or_else(|_| upstream.host_header.clone())
-            }
+            None => HeaderValue::from_str(raw_host).unwrap_or_else(|_| peer.host_header.clone()),
         }
     } else {
-        upstream.host_header.clone()
+        peer.host_header.clone()
     };
     let via = match parts.version {
         Version::HTTP_10 | Version::HTTP_09 => VIA_HTTP_10,
@@ -505,12 +544,26 @@ async fn forward<'r>(
     .await
     {
         Err(_elapsed) => {
+            peer.failed(Failure::Timeout);
             return Err(ProxyError::UpstreamTimeout {
-                upstream: upstream.authority.clone(),
-            })
+                upstream: peer.authority.clone(),
+            });
         }
-        Ok(Err(error)) => return Err(ProxyError::from_client(error, upstream, limit)),
-        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            let error = ProxyError::from_client(error, &peer.authority, limit);
+            match error {
+                ProxyError::UpstreamTimeout { .. } => peer.failed(Failure::Timeout),
+                ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
+                    peer.failed(Failure::Connection)
+                }
+                _ => {}
+            }
+            return Err(error);
+        }
+        Ok(Ok(response)) => {
+            peer.responded(response.status());
+            response
+        }
     };
     facts.upstream_latency = Some(sent.elapsed());
 
@@ -518,14 +571,17 @@ async fn forward<'r>(
     strip_hop_by_hop(&mut parts.headers);
     let via = append_to_list(&parts.headers, &header::VIA, &VIA_HTTP_11);
     parts.headers.insert(header::VIA, via);
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    if let Some(cookie) = peer.set_cookie.take() {
+        parts.headers.append(header::SET_COOKIE, cookie);
+    }
+    Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
 }
 
-fn upstream_uri(upstream: &HttpUpstream, path_and_query: String) -> Result<Uri, ProxyError> {
+fn upstream_uri(peer: &Authority, path_and_query: String) -> Result<Uri, ProxyError> {
     let invalid = |source: http::Error| ProxyError::InvalidUpstreamRequest { source };
     let mut parts = uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(upstream.authority.clone());
+    parts.authority = Some(peer.clone());
     parts.path_and_query =
         Some(PathAndQuery::try_from(path_and_query).map_err(|error| invalid(error.into()))?);
     Uri::from_parts(parts).map_err(|error| invalid(error.into()))

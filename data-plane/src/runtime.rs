@@ -16,7 +16,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use regex::Regex;
 
+use crate::balancer::{BalancerLookup, Balancers, Peers};
 use crate::router::Router;
 use crate::upstream_uri::{PathHandling, Rewrite};
 
@@ -58,6 +60,9 @@ pub(crate) struct RouteTarget {
     /// `X-Forwarded-Prefix` per entry of the route's `paths`, for plain
     /// prefixes (a regex's prefix depends on the request).
     pub(crate) forwarded_prefixes: Box<[Option<HeaderValue>]>,
+    /// Regex per entry of `paths`, kept only when the service's upstream
+    /// hashes on a URI capture; empty otherwise.
+    pub(crate) path_regexes: Box<[Option<Regex>]>,
 }
 
 impl RouteTarget {
@@ -89,13 +94,12 @@ pub(crate) enum Upstream {
 }
 
 pub(crate) struct HttpUpstream {
-    /// `host:port`, for the upstream URI and the logs.
+    /// The service's `host:port`, for the logs.
     pub(crate) authority: Authority,
-    /// Host header unless the route preserves the client's: the service
-    /// host, with the port when it is not the scheme's default.
-    pub(crate) host_header: HeaderValue,
     /// Pooled client whose connector has the service's connect timeout.
     pub(crate) client: UpstreamClient,
+    /// Where requests go: a fixed address, a DNS name or a balancer.
+    pub(crate) peers: Peers,
 }
 
 impl Runtime {
@@ -110,17 +114,23 @@ impl Runtime {
     pub(crate) fn build(
         snapshot: &ConfigSnapshot,
         clients: &ClientCache,
+        balancers: &Balancers,
     ) -> Result<Runtime, BuildError> {
         let services: Vec<Service> = snapshot.typed("services")?;
         let routes: Vec<Route> = snapshot.typed("routes")?;
 
         let mut client_lookup = ClientLookup::new(clients);
+        let mut balancer_lookup = BalancerLookup::new(balancers, snapshot)?;
         // `None` for disabled services: Kong leaves their routes out.
         let mut services_by_id: HashMap<&str, Option<Arc<ServiceTarget>>> =
             HashMap::with_capacity(services.len());
         for service in &services {
             let target = if service.enabled {
-                Some(Arc::new(build_service(service, &mut client_lookup)?))
+                Some(Arc::new(build_service(
+                    service,
+                    &mut client_lookup,
+                    &mut balancer_lookup,
+                )?))
             } else {
                 None
             };
@@ -153,6 +163,7 @@ impl Runtime {
         }
         let router = Router::build(routable);
         client_lookup.publish();
+        balancer_lookup.publish();
         Ok(Runtime {
             version: snapshot.version,
             router,
@@ -187,6 +198,26 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
             }
         })
         .collect();
+    let uses_captures = service
+        .as_deref()
+        .is_some_and(|service| match &service.upstream {
+            Upstream::Http(http) => http.peers.uses_uri_captures(),
+            Upstream::Unsupported { .. } => false,
+        });
+    let path_regexes = if uses_captures {
+        // As the router compiles them: `~regex` matches at the start.
+        route
+            .paths
+            .iter()
+            .flatten()
+            .map(|path| {
+                path.strip_prefix('~')
+                    .and_then(|regex| Regex::new(&format!("^{regex}")).ok())
+            })
+            .collect()
+    } else {
+        Box::default()
+    };
     RouteTarget {
         id: route.id.as_str().into(),
         strip_path: route.strip_path,
@@ -195,20 +226,19 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         https_only,
         service,
         forwarded_prefixes,
+        path_regexes,
     }
 }
 
 fn build_service(
     service: &Service,
     clients: &mut ClientLookup<'_>,
+    balancers: &mut BalancerLookup<'_>,
 ) -> Result<ServiceTarget, BuildError> {
     let path = match service.path.as_deref() {
         None | Some("") => "/",
         Some(path) => path,
     };
-    // TODO(dp): a service host naming an upstream entity goes through the
-    // balancer (targets, health checks); today every host is resolved by
-    // DNS when the pool connects.
     let upstream = if service.protocol == "http" {
         let host = if service.host.contains(':') && !service.host.starts_with('[') {
             format!("[{}]", service.host)
@@ -227,10 +257,14 @@ fn build_service(
             HeaderValue::from_str(&address)
         }
         .map_err(|_| invalid())?;
+        // Host header unless the route preserves the client's (or the
+        // service's upstream sets its own): the service host, with the
+        // port when it is not the scheme's default.
+        let peers = balancers.peers(service, &authority, host_header);
         Upstream::Http(Box::new(HttpUpstream {
             authority,
-            host_header,
             client: clients.get(Duration::from_millis(service.connect_timeout)),
+            peers,
         }))
     } else {
         tracing::warn!(service_id = %service.id, protocol = %service.protocol, "Upstream protocol not supported yet; its routes will answer 502.");

@@ -3,6 +3,7 @@
 //! cluster are shared setup rather than per-file copies.
 
 mod admin;
+mod balancer;
 mod postgres;
 mod process;
 mod proxy;
