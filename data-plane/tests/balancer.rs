@@ -289,7 +289,7 @@ fn snapshot(version: u64, upstream: Value, targets: &[(&str, u32)]) -> ConfigSna
     );
     entities.insert("upstreams".to_owned(), vec![up]);
     entities.insert("targets".to_owned(), targets);
-    ConfigSnapshot { version, entities }
+    ConfigSnapshot::from_values(version, entities)
 }
 
 /// Health checks: active probes of `/` every 50 ms for healthy and
@@ -672,8 +672,8 @@ async fn targets_and_services_resolve_names() {
 
     // A service host that is no upstream is resolved by DNS.
     let mut direct = snapshot(2, json!({}), &[]);
-    direct.entities.get_mut("services").expect("services")[0]["host"] = json!("localhost");
-    direct.entities.get_mut("services").expect("services")[0]["port"] = json!(a.addr.port());
+    set_service_field(&mut direct, "host", json!("localhost"));
+    set_service_field(&mut direct, "port", json!(a.addr.port()));
     gateway.dp.apply(&direct).expect("applies");
     let reply = gateway.get(&[]).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -681,9 +681,16 @@ async fn targets_and_services_resolve_names() {
 
     // A name that does not resolve answers 503.
     direct.version = 3;
-    direct.entities.get_mut("services").expect("services")[0]["host"] = json!("nothing.invalid");
+    set_service_field(&mut direct, "host", json!("nothing.invalid"));
     gateway.dp.apply(&direct).expect("applies");
     let reply = gateway.get(&[]).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.body, r#"{"message":"name resolution failed"}"#);
+}
+
+/// Change one field of the snapshot's only service.
+fn set_service_field(snapshot: &mut ConfigSnapshot, field: &str, value: Value) {
+    let mut services = snapshot.list("services");
+    services[0][field] = value;
+    snapshot.insert_values("services", services);
 }

@@ -506,6 +506,17 @@ fn validate_upstream_name(v: &Value) -> Result<(), String> {
     }
 }
 
+/// A nested record whose default is its own defaults, as Kong's
+/// `healthchecks` schema builds them: leaving out `passive` gives the
+/// default passive checks, not `null`.
+fn defaulted(record: Record) -> Field {
+    let defaults = record
+        .process_auto_fields(Map::new(), crate::schema::Context::Insert)
+        .map(Value::Object)
+        .unwrap_or(Value::Null);
+    Field::record(record).default(defaults)
+}
+
 fn healthchecks() -> Field {
     let seconds = || Field::number().between(0.0, 65535.0);
     let one_byte = || Field::integer().between(0.0, 255.0);
@@ -544,8 +555,8 @@ fn healthchecks() -> Field {
             Field::boolean().required().default(json!(true)),
         )
         .field("headers", t::headers())
-        .field("healthy", Field::record(active_healthy))
-        .field("unhealthy", Field::record(active_unhealthy));
+        .field("healthy", defaulted(active_healthy))
+        .field("unhealthy", defaulted(active_unhealthy));
     let passive_healthy = Record::new()
         .field(
             "http_statuses",
@@ -562,8 +573,8 @@ fn healthchecks() -> Field {
         .field("http_failures", one_byte().default(json!(0)));
     let passive = Record::new()
         .field("type", check_type())
-        .field("healthy", Field::record(passive_healthy))
-        .field("unhealthy", Field::record(passive_unhealthy));
+        .field("healthy", defaulted(passive_healthy))
+        .field("unhealthy", defaulted(passive_unhealthy));
     let defaults = json!({
         "active": {
             "type": "http", "timeout": 1, "concurrency": 10, "http_path": "/",
@@ -584,8 +595,8 @@ fn healthchecks() -> Field {
     });
     Field::record(
         Record::new()
-            .field("active", Field::record(active))
-            .field("passive", Field::record(passive))
+            .field("active", defaulted(active))
+            .field("passive", defaulted(passive))
             .field(
                 "threshold",
                 Field::number().default(json!(0)).between(0.0, 100.0),
