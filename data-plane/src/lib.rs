@@ -23,9 +23,7 @@
 //! loaded when it started; `apply` never blocks requests.
 
 mod proxy;
-mod router;
 mod runtime;
-mod upstream_uri;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gatehouse_router::{normalize_path, push_upstream_path, request_host, RequestView};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
@@ -25,9 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::router::{normalize_path, request_host, RequestView};
 use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
-use crate::upstream_uri::push_upstream_path;
 use crate::DataPlane;
 
 /// Serves the proxy on `listener` until `shutdown` changes or its sender is

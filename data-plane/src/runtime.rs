@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
+use gatehouse_router::{PathHandling, Rewrite, RouteSpec, Router};
 use http::uri::Authority;
 use http::{HeaderValue, StatusCode};
 use http_body_util::Limited;
@@ -16,9 +17,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use crate::router::Router;
-use crate::upstream_uri::{PathHandling, Rewrite};
 
 /// Why a snapshot could not become a runtime. The runtime in use stays.
 #[derive(Debug, thiserror::Error)]
@@ -151,13 +149,36 @@ impl Runtime {
             routable.push((targets.len(), route));
             targets.push(build_route(route, service));
         }
-        let router = Router::build(routable);
+        let router = Router::build(
+            routable
+                .into_iter()
+                .map(|(route_idx, route)| (route_idx, route_spec(route))),
+        );
         client_lookup.publish();
         Ok(Runtime {
             version: snapshot.version,
             router,
             routes: targets,
         })
+    }
+}
+
+/// The fields the router matches on, borrowed from the route.
+fn route_spec(route: &Route) -> RouteSpec<'_> {
+    RouteSpec {
+        id: &route.id,
+        methods: route.methods.as_deref().unwrap_or(&[]),
+        hosts: route.hosts.as_deref().unwrap_or(&[]),
+        paths: route.paths.as_deref().unwrap_or(&[]),
+        headers: route
+            .headers
+            .iter()
+            .flatten()
+            .map(|(name, values)| (name.as_str(), values.as_slice()))
+            .collect(),
+        snis: route.snis.as_deref().unwrap_or(&[]),
+        regex_priority: route.regex_priority,
+        created_at: route.created_at,
     }
 }
 

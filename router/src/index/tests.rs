@@ -1,40 +1,14 @@
-use gatehouse_model::snapshot::Route;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::{json, Value};
 
 use super::{normalize_path, request_host, split_host_port, RequestView, Router};
-
-/// Routes from JSON objects, with Kong's required fields defaulted; each
-/// route is created one second after the previous one unless it says when.
-fn routes(json: Value) -> Vec<Route> {
-    let Value::Array(list) = json else {
-        panic!("routes must be a JSON array")
-    };
-    list.into_iter()
-        .enumerate()
-        .map(|(route_idx, fields)| {
-            let mut route = json!({
-                "id": format!("00000000-0000-4000-8000-{route_idx:012}"),
-                "protocols": ["http", "https"],
-                "https_redirect_status_code": 426,
-                "strip_path": true,
-                "preserve_host": false,
-                "created_at": 1_700_000_000 + route_idx as i64,
-            });
-            let (Value::Object(route_map), Value::Object(fields)) = (&mut route, fields) else {
-                panic!("each route must be a JSON object")
-            };
-            route_map.extend(fields);
-            serde_json::from_value(route).expect("route JSON matches the model")
-        })
-        .collect()
-}
+use crate::test_routes::routes;
 
 /// `request` is `METHOD host[:port]/path [header=value ...]`; the port is
 /// the one the request arrived on (8000 when absent).
 fn check(routes_json: Value, request: &str, expected_route_name: Option<&str>) {
     let routes = routes(routes_json);
-    let router = Router::build(routes.iter().enumerate());
+    let router = Router::build(routes.iter().map(|route| route.spec()).enumerate());
 
     let mut words = request.split_whitespace();
     let method =

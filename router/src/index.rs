@@ -21,12 +21,26 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use gatehouse_model::snapshot::Route;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
+/// What the router needs from a route: its matching fields, borrowed from
+/// the caller's entities. Empty slices stand for unset fields.
+#[derive(Clone, Debug, Default)]
+pub struct RouteSpec<'a> {
+    pub id: &'a str,
+    pub methods: &'a [String],
+    pub hosts: &'a [String],
+    pub paths: &'a [String],
+    /// Header name and the values it accepts.
+    pub headers: Vec<(&'a str, &'a [String])>,
+    pub snis: &'a [String],
+    pub regex_priority: i64,
+    pub created_at: Option<i64>,
+}
+
 /// Compiled routes of one config version. Immutable.
-pub(crate) struct Router {
+pub struct Router {
     /// Sorted by priority: a matcher's index is its rank.
     matchers: Vec<Matcher>,
     exact_hosts: HashMap<Box<str>, Vec<Candidate>>,
@@ -39,47 +53,49 @@ pub(crate) struct Router {
 }
 
 /// What the router looks at in a request.
-pub(crate) struct RequestView<'a> {
-    pub(crate) method: &'a Method,
+pub struct RequestView<'a> {
+    pub method: &'a Method,
     /// Lower-case host without port (see [`request_host`]).
-    pub(crate) host: &'a str,
+    pub host: &'a str,
     /// The port the request arrived on (Kong's `net.dst.port`), which route
     /// hosts written as `host:port` compare with.
-    pub(crate) port: u16,
+    pub port: u16,
     /// Normalized path without query (see [`normalize_path`]).
-    pub(crate) path: &'a str,
-    pub(crate) headers: &'a HeaderMap,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RouteMatch {
+pub struct RouteMatch {
     /// The index the caller gave the route in [`Router::build`].
-    pub(crate) route_idx: usize,
+    pub route_idx: usize,
     /// The path that matched; `None` for routes without paths.
-    pub(crate) path: Option<PathMatch>,
+    pub path: Option<PathMatch>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PathMatch {
+pub struct PathMatch {
     /// Length of the matched part of the request path (Kong's
     /// `matched_path`), which `strip_path` removes.
-    pub(crate) len: usize,
+    pub len: usize,
     /// Index of the matching path in the route's `paths`.
-    pub(crate) path_idx: usize,
-    pub(crate) regex: bool,
+    pub path_idx: usize,
+    pub regex: bool,
 }
 
 impl Router {
-    pub(crate) fn empty() -> Router {
+    pub fn empty() -> Router {
         Router::build(std::iter::empty())
     }
 
     /// Compiles `routes`, each given with the index a match reports. Paths,
     /// methods and headers that cannot be compiled are logged and dropped, so
     /// that one bad route does not refuse a whole configuration.
-    pub(crate) fn build<'a>(routes: impl IntoIterator<Item = (usize, &'a Route)>) -> Router {
-        let mut pending: Vec<Pending<'a>> = Vec::new();
-        for (route_idx, route) in routes {
+    pub fn build<'a>(routes: impl IntoIterator<Item = (usize, RouteSpec<'a>)>) -> Router {
+        let routes: Vec<(usize, RouteSpec<'a>)> = routes.into_iter().collect();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for (route_idx, route) in &routes {
+            let route_idx = *route_idx;
             let Some(conditions) = compile_conditions(route) else {
                 continue;
             };
@@ -104,7 +120,7 @@ impl Router {
                     let a_created = a.route.created_at.unwrap_or(i64::MAX);
                     a_created.cmp(&b.route.created_at.unwrap_or(i64::MAX))
                 })
-                .then_with(|| a.route.id.cmp(&b.route.id))
+                .then_with(|| a.route.id.cmp(b.route.id))
                 .then_with(|| a.group_idx.cmp(&b.group_idx))
         });
 
@@ -120,7 +136,7 @@ impl Router {
                 tracing::warn!(route_id = %entry.route.id, "Too many routes; ignoring the rest.");
                 break;
             };
-            let hosts = entry.route.hosts.as_deref().unwrap_or(&[]);
+            let hosts = entry.route.hosts;
             if hosts.is_empty() {
                 router.any_host.push(Candidate { rank, port: None });
             }
@@ -143,7 +159,7 @@ impl Router {
     }
 
     /// The highest-priority route accepting `request`.
-    pub(crate) fn find(&self, request: &RequestView<'_>) -> Option<RouteMatch> {
+    pub fn find(&self, request: &RequestView<'_>) -> Option<RouteMatch> {
         let host = request.host;
         let mut lists = CandidateLists::default();
         if let Some(list) = self.exact_hosts.get(host) {
@@ -192,7 +208,7 @@ impl Router {
 
 /// The host a request is routed by: the Host header (or the HTTP/2
 /// authority) without port, lower-cased. Allocates only for upper-case hosts.
-pub(crate) fn request_host(raw: &str) -> Cow<'_, str> {
+pub fn request_host(raw: &str) -> Cow<'_, str> {
     let (host, _) = split_host_port(raw);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
@@ -203,7 +219,7 @@ pub(crate) fn request_host(raw: &str) -> Cow<'_, str> {
 
 /// Kong's request path normalization (`kong.tools.uri.normalize`), skipped
 /// when the path has nothing to normalize.
-pub(crate) fn normalize_path(raw: &str) -> Cow<'_, str> {
+pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     if raw.contains('%') || raw.contains("/.") {
         Cow::Owned(gatehouse_model::uri::normalize(raw))
     } else {
@@ -212,7 +228,7 @@ pub(crate) fn normalize_path(raw: &str) -> Cow<'_, str> {
 }
 
 /// Splits `host[:port]` and `[v6]:port`. An unparsable port is dropped.
-pub(crate) fn split_host_port(raw: &str) -> (&str, Option<u16>) {
+pub fn split_host_port(raw: &str) -> (&str, Option<u16>) {
     if raw.starts_with('[') {
         return match raw.find(']') {
             Some(end) => {
@@ -328,7 +344,7 @@ impl HeaderValueRule {
 /// A matcher before sorting.
 struct Pending<'a> {
     priority: u64,
-    route: &'a Route,
+    route: &'a RouteSpec<'a>,
     group_idx: usize,
     matcher: Matcher,
 }
@@ -347,9 +363,9 @@ struct Conditions {
     headers: Box<[HeaderRule]>,
 }
 
-fn compile_conditions(route: &Route) -> Option<Conditions> {
+fn compile_conditions(route: &RouteSpec<'_>) -> Option<Conditions> {
     let mut methods = Vec::new();
-    for method in route.methods.as_deref().unwrap_or(&[]) {
+    for method in route.methods {
         match Method::from_bytes(method.as_bytes()) {
             Ok(method) => methods.push(method),
             Err(_) => {
@@ -359,7 +375,7 @@ fn compile_conditions(route: &Route) -> Option<Conditions> {
         }
     }
     let mut headers = Vec::new();
-    for (name, values) in route.headers.iter().flatten() {
+    for &(name, values) in &route.headers {
         let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
             tracing::warn!(route_id = %route.id, header = %name, "Ignoring route with an invalid header name.");
             return None;
@@ -397,8 +413,8 @@ fn compile_conditions(route: &Route) -> Option<Conditions> {
 
 /// Groups a route's paths as Kong's `group_by_regex_or_length` does: one
 /// group for all regexes, one per prefix length, in order of appearance.
-fn path_groups(route: &Route) -> Vec<PathGroup> {
-    let paths = route.paths.as_deref().unwrap_or(&[]);
+fn path_groups(route: &RouteSpec<'_>) -> Vec<PathGroup> {
+    let paths = route.paths;
     if paths.is_empty() {
         return vec![PathGroup {
             rule: PathRule::Any,
@@ -456,7 +472,7 @@ fn path_groups(route: &Route) -> Vec<PathGroup> {
 
 /// `~regex` → `^regex`, as Kong's `path_val_transform` (which also targets
 /// the Rust `regex` crate). PCRE-only syntax fails here and drops the path.
-fn compile_path_regex(route: &Route, path: &str) -> Option<Regex> {
+fn compile_path_regex(route: &RouteSpec<'_>, path: &str) -> Option<Regex> {
     let pattern = format!("^{}", &path[1..]);
     match Regex::new(&pattern) {
         Ok(regex) => Some(regex),
@@ -468,23 +484,18 @@ fn compile_path_regex(route: &Route, path: &str) -> Option<Regex> {
 }
 
 /// Kong's `get_priority` for HTTP routes (`kong/router/transform.lua`).
-fn priority(route: &Route, group: &PathGroup) -> u64 {
-    fn is_set(field: &Option<Vec<String>>) -> bool {
-        field.as_ref().is_some_and(|values| !values.is_empty())
+fn priority(route: &RouteSpec<'_>, group: &PathGroup) -> u64 {
+    fn is_set(field: &[String]) -> bool {
+        !field.is_empty()
     }
-    let headers_count = route
-        .headers
-        .as_ref()
-        .map_or(0, |headers| headers.len())
-        .min(255) as u64;
+    let headers_count = route.headers.len().min(255) as u64;
     let mut match_weight: u64 = 0;
-    match_weight += u64::from(is_set(&route.methods));
-    match_weight += u64::from(is_set(&route.hosts));
+    match_weight += u64::from(is_set(route.methods));
+    match_weight += u64::from(is_set(route.hosts));
     match_weight += u64::from(headers_count > 0);
-    match_weight += u64::from(is_set(&route.snis));
+    match_weight += u64::from(is_set(route.snis));
     match_weight += u64::from(group.has_paths);
-    let plain_host_only =
-        is_set(&route.hosts) && route.hosts.iter().flatten().all(|host| !host.contains('*'));
+    let plain_host_only = is_set(route.hosts) && route.hosts.iter().all(|host| !host.contains('*'));
     // Kong shifts a negative `regex_priority` as a uint64, which floods the
     // higher bits; clamping keeps the other fields intact.
     let regex_priority = if group.regex {

@@ -6,24 +6,24 @@
 //! router). Kong's table of cases lives in `upstream_uri/tests.rs`.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PathHandling {
+pub enum PathHandling {
     V0,
     V1,
 }
 
 /// How a route rewrites paths, resolved at build time.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Rewrite<'a> {
-    pub(crate) handling: PathHandling,
-    pub(crate) strip_path: bool,
+pub struct Rewrite<'a> {
+    pub handling: PathHandling,
+    pub strip_path: bool,
     /// The service path; `/` when the service has none.
-    pub(crate) service_path: &'a str,
+    pub service_path: &'a str,
 }
 
 /// Appends the upstream path (no query) to `out`. `request_path` is the
 /// normalized request path; `matched_len` the length of its part that the
 /// route's path matched, if the route matched by path.
-pub(crate) fn push_upstream_path(
+pub fn push_upstream_path(
     out: &mut String,
     rewrite: Rewrite<'_>,
     request_path: &str,

@@ -2,12 +2,10 @@
 //! and the table in Kong's route documentation), run through the router so
 //! that the matched length comes from a real match.
 
-use gatehouse_model::snapshot::Route;
 use http::{HeaderMap, Method};
-use serde_json::json;
 
 use super::{push_upstream_path, PathHandling, Rewrite};
-use crate::router::{normalize_path, RequestView, Router};
+use crate::index::{normalize_path, RequestView, RouteSpec, Router};
 
 const BOTH: &[bool] = &[false, true];
 const STRIP: &[bool] = &[true];
@@ -49,17 +47,18 @@ fn upstream_path(
     handling: PathHandling,
     request_path: &str,
 ) -> String {
-    let route: Route = serde_json::from_value(json!({
-        "id": "00000000-0000-4000-8000-000000000001",
-        "protocols": ["http"],
-        "https_redirect_status_code": 426,
-        "strip_path": strip_path,
-        "preserve_host": false,
-        "hosts": if route_path.is_none() { json!(["localbin"]) } else { json!(null) },
-        "paths": route_path.map(|path| vec![path]),
-    }))
-    .expect("route JSON matches the model");
-    let router = Router::build([(0, &route)]);
+    let hosts = match route_path {
+        None => vec!["localbin".to_owned()],
+        Some(_) => Vec::new(),
+    };
+    let paths: Vec<String> = route_path.map(str::to_owned).into_iter().collect();
+    let route = RouteSpec {
+        id: "00000000-0000-4000-8000-000000000001",
+        hosts: &hosts,
+        paths: &paths,
+        ..RouteSpec::default()
+    };
+    let router = Router::build([(0, route)]);
     let path = normalize_path(request_path);
     let headers = HeaderMap::new();
     let found = router
@@ -536,16 +535,13 @@ fn dot_segments_left_by_stripping() {
 
 #[test]
 fn regex_paths_strip_the_matched_part() {
-    let route: Route = serde_json::from_value(json!({
-        "id": "00000000-0000-4000-8000-000000000002",
-        "protocols": ["http"],
-        "https_redirect_status_code": 426,
-        "strip_path": true,
-        "preserve_host": false,
-        "paths": ["~/users/\\d+"],
-    }))
-    .expect("route JSON matches the model");
-    let router = Router::build([(0, &route)]);
+    let paths = vec!["~/users/\\d+".to_owned()];
+    let route = RouteSpec {
+        id: "00000000-0000-4000-8000-000000000002",
+        paths: &paths,
+        ..RouteSpec::default()
+    };
+    let router = Router::build([(0, route)]);
     let headers = HeaderMap::new();
     let found = router
         .find(&RequestView {
