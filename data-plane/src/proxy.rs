@@ -448,7 +448,7 @@ async fn forward<'r>(
             Some(Some(prefix)) => Some(prefix.clone()),
             _ => path
                 .get(..matched.len)
-                .and_then(|prefix| HeaderValue::from_str(prefix).ok()),
+                .and_then(|prefix| HeaderValue::from_bytes(prefix).ok()),
         },
         _ => None,
     };

@@ -50,6 +50,10 @@ pub struct Router {
     prefix_hosts: HashMap<Box<str>, Vec<Candidate>>,
     /// Routes without hosts.
     any_host: Vec<Candidate>,
+    /// Whether some route has paths: Kong then fails to route a request
+    /// whose normalized path is not UTF-8 (atc-router's `http.path` is a
+    /// string).
+    uses_paths: bool,
 }
 
 /// What the router looks at in a request.
@@ -60,8 +64,8 @@ pub struct RequestView<'a> {
     /// The port the request arrived on (Kong's `net.dst.port`), which route
     /// hosts written as `host:port` compare with.
     pub port: u16,
-    /// Normalized path without query (see [`normalize_path`]).
-    pub path: &'a str,
+    /// Normalized path without query (see [`crate::normalize_path`]).
+    pub path: &'a [u8],
     pub headers: &'a HeaderMap,
 }
 
@@ -130,6 +134,7 @@ impl Router {
             suffix_hosts: HashMap::new(),
             prefix_hosts: HashMap::new(),
             any_host: Vec::new(),
+            uses_paths: false,
         };
         for (rank, entry) in pending.into_iter().enumerate() {
             let Ok(rank) = u32::try_from(rank) else {
@@ -153,6 +158,7 @@ impl Router {
                 };
                 map.entry(key.into()).or_default().push(candidate);
             }
+            router.uses_paths |= !matches!(entry.matcher.paths, PathRule::Any);
             router.matchers.push(entry.matcher);
         }
         router
@@ -160,6 +166,10 @@ impl Router {
 
     /// The highest-priority route accepting `request`.
     pub fn find(&self, request: &RequestView<'_>) -> Option<RouteMatch> {
+        let path = std::str::from_utf8(request.path).ok();
+        if path.is_none() && self.uses_paths {
+            return None;
+        }
         let host = request.host;
         let mut lists = CandidateLists::default();
         if let Some(list) = self.exact_hosts.get(host) {
@@ -180,15 +190,20 @@ impl Router {
             }
         }
         lists.push(&self.any_host);
-        lists.first_match(|candidate| self.try_candidate(candidate, request))
+        lists.first_match(|candidate| self.try_candidate(candidate, request, path))
     }
 
-    fn try_candidate(&self, candidate: Candidate, request: &RequestView<'_>) -> Option<RouteMatch> {
+    fn try_candidate(
+        &self,
+        candidate: Candidate,
+        request: &RequestView<'_>,
+        path: Option<&str>,
+    ) -> Option<RouteMatch> {
         if candidate.port.is_some_and(|port| port != request.port) {
             return None;
         }
         let matcher = &self.matchers[candidate.rank as usize];
-        let path = matcher.paths.find(request.path)?;
+        let path = matcher.paths.find(path)?;
         if !matcher.methods.is_empty() && !matcher.methods.contains(request.method) {
             return None;
         }
@@ -214,16 +229,6 @@ pub fn request_host(raw: &str) -> Cow<'_, str> {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
-    }
-}
-
-/// Kong's request path normalization (`kong.tools.uri.normalize`), skipped
-/// when the path has nothing to normalize.
-pub fn normalize_path(raw: &str) -> Cow<'_, str> {
-    if raw.contains('%') || raw.contains("/.") {
-        Cow::Owned(gatehouse_model::uri::normalize(raw))
-    } else {
-        Cow::Borrowed(raw)
     }
 }
 
@@ -272,12 +277,13 @@ enum PathRule {
 impl PathRule {
     /// `None` when the path does not match; `Some(None)` for routes without
     /// paths.
-    fn find(&self, path: &str) -> Option<Option<PathMatch>> {
+    fn find(&self, path: Option<&str>) -> Option<Option<PathMatch>> {
         match self {
             PathRule::Any => Some(None),
+            _ if path.is_none() => None,
             PathRule::Prefixes(prefixes) => prefixes
                 .iter()
-                .find(|(_, prefix)| path.starts_with(&**prefix))
+                .find(|(_, prefix)| path.is_some_and(|path| path.starts_with(&**prefix)))
                 .map(|(path_idx, prefix)| {
                     Some(PathMatch {
                         len: prefix.len(),
@@ -286,7 +292,7 @@ impl PathRule {
                     })
                 }),
             PathRule::Regexes(regexes) => regexes.iter().find_map(|(path_idx, regex)| {
-                regex.find(path).map(|found| {
+                regex.find(path?).map(|found| {
                     Some(PathMatch {
                         len: found.len(),
                         path_idx: *path_idx,

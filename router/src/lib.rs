@@ -13,12 +13,13 @@
 
 mod index;
 mod upstream_uri;
+mod uri;
 
 pub use index::{
-    normalize_path, request_host, split_host_port, PathMatch, RequestView, RouteMatch, RouteSpec,
-    Router,
+    request_host, split_host_port, PathMatch, RequestView, RouteMatch, RouteSpec, Router,
 };
 pub use upstream_uri::{push_upstream_path, PathHandling, Rewrite};
+pub use uri::{normalize_path, push_escaped};
 
 #[cfg(test)]
 mod test_routes;

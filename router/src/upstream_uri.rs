@@ -5,6 +5,8 @@
 //! `traditional_compatible` router runs) and `v1` (Kong's `traditional`
 //! router). Kong's table of cases lives in `upstream_uri/tests.rs`.
 
+use crate::uri::push_escaped;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathHandling {
     V0,
@@ -20,79 +22,81 @@ pub struct Rewrite<'a> {
     pub service_path: &'a str,
 }
 
-/// Appends the upstream path (no query) to `out`. `request_path` is the
-/// normalized request path; `matched_len` the length of its part that the
-/// route's path matched, if the route matched by path.
+/// Appends the upstream path (no query) to `out`, escaped as Kong escapes
+/// it (`kong.tools.uri.escape`, applied in `kong/runloop/handler.lua`).
+/// `request_path` is the normalized request path; `matched_len` the length
+/// of its part that the route's path matched, if the route matched by path.
 pub fn push_upstream_path(
     out: &mut String,
     rewrite: Rewrite<'_>,
-    request_path: &str,
+    request_path: &[u8],
     matched_len: Option<usize>,
 ) {
-    let base = if rewrite.service_path.is_empty() {
-        "/"
+    let base: &[u8] = if rewrite.service_path.is_empty() {
+        b"/"
     } else {
-        rewrite.service_path
+        rewrite.service_path.as_bytes()
     };
     // Kong: the prefix is the matched path when stripping, otherwise "/".
     let prefix_len = match (rewrite.strip_path, matched_len) {
         (true, Some(len)) => len,
         _ => 1,
     };
-    let postfix = sanitize_postfix(request_path.get(prefix_len..).unwrap_or(""));
+    let postfix = sanitize_postfix(request_path.get(prefix_len..).unwrap_or(b""));
     // The request path without its leading slash.
-    let request_tail = request_path.get(1..).unwrap_or("");
-    let base_ends_with_slash = base.ends_with('/');
-    let base_without_slash = base.strip_suffix('/').unwrap_or(base);
+    let request_tail = request_path.get(1..).unwrap_or(b"");
+    let base_ends_with_slash = base.ends_with(b"/");
+    let base_without_slash = base.strip_suffix(b"/").unwrap_or(base);
+    let mut push = |bytes: &[u8]| push_escaped(out, bytes);
 
     match rewrite.handling {
         PathHandling::V0 if base_ends_with_slash => {
             if !rewrite.strip_path {
-                out.push_str(base);
-                out.push_str(request_tail);
+                push(base);
+                push(request_tail);
             } else if postfix.is_empty() {
-                if base == "/" {
-                    out.push('/');
-                } else if request_path.ends_with('/') {
-                    out.push_str(base);
+                if base == b"/" {
+                    push(b"/");
+                } else if request_path.ends_with(b"/") {
+                    push(base);
                 } else {
-                    out.push_str(base_without_slash);
+                    push(base_without_slash);
                 }
-            } else if postfix.starts_with('/') {
-                out.push_str(base_without_slash);
-                out.push_str(postfix);
+            } else if postfix.starts_with(b"/") {
+                push(base_without_slash);
+                push(postfix);
             } else {
-                out.push_str(base);
-                out.push_str(postfix);
+                push(base);
+                push(postfix);
             }
         }
         PathHandling::V0 => {
-            out.push_str(base);
+            push(base);
             if !rewrite.strip_path {
-                if request_path != "/" {
-                    out.push_str(request_path);
+                if request_path != b"/" {
+                    push(request_path);
                 }
             } else if postfix.is_empty() {
-                if request_path.len() > 1 && request_path.ends_with('/') {
-                    out.push('/');
+                if request_path.len() > 1 && request_path.ends_with(b"/") {
+                    push(b"/");
                 }
             } else {
-                if !postfix.starts_with('/') {
-                    out.push('/');
+                if !postfix.starts_with(b"/") {
+                    push(b"/");
                 }
-                out.push_str(postfix);
+                push(postfix);
             }
         }
         PathHandling::V1 => {
             if !rewrite.strip_path {
-                out.push_str(base);
-                out.push_str(request_tail);
-            } else if base_ends_with_slash && postfix.starts_with('/') {
-                out.push_str(base_without_slash);
-                out.push_str(postfix);
+                push(base);
+                push(request_tail);
+            } else if base_ends_with_slash && postfix.starts_with(b"/") {
+                push(base_without_slash);
+                push(postfix);
             } else {
-                out.push_str(base);
-                out.push_str(postfix);
+                push(base);
+                push(postfix);
             }
         }
     }
@@ -100,12 +104,12 @@ pub fn push_upstream_path(
 
 /// Kong's `sanitize_uri_postfix`: a postfix that starts with a dot segment
 /// left behind by the stripped prefix (`/route./x`) loses it.
-fn sanitize_postfix(postfix: &str) -> &str {
-    if postfix == "." || postfix == ".." {
-        ""
-    } else if let Some(rest) = postfix.strip_prefix("./") {
+fn sanitize_postfix(postfix: &[u8]) -> &[u8] {
+    if postfix == b"." || postfix == b".." {
+        b""
+    } else if let Some(rest) = postfix.strip_prefix(b"./") {
         rest
-    } else if let Some(rest) = postfix.strip_prefix("../") {
+    } else if let Some(rest) = postfix.strip_prefix(b"../") {
         rest
     } else {
         postfix

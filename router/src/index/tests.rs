@@ -1,8 +1,9 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::{json, Value};
 
-use super::{normalize_path, request_host, split_host_port, RequestView, Router};
+use super::{request_host, split_host_port, RequestView, Router};
 use crate::test_routes::routes;
+use crate::uri::normalize_path;
 
 /// `request` is `METHOD host[:port]/path [header=value ...]`; the port is
 /// the one the request arrived on (8000 when absent).
@@ -116,7 +117,10 @@ fn longest_prefix_wins() {
     check(routes.clone(), "GET x/ech", Some("root"));
     // The router sees the normalized path.
     check(routes.clone(), "GET x/%65cho", Some("short"));
-    check(routes, "GET x/echo/../echo/deep", Some("long"));
+    check(routes.clone(), "GET x/echo/../echo/deep", Some("long"));
+    // Kong's router merges slashes.
+    check(routes.clone(), "GET x/echo//deep", Some("long"));
+    check(routes, "GET x/echo/./deep", Some("long"));
 }
 
 #[test]

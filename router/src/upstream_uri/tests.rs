@@ -5,7 +5,8 @@
 use http::{HeaderMap, Method};
 
 use super::{push_upstream_path, PathHandling, Rewrite};
-use crate::index::{normalize_path, RequestView, RouteSpec, Router};
+use crate::index::{RequestView, RouteSpec, Router};
+use crate::uri::normalize_path;
 
 const BOTH: &[bool] = &[false, true];
 const STRIP: &[bool] = &[true];
@@ -548,7 +549,7 @@ fn regex_paths_strip_the_matched_part() {
             method: &Method::GET,
             host: "",
             port: 8000,
-            path: "/users/42/orders",
+            path: b"/users/42/orders",
             headers: &headers,
         })
         .expect("the regex matches");
@@ -561,7 +562,7 @@ fn regex_paths_strip_the_matched_part() {
     push_upstream_path(
         &mut out,
         rewrite,
-        "/users/42/orders",
+        b"/users/42/orders",
         found.path.map(|matched| matched.len),
     );
     assert_eq!(out, "/api/orders");
