@@ -443,13 +443,17 @@ async fn forward<'r>(
     let forwarded_host = (!host.is_empty())
         .then(|| HeaderValue::from_str(&host).ok())
         .flatten();
+    // Kong sends the stripped prefix, unless it is "/"
+    // (`kong/runloop/handler.lua`, `match_t.prefix ~= "/"`).
     let forwarded_prefix = match found.path {
-        Some(matched) if route.strip_path => match route.forwarded_prefixes.get(matched.path_idx) {
-            Some(Some(prefix)) => Some(prefix.clone()),
-            _ => path
-                .get(..matched.len)
-                .and_then(|prefix| HeaderValue::from_bytes(prefix).ok()),
-        },
+        Some(matched) if route.strip_path && path.get(..matched.len) != Some(b"/") => {
+            match route.forwarded_prefixes.get(matched.path_idx) {
+                Some(Some(prefix)) => Some(prefix.clone()),
+                _ => path
+                    .get(..matched.len)
+                    .and_then(|prefix| HeaderValue::from_bytes(prefix).ok()),
+            }
+        }
         _ => None,
     };
     let host_header = if route.preserve_host {
