@@ -13,7 +13,7 @@
 //!     └─► runtime = DataPlane::runtime.load_full()      one config version per request
 //!          └─► router.find(method, host, path, headers)  404 when nothing matches
 //!               └─► route's service                      503 when the route has none
-//!                    └─► rewrite path (strip_path, path_handling), Host,
+//!                    └─► rewrite path (strip_path), Host,
 //!                        X-Forwarded-*, Via; drop hop-by-hop headers
 //!                         └─► pooled client ─► upstream  502 / 504 on failure
 //!                              └─► response streamed back with Via

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
-use gatehouse_router::{PathHandling, Rewrite, RouteSpec, Router};
+use gatehouse_router::{Rewrite, RouteSpec, Router};
 use http::uri::Authority;
 use http::{HeaderValue, StatusCode};
 use http_body_util::Limited;
@@ -47,7 +47,6 @@ pub(crate) struct RouteTarget {
     pub(crate) id: Box<str>,
     pub(crate) strip_path: bool,
     pub(crate) preserve_host: bool,
-    pub(crate) path_handling: PathHandling,
     /// Set for routes whose protocols include `https` but not `http`: the
     /// status a plaintext request gets (426, or a redirect code).
     pub(crate) https_only: Option<StatusCode>,
@@ -61,7 +60,6 @@ pub(crate) struct RouteTarget {
 impl RouteTarget {
     pub(crate) fn rewrite<'a>(&self, service: &'a ServiceTarget) -> Rewrite<'a> {
         Rewrite {
-            handling: self.path_handling,
             strip_path: self.strip_path,
             service_path: &service.path,
         }
@@ -183,11 +181,6 @@ fn route_spec(route: &Route) -> RouteSpec<'_> {
 }
 
 fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarget {
-    let path_handling = if route.path_handling == "v1" {
-        PathHandling::V1
-    } else {
-        PathHandling::V0
-    };
     let https_only = (route.protocols.iter().any(|p| p == "https")
         && !route.protocols.iter().any(|p| p == "http"))
     .then(|| match route.https_redirect_status_code {
@@ -212,7 +205,6 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         id: route.id.as_str().into(),
         strip_path: route.strip_path,
         preserve_host: route.preserve_host,
-        path_handling,
         https_only,
         service,
         forwarded_prefixes,

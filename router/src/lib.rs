@@ -18,7 +18,7 @@ mod uri;
 pub use index::{
     request_host, split_host_port, PathMatch, RequestView, RouteMatch, RouteSpec, Router,
 };
-pub use upstream_uri::{push_upstream_path, PathHandling, Rewrite};
+pub use upstream_uri::{push_upstream_path, Rewrite};
 pub use uri::{normalize_path, push_escaped};
 
 #[cfg(test)]

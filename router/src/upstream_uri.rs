@@ -1,22 +1,16 @@
 //! The path sent upstream: the service path joined with the request path,
-//! minus the matched route path when `strip_path` is set. Kong has two
-//! joining rules, selected per route by `path_handling`: `v0`
-//! (`kong/router/utils.lua`, `get_upstream_uri_v0`, the only one Kong's
-//! `traditional_compatible` router runs) and `v1` (Kong's `traditional`
-//! router). Kong's table of cases lives in `upstream_uri/tests.rs`.
+//! minus the matched route path when `strip_path` is set. Kong's
+//! `traditional_compatible` router joins them with `get_upstream_uri_v0`
+//! (`kong/router/utils.lua`) whatever the route's `path_handling` says:
+//! `kong/router/atc.lua` `set_upstream_uri` never looks at it, so `v1` (the
+//! `traditional` router's rule) behaves as `v0`. Kong's table of cases lives
+//! in `upstream_uri/tests.rs`.
 
 use crate::uri::push_escaped;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PathHandling {
-    V0,
-    V1,
-}
 
 /// How a route rewrites paths, resolved at build time.
 #[derive(Clone, Copy, Debug)]
 pub struct Rewrite<'a> {
-    pub handling: PathHandling,
     pub strip_path: bool,
     /// The service path; `/` when the service has none.
     pub service_path: &'a str,
@@ -49,55 +43,40 @@ pub fn push_upstream_path(
     let base_without_slash = base.strip_suffix(b"/").unwrap_or(base);
     let mut push = |bytes: &[u8]| push_escaped(out, bytes);
 
-    match rewrite.handling {
-        PathHandling::V0 if base_ends_with_slash => {
-            if !rewrite.strip_path {
-                push(base);
-                push(request_tail);
-            } else if postfix.is_empty() {
-                if base == b"/" {
-                    push(b"/");
-                } else if request_path.ends_with(b"/") {
-                    push(base);
-                } else {
-                    push(base_without_slash);
-                }
-            } else if postfix.starts_with(b"/") {
-                push(base_without_slash);
-                push(postfix);
-            } else {
-                push(base);
-                push(postfix);
-            }
-        }
-        PathHandling::V0 => {
+    if base_ends_with_slash {
+        if !rewrite.strip_path {
             push(base);
-            if !rewrite.strip_path {
-                if request_path != b"/" {
-                    push(request_path);
-                }
-            } else if postfix.is_empty() {
-                if request_path.len() > 1 && request_path.ends_with(b"/") {
-                    push(b"/");
-                }
-            } else {
-                if !postfix.starts_with(b"/") {
-                    push(b"/");
-                }
-                push(postfix);
-            }
-        }
-        PathHandling::V1 => {
-            if !rewrite.strip_path {
+            push(request_tail);
+        } else if postfix.is_empty() {
+            if base == b"/" {
+                push(b"/");
+            } else if request_path.ends_with(b"/") {
                 push(base);
-                push(request_tail);
-            } else if base_ends_with_slash && postfix.starts_with(b"/") {
+            } else {
                 push(base_without_slash);
-                push(postfix);
-            } else {
-                push(base);
-                push(postfix);
             }
+        } else if postfix.starts_with(b"/") {
+            push(base_without_slash);
+            push(postfix);
+        } else {
+            push(base);
+            push(postfix);
+        }
+    } else {
+        push(base);
+        if !rewrite.strip_path {
+            if request_path != b"/" {
+                push(request_path);
+            }
+        } else if postfix.is_empty() {
+            if request_path.len() > 1 && request_path.ends_with(b"/") {
+                push(b"/");
+            }
+        } else {
+            if !postfix.starts_with(b"/") {
+                push(b"/");
+            }
+            push(postfix);
         }
     }
 }
