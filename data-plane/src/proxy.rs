@@ -375,11 +375,18 @@ async fn forward<'r>(
     let (mut parts, body) = request.into_parts();
 
     // Everything read from the request before its headers change.
-    let raw_host = match parts.headers.get(header::HOST) {
-        Some(host) => host.to_str().ok(),
-        None => parts.uri.authority().map(Authority::as_str),
-    }
-    .unwrap_or("");
+    // Kong routes by the Host header as sent; nginx's `$host` (lower case,
+    // no port) goes into X-Forwarded-Host and redirects.
+    let host_bytes = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.as_bytes()),
+        None => parts
+            .uri
+            .authority()
+            .map(|authority| authority.as_str().as_bytes()),
+    };
+    let raw_host = host_bytes
+        .and_then(|host| std::str::from_utf8(host).ok())
+        .unwrap_or("");
     let host = request_host(raw_host);
     let raw_path = match parts.uri.path() {
         "" => "/",
@@ -390,10 +397,13 @@ async fn forward<'r>(
         .router
         .find(&RequestView {
             method: &parts.method,
-            host: &host,
+            host: host_bytes,
             port: downstream.local_port,
             path: &path,
             headers: &parts.headers,
+            // TODO(dp): TLS listeners pass `https` and the SNI.
+            https: false,
+            sni: None,
         })
         .ok_or(ProxyError::NoRoute)?;
     let route = &runtime.routes[found.route_idx];

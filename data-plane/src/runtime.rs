@@ -176,7 +176,6 @@ fn route_spec(route: &Route) -> RouteSpec<'_> {
             .collect(),
         snis: route.snis.as_deref().unwrap_or(&[]),
         regex_priority: route.regex_priority,
-        created_at: route.created_at,
     }
 }
 

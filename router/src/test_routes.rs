@@ -24,8 +24,6 @@ pub(crate) struct TestRoute {
     pub(crate) snis: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) regex_priority: i64,
-    #[serde(default)]
-    pub(crate) created_at: Option<i64>,
 }
 
 impl TestRoute {
@@ -43,13 +41,12 @@ impl TestRoute {
                 .collect(),
             snis: self.snis.as_deref().unwrap_or(&[]),
             regex_priority: self.regex_priority,
-            created_at: self.created_at,
         }
     }
 }
 
-/// Routes from JSON objects; each route is created one second after the
-/// previous one unless it says when.
+/// Routes from JSON objects; route `n` gets the id
+/// `00000000-0000-4000-8000-00000000000n` unless it says otherwise.
 pub(crate) fn routes(json: Value) -> Vec<TestRoute> {
     let Value::Array(list) = json else {
         panic!("routes must be a JSON array")
@@ -59,7 +56,6 @@ pub(crate) fn routes(json: Value) -> Vec<TestRoute> {
         .map(|(route_idx, fields)| {
             let mut route = json!({
                 "id": format!("00000000-0000-4000-8000-{route_idx:012}"),
-                "created_at": 1_700_000_000 + route_idx as i64,
             });
             let (Value::Object(route_map), Value::Object(fields)) = (&mut route, fields) else {
                 panic!("each route must be a JSON object")

@@ -77,10 +77,12 @@ fn upstream_path(
     let found = router
         .find(&RequestView {
             method: &Method::GET,
-            host: "localbin",
+            host: Some(b"localbin"),
             port: 8000,
             path: &path,
             headers: &headers,
+            https: false,
+            sni: None,
         })
         .expect("the route matches");
     let mut out = String::new();
@@ -561,10 +563,12 @@ fn regex_paths_strip_the_matched_part() {
     let found = router
         .find(&RequestView {
             method: &Method::GET,
-            host: "",
+            host: None,
             port: 8000,
             path: b"/users/42/orders",
             headers: &headers,
+            https: false,
+            sni: None,
         })
         .expect("the regex matches");
     let mut out = String::new();
