@@ -28,9 +28,7 @@
 
 mod balancer;
 mod proxy;
-mod router;
 mod runtime;
-mod upstream_uri;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gatehouse_router::{normalize_path, push_upstream_path, request_host, RequestView};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
@@ -26,9 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::balancer::{Failure, HashInput, PeerError, Tracked};
-use crate::router::{normalize_path, request_host, RequestView};
 use crate::runtime::{RouteTarget, Runtime, ServiceTarget, Upstream};
-use crate::upstream_uri::push_upstream_path;
 use crate::DataPlane;
 
 /// Serves the proxy on `listener` until `shutdown` changes or its sender is
@@ -398,11 +397,18 @@ async fn forward<'r>(
     let (mut parts, body) = request.into_parts();
 
     // Everything read from the request before its headers change.
-    let raw_host = match parts.headers.get(header::HOST) {
-        Some(host) => host.to_str().ok(),
-        None => parts.uri.authority().map(Authority::as_str),
-    }
-    .unwrap_or("");
+    // Kong routes by the Host header as sent; nginx's `$host` (lower case,
+    // no port) goes into X-Forwarded-Host and redirects.
+    let host_bytes = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.as_bytes()),
+        None => parts
+            .uri
+            .authority()
+            .map(|authority| authority.as_str().as_bytes()),
+    };
+    let raw_host = host_bytes
+        .and_then(|host| std::str::from_utf8(host).ok())
+        .unwrap_or("");
     let host = request_host(raw_host);
     let raw_path = match parts.uri.path() {
         "" => "/",
@@ -413,10 +419,13 @@ async fn forward<'r>(
         .router
         .find(&RequestView {
             method: &parts.method,
-            host: &host,
+            host: host_bytes,
             port: downstream.local_port,
             path: &path,
             headers: &parts.headers,
+            // TODO(dp): TLS listeners pass `https` and the SNI.
+            https: false,
+            sni: None,
         })
         .ok_or(ProxyError::NoRoute)?;
     let route = &runtime.routes[found.route_idx];
@@ -457,7 +466,8 @@ async fn forward<'r>(
         .pick(&HashInput {
             client_ip: downstream.client_ip.as_bytes(),
             headers: &parts.headers,
-            path: &path,
+            // A matched path is UTF-8: the router refuses other paths.
+            path: std::str::from_utf8(&path).unwrap_or_default(),
             query,
             path_regex,
         })
@@ -485,13 +495,17 @@ async fn forward<'r>(
     let forwarded_host = (!host.is_empty())
         .then(|| HeaderValue::from_str(&host).ok())
         .flatten();
+    // Kong sends the stripped prefix, unless it is "/"
+    // (`kong/runloop/handler.lua`, `match_t.prefix ~= "/"`).
     let forwarded_prefix = match found.path {
-        Some(matched) if route.strip_path => match route.forwarded_prefixes.get(matched.path_idx) {
-            Some(Some(prefix)) => Some(prefix.clone()),
-            _ => path
-                .get(..matched.len)
-                .and_then(|prefix| HeaderValue::from_str(prefix).ok()),
-        },
+        Some(matched) if route.strip_path && path.get(..matched.len) != Some(b"/") => {
+            match route.forwarded_prefixes.get(matched.path_idx) {
+                Some(Some(prefix)) => Some(prefix.clone()),
+                _ => path
+                    .get(..matched.len)
+                    .and_then(|prefix| HeaderValue::from_bytes(prefix).ok()),
+            }
+        }
         _ => None,
     };
     let host_header = if route.preserve_host {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
+use gatehouse_router::{Rewrite, RouteSpec, Router};
 use http::uri::Authority;
 use http::{HeaderValue, StatusCode};
 use http_body_util::Limited;
@@ -19,8 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use regex::Regex;
 
 use crate::balancer::{BalancerLookup, Balancers, Peers};
-use crate::router::Router;
-use crate::upstream_uri::{PathHandling, Rewrite};
 
 /// Why a snapshot could not become a runtime. The runtime in use stays.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +50,6 @@ pub(crate) struct RouteTarget {
     pub(crate) id: Box<str>,
     pub(crate) strip_path: bool,
     pub(crate) preserve_host: bool,
-    pub(crate) path_handling: PathHandling,
     /// Set for routes whose protocols include `https` but not `http`: the
     /// status a plaintext request gets (426, or a redirect code).
     pub(crate) https_only: Option<StatusCode>,
@@ -68,7 +66,6 @@ pub(crate) struct RouteTarget {
 impl RouteTarget {
     pub(crate) fn rewrite<'a>(&self, service: &'a ServiceTarget) -> Rewrite<'a> {
         Rewrite {
-            handling: self.path_handling,
             strip_path: self.strip_path,
             service_path: &service.path,
         }
@@ -161,7 +158,11 @@ impl Runtime {
             routable.push((targets.len(), route));
             targets.push(build_route(route, service));
         }
-        let router = Router::build(routable);
+        let router = Router::build(
+            routable
+                .into_iter()
+                .map(|(route_idx, route)| (route_idx, route_spec(route))),
+        );
         client_lookup.publish();
         balancer_lookup.publish();
         Ok(Runtime {
@@ -172,12 +173,25 @@ impl Runtime {
     }
 }
 
+/// The fields the router matches on, borrowed from the route.
+fn route_spec(route: &Route) -> RouteSpec<'_> {
+    RouteSpec {
+        id: &route.id,
+        methods: route.methods.as_deref().unwrap_or(&[]),
+        hosts: route.hosts.as_deref().unwrap_or(&[]),
+        paths: route.paths.as_deref().unwrap_or(&[]),
+        headers: route
+            .headers
+            .iter()
+            .flatten()
+            .map(|(name, values)| (name.as_str(), values.as_slice()))
+            .collect(),
+        snis: route.snis.as_deref().unwrap_or(&[]),
+        regex_priority: route.regex_priority,
+    }
+}
+
 fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarget {
-    let path_handling = if route.path_handling == "v1" {
-        PathHandling::V1
-    } else {
-        PathHandling::V0
-    };
     let https_only = (route.protocols.iter().any(|p| p == "https")
         && !route.protocols.iter().any(|p| p == "http"))
     .then(|| match route.https_redirect_status_code {
@@ -222,7 +236,6 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         id: route.id.as_str().into(),
         strip_path: route.strip_path,
         preserve_host: route.preserve_host,
-        path_handling,
         https_only,
         service,
         forwarded_prefixes,

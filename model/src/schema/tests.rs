@@ -266,6 +266,9 @@ fn nested_healthcheck_records_get_their_defaults() {
     let hc = &up["healthchecks"];
     assert_eq!(hc["active"]["timeout"], 2);
     assert_eq!(hc["active"]["healthy"]["http_statuses"], json!([200, 302]));
-    assert_eq!(hc["passive"]["unhealthy"]["http_statuses"], json!([429, 500, 503]));
+    assert_eq!(
+        hc["passive"]["unhealthy"]["http_statuses"],
+        json!([429, 500, 503])
+    );
     assert_eq!(hc["threshold"], 0);
 }
