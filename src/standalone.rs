@@ -199,39 +199,7 @@ struct DataPlaneHealth(Arc<DataPlane>);
 
 impl HealthView for DataPlaneHealth {
     fn upstream_health(&self, upstream_id: &str) -> Option<admin::UpstreamHealth> {
-        let weight = |w: gatehouse_data_plane::Weight| admin::Weight {
-            total: w.total,
-            available: w.available,
-            unavailable: w.unavailable,
-        };
-        let health = self.0.upstream_health(upstream_id)?;
-        Some(admin::UpstreamHealth {
-            healthchecks: health.healthchecks,
-            healthy: health.healthy,
-            weight: weight(health.weight),
-            targets: health
-                .targets
-                .into_iter()
-                .map(|target| admin::TargetHealth {
-                    target: target.target,
-                    host: target.host,
-                    port: target.port,
-                    dns: target.dns,
-                    node_weight: target.node_weight,
-                    weight: weight(target.weight),
-                    addresses: target
-                        .addresses
-                        .into_iter()
-                        .map(|address| admin::AddressHealth {
-                            ip: address.ip,
-                            port: address.port,
-                            weight: address.weight,
-                            healthy: address.healthy,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        })
+        self.0.upstream_health(upstream_id)
     }
 
     fn set_target_health(

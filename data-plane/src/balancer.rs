@@ -287,7 +287,6 @@ struct Spec {
 
 /// The state of a balancer its background tasks share.
 struct Shared {
-    id: Box<str>,
     name: Box<str>,
     algorithm: Algorithm,
     checks: Checks,
@@ -353,7 +352,6 @@ impl UpstreamBalancer {
             .filter_map(|(target, weight)| TargetState::new(target, *weight))
             .collect();
         let shared = Arc::new(Shared {
-            id: upstream.id.as_str().into(),
             name: upstream.name.as_str().into(),
             algorithm: spec.algorithm,
             checks,
@@ -907,60 +905,7 @@ impl<'b> BalancerLookup<'b> {
     }
 }
 
-/// Health of one upstream as this data plane sees it (Kong's
-/// `/upstreams/{id}/health`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct UpstreamHealth {
-    pub id: String,
-    pub name: String,
-    /// Active or passive checks are configured; otherwise every address
-    /// reports `HEALTHCHECKS_OFF`.
-    pub healthchecks: bool,
-    /// The available weight exceeds the threshold.
-    pub healthy: bool,
-    pub weight: Weight,
-    pub targets: Vec<TargetHealth>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetHealth {
-    /// `host:port`, as the target entity has it.
-    pub target: String,
-    pub host: String,
-    pub port: u16,
-    /// The record type that resolved the host (`A`, `AAAA`, `SRV`), or the
-    /// DNS error.
-    pub dns: String,
-    pub node_weight: u32,
-    pub weight: Weight,
-    pub addresses: Vec<AddressHealthReport>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct AddressHealthReport {
-    pub ip: String,
-    pub port: u16,
-    pub weight: u32,
-    pub healthy: bool,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Weight {
-    pub total: u64,
-    pub available: u64,
-    pub unavailable: u64,
-}
-
-impl Weight {
-    fn add(&mut self, weight: u32, available: bool) {
-        self.total += u64::from(weight);
-        if available {
-            self.available += u64::from(weight);
-        } else {
-            self.unavailable += u64::from(weight);
-        }
-    }
-}
+use gatehouse_model::health::{AddressHealth, TargetHealth, UpstreamHealth, Weight};
 
 /// Why a target's health could not be set.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -989,7 +934,7 @@ impl Balancers {
                         let available = address.health.is_available();
                         target_weight.add(address.weight, available);
                         weight.add(address.weight, available);
-                        AddressHealthReport {
+                        AddressHealth {
                             ip: address.ip.to_string(),
                             port: address.port,
                             weight: address.weight,
@@ -1011,8 +956,6 @@ impl Balancers {
         let healthy = weight.total > 0
             && weight.available as f64 * 100.0 / weight.total as f64 > shared.checks.threshold;
         Some(UpstreamHealth {
-            id: shared.id.to_string(),
-            name: shared.name.to_string(),
             healthchecks: shared.checks.enabled,
             healthy,
             weight,

@@ -36,7 +36,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::ConfigSnapshot;
 
-pub use balancer::{AddressHealthReport, SetHealthError, TargetHealth, UpstreamHealth, Weight};
+pub use balancer::SetHealthError;
+pub use gatehouse_model::health::{AddressHealth, TargetHealth, UpstreamHealth, Weight};
 pub use proxy::serve;
 pub use runtime::BuildError;
 

@@ -6,6 +6,7 @@
 
 pub mod entities;
 pub mod error;
+pub mod health;
 pub mod pem;
 pub mod plugins;
 pub mod schema;

@@ -11,6 +11,8 @@ use gatehouse_model::entities::{self, format_target};
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
+pub use gatehouse_model::health::{AddressHealth, TargetHealth, UpstreamHealth, Weight};
+
 use super::{message, not_found, ok, resolve_parent, AdminState, Reply};
 
 /// This node's balancer health, as Kong's DAO reads it from
@@ -31,55 +33,6 @@ pub trait HealthView: Send + Sync {
         address: Option<SocketAddr>,
         healthy: bool,
     ) -> Result<(), String>;
-}
-
-/// An upstream's balancer as a data plane sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UpstreamHealth {
-    /// Active or passive checks are configured.
-    pub healthchecks: bool,
-    /// The available weight is above the upstream's threshold.
-    pub healthy: bool,
-    pub weight: Weight,
-    pub targets: Vec<TargetHealth>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetHealth {
-    /// `host:port`, as the target entity has it.
-    pub target: String,
-    pub host: String,
-    pub port: u16,
-    /// The DNS record type that resolved the host, or the DNS error.
-    pub dns: String,
-    pub node_weight: u32,
-    pub weight: Weight,
-    pub addresses: Vec<AddressHealth>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct AddressHealth {
-    pub ip: String,
-    pub port: u16,
-    pub weight: u32,
-    pub healthy: bool,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Weight {
-    pub total: u64,
-    pub available: u64,
-    pub unavailable: u64,
-}
-
-impl Weight {
-    fn to_json(self) -> Value {
-        json!({
-            "total": self.total,
-            "unavailable": self.unavailable,
-            "available": self.available,
-        })
-    }
 }
 
 /// Kong's `getTargetStatus`, with `health` strings per address (the
@@ -109,7 +62,7 @@ fn target_status(target: &TargetHealth, health_strings: Option<bool>) -> Value {
         "port": target.port,
         "dns": target.dns,
         "nodeWeight": target.node_weight,
-        "weight": target.weight.to_json(),
+        "weight": weight_json(target.weight),
         "addresses": addresses,
     })
 }
@@ -154,7 +107,7 @@ pub(super) fn upstream_health(st: &AdminState, key: &str, query: &[(String, Stri
                     "id": up_id,
                     "details": {
                         "healthy": balancer.healthy,
-                        "weight": balancer.weight.to_json(),
+                        "weight": weight_json(balancer.weight),
                         "hosts": hosts,
                     },
                 })
@@ -253,4 +206,12 @@ pub(super) fn set_target_health(
         },
         Err(error) => message(StatusCode::BAD_REQUEST, &error),
     }
+}
+
+fn weight_json(w: Weight) -> Value {
+    json!({
+        "total": w.total,
+        "unavailable": w.unavailable,
+        "available": w.available,
+    })
 }
