@@ -150,10 +150,8 @@ impl Gateway {
 
 fn config() -> ProxyConfig {
     ProxyConfig {
-        access_log: true,
-        max_body_bytes: None,
         header_read_timeout: Duration::from_secs(5),
-        latency_headers: true,
+        ..ProxyConfig::default()
     }
 }
 
