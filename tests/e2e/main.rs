@@ -2,10 +2,12 @@
 //! PostgreSQL. One binary with modules, so processes and the database
 //! cluster are shared setup rather than per-file copies.
 
+mod abuse;
 mod admin;
 mod postgres;
 mod process;
 mod proxy;
+mod tls;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
