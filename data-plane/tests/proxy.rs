@@ -769,3 +769,68 @@ async fn head_responses_keep_the_upstream_length() {
     assert!(reply.body.is_empty());
     assert_eq!(reply.header("content-length"), Some("10"));
 }
+
+#[tokio::test]
+async fn connections_over_the_budget_wait_for_a_slot() {
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        max_connections: 1,
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    // Takes the only slot, then the next connection waits in the backlog.
+    let held = TcpStream::connect(gateway.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let url = gateway.url("/echo");
+    let waiting = tokio::spawn(async move { get(&url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served over the budget");
+    drop(held);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a slot frees")
+        .expect("request task");
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn early_413_is_read_by_the_client_and_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        max_body_bytes: Some(1024),
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .expect("head");
+    // More body than the limit, none of which the gateway reads.
+    stream.write_all(&[b'a'; 64 * 1024]).await.expect("body");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(r#"{"message":"Request size limit exceeded"}"#),
+        "{answer}"
+    );
+}
