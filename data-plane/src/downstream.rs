@@ -19,6 +19,11 @@
 //! service counts requests through [`Activity`]: a request is finished when
 //! hyper drops its response body, so a long response never looks idle.
 //!
+//! A pipelined request (sent before the previous response ended) may be
+//! read by hyper while this layer thinks a body is flowing; such heads are
+//! only bounded by hyper's buffer limit, and the scan restarts at the next
+//! idle point.
+//!
 //! Answering 408/414/431 here, rather than in hyper, is what gives those
 //! answers Kong's JSON bodies, and keeps a client that never sends a
 //! complete head from holding a connection past `client_header_timeout`.
