@@ -834,3 +834,78 @@ async fn early_413_is_read_by_the_client_and_closes_the_connection() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn tls_listeners_speak_h2_by_alpn() {
+    use gatehouse_data_plane::{serve_tls, DefaultCertificate};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    // A CA the client trusts and the gateway's certificate for localhost.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        default_certificate: Some(
+            DefaultCertificate::from_pem(&leaf.pem(), &leaf_key.serialize_pem())
+                .expect("certificate loads"),
+        ),
+        ..config()
+    };
+    let dp = DataPlane::new(cfg);
+    dp.apply(&echo_snapshot(1, upstream))
+        .expect("snapshot applies");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (_shutdown, shutdown_rx) = watch::channel(());
+    tokio::spawn(serve_tls(listener, dp, shutdown_rx, Duration::from_secs(1)));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_cert.pem().as_bytes()).expect("PEM"))
+        .expect("root");
+    let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("the certificate verifies for localhost");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = Request::get("https://localhost/echo/h2")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let echo: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echo["path"], "/h2");
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
+}
