@@ -909,3 +909,42 @@ async fn tls_listeners_speak_h2_by_alpn() {
     assert_eq!(echo["path"], "/h2");
     assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_keepalive_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        keepalive_timeout: Duration::from_millis(300),
+        header_read_timeout: Duration::from_secs(5),
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..2 {
+        // Each request comes well within the keep-alive timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("request");
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    }
+    let idle = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed when idle")
+        .expect("read");
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        idle.elapsed()
+    );
+}
