@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use gatehouse_control_plane::admin::{self, AdminState, NodeInfo};
+use gatehouse_control_plane::admin::{self, AdminState, HealthView, NodeInfo};
 use gatehouse_control_plane::{store, Dao};
 use gatehouse_data_plane::{DataPlane, ProxyConfig};
 use tokio::net::TcpListener;
@@ -129,7 +129,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "localhost".to_owned()),
         configuration: cfg.public_json(),
     };
-    let state = AdminState::new(dao.clone(), node, cfg.admin_access_log != "off");
+    let state = AdminState::with_health(
+        dao.clone(),
+        node,
+        cfg.admin_access_log != "off",
+        Some(Arc::new(DataPlaneHealth(dp.clone()))),
+    );
     for listener in admin_listeners {
         info!(addr = %listener.local_addr()?, "Admin API listening.");
         let app = admin::router(state.clone());
@@ -204,6 +209,61 @@ async fn follow_versions(dao: Arc<Dao>, dp: Arc<DataPlane>, mut shutdown: watch:
             }
             Err(e) => error!(error = %e, "Proxy build task failed."),
         }
+    }
+}
+
+/// The Admin API's view of the local data plane's balancers: in
+/// standalone, `/upstreams/{u}/health` reports the health the proxy acts on.
+struct DataPlaneHealth(Arc<DataPlane>);
+
+impl HealthView for DataPlaneHealth {
+    fn upstream_health(&self, upstream_id: &str) -> Option<admin::UpstreamHealth> {
+        let weight = |w: gatehouse_data_plane::Weight| admin::Weight {
+            total: w.total,
+            available: w.available,
+            unavailable: w.unavailable,
+        };
+        let health = self.0.upstream_health(upstream_id)?;
+        Some(admin::UpstreamHealth {
+            healthchecks: health.healthchecks,
+            healthy: health.healthy,
+            weight: weight(health.weight),
+            targets: health
+                .targets
+                .into_iter()
+                .map(|target| admin::TargetHealth {
+                    target: target.target,
+                    host: target.host,
+                    port: target.port,
+                    dns: target.dns,
+                    node_weight: target.node_weight,
+                    weight: weight(target.weight),
+                    addresses: target
+                        .addresses
+                        .into_iter()
+                        .map(|address| admin::AddressHealth {
+                            ip: address.ip,
+                            port: address.port,
+                            weight: address.weight,
+                            healthy: address.healthy,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    fn set_target_health(
+        &self,
+        upstream_id: &str,
+        upstream_name: &str,
+        target: &str,
+        address: Option<SocketAddr>,
+        healthy: bool,
+    ) -> Result<(), String> {
+        self.0
+            .set_target_health(upstream_id, upstream_name, target, address, healthy)
+            .map_err(|error| error.to_string())
     }
 }
 

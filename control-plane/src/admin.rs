@@ -22,6 +22,9 @@ use serde_json::{json, Map, Value};
 use crate::dao::{parent_field, Dao, DaoError, PageQuery, Parent};
 
 mod args;
+mod health;
+
+pub use health::{AddressHealth, HealthView, TargetHealth, UpstreamHealth, Weight};
 
 /// Kong's Admin API body limit (nginx `client_max_body_size 10m`).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -43,15 +46,31 @@ pub struct AdminState {
     pub node: NodeInfo,
     /// Write one line per request to stdout (`admin_access_log = stdout`).
     pub access_log: bool,
+    /// The health of this node's balancers, when it runs a data plane.
+    pub health: Option<Arc<dyn HealthView>>,
     requests: AtomicU64,
 }
 
 impl AdminState {
+    /// An Admin API without a data plane: upstream health reads
+    /// `HEALTHCHECKS_OFF` and targets' health cannot be set.
     pub fn new(dao: Arc<Dao>, node: NodeInfo, access_log: bool) -> Arc<AdminState> {
+        AdminState::with_health(dao, node, access_log, None)
+    }
+
+    /// An Admin API in the same process as a data plane, whose balancer
+    /// health `health` reads and sets.
+    pub fn with_health(
+        dao: Arc<Dao>,
+        node: NodeInfo,
+        access_log: bool,
+        health: Option<Arc<dyn HealthView>>,
+    ) -> Arc<AdminState> {
         Arc::new(AdminState {
             dao,
             node,
             access_log,
+            health,
             requests: AtomicU64::new(0),
         })
     }
@@ -82,7 +101,12 @@ enum Endpoint {
     Tags(Option<String>),
     UpstreamHealth(String),
     TargetsAll(String),
-    TargetHealth,
+    TargetHealth {
+        upstream: String,
+        target: String,
+        address: Option<String>,
+        healthy: bool,
+    },
     Collection {
         schema: &'static EntitySchema,
         parent: Option<(&'static EntitySchema, String, &'static str)>,
@@ -115,7 +139,7 @@ impl Endpoint {
             | Endpoint::UpstreamHealth(_)
             | Endpoint::TargetsAll(_) => M_ROOT,
             Endpoint::SchemaValidate(_) | Endpoint::PluginSchemaValidate => M_POST,
-            Endpoint::TargetHealth => M_TARGET_HEALTH,
+            Endpoint::TargetHealth { .. } => M_TARGET_HEALTH,
             Endpoint::Collection { .. } => M_COLLECTION,
             Endpoint::Item { .. } | Endpoint::ParentOf { .. } => M_ENTITY,
         }
@@ -156,8 +180,22 @@ fn route(segs: &[String]) -> Option<Endpoint> {
         ["tags", tag] => Endpoint::Tags(Some((*tag).to_owned())),
         ["upstreams", u, "health"] => Endpoint::UpstreamHealth((*u).to_owned()),
         ["upstreams", u, "targets", "all"] => Endpoint::TargetsAll((*u).to_owned()),
-        ["upstreams", _, "targets", _, "healthy" | "unhealthy"] => Endpoint::TargetHealth,
-        ["upstreams", _, "targets", _, _, "healthy" | "unhealthy"] => Endpoint::TargetHealth,
+        ["upstreams", u, "targets", t, health @ ("healthy" | "unhealthy")] => {
+            Endpoint::TargetHealth {
+                upstream: (*u).to_owned(),
+                target: (*t).to_owned(),
+                address: None,
+                healthy: *health == "healthy",
+            }
+        }
+        ["upstreams", u, "targets", t, a, health @ ("healthy" | "unhealthy")] => {
+            Endpoint::TargetHealth {
+                upstream: (*u).to_owned(),
+                target: (*t).to_owned(),
+                address: Some((*a).to_owned()),
+                healthy: *health == "healthy",
+            }
+        }
         [coll] => Endpoint::Collection {
             schema: entities::entity_by_admin_name(coll)?,
             parent: None,
@@ -448,7 +486,7 @@ async fn dispatch(
             None => not_found(),
         },
         Endpoint::Tags(tag) => tags(st, tag.as_deref(), &query),
-        Endpoint::UpstreamHealth(u) => upstream_health(st, &u),
+        Endpoint::UpstreamHealth(u) => health::upstream_health(st, &u, &query),
         Endpoint::TargetsAll(u) => {
             let Some((_, parent)) = resolve_parent(st, "upstreams", &u, "upstream") else {
                 return not_found();
@@ -458,10 +496,12 @@ async fn dispatch(
             };
             collection_get(st, schema, Some(parent), &query, "targets")
         }
-        Endpoint::TargetHealth => message(
-            StatusCode::BAD_REQUEST,
-            "active health checks are not enabled for this upstream",
-        ),
+        Endpoint::TargetHealth {
+            upstream,
+            target,
+            address,
+            healthy,
+        } => health::set_target_health(st, &upstream, &target, address.as_deref(), healthy),
         Endpoint::Collection { schema, parent } => {
             let parent = match parent {
                 None => None,
@@ -748,39 +788,6 @@ fn tags(st: &AdminState, tag: Option<&str>, query: &[(String, String)]) -> Reply
     });
     let data: Vec<Value> = data.into_iter().take(size).collect();
     ok(json!({ "data": data, "next": null }))
-}
-
-fn upstream_health(st: &AdminState, key: &str) -> Reply {
-    let Some(up_schema) = entities::entity("upstreams") else {
-        return not_found();
-    };
-    let Some(up) = st.dao.select(up_schema, key, None) else {
-        return not_found();
-    };
-    let up_id = up
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let data: Vec<Value> = st.dao.read(|s| {
-        s.iter("targets")
-            .filter(|t| {
-                t.get("upstream")
-                    .and_then(|u| u.get("id"))
-                    .and_then(Value::as_str)
-                    == Some(up_id.as_str())
-            })
-            .map(|t| {
-                let mut v = t.clone();
-                // Health checks run on data planes; without active or
-                // passive checks configured Kong reports them off.
-                v.insert("health".into(), json!("HEALTHCHECKS_OFF"));
-                v.insert("data".into(), json!({"addresses": []}));
-                Value::Object(v)
-            })
-            .collect()
-    });
-    ok(json!({ "node_id": st.node.node_id, "data": data, "next": null }))
 }
 
 fn root_info(st: &AdminState) -> Value {

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use base64::Engine;
 use gatehouse_model::entities::{self, ENTITIES};
 use gatehouse_model::schema::{is_uuid, Context, EntitySchema, Errors, FieldType, OnDelete};
-use gatehouse_model::snapshot::ConfigSnapshot;
+use gatehouse_model::snapshot::{ConfigSnapshot, EntityDoc};
 use gatehouse_model::DbError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Mutex};
@@ -22,11 +22,37 @@ use crate::store::{Backend, Change, StoreError};
 
 type Entity = Map<String, Value>;
 
-/// Entities of every kind at one version.
+/// One stored entity: its JSON document (shared with snapshots) and what
+/// listings and constraint checks read without parsing it.
+struct Row {
+    doc: EntityDoc,
+    /// Foreign-key field → referenced id.
+    fks: Vec<(&'static str, String)>,
+    tags: Vec<String>,
+    /// Unique-index keys this row owns.
+    index_keys: Vec<(&'static str, String)>,
+}
+
+impl Row {
+    fn fk(&self, field: &str) -> Option<&str> {
+        self.fks
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, id)| id.as_str())
+    }
+
+    fn parse(&self) -> Entity {
+        serde_json::from_str(&self.doc).unwrap_or_default()
+    }
+}
+
+/// Entities of every kind at one version. Entities are kept as compact
+/// JSON documents: a write parses the one entity it changes, and a snapshot
+/// for data planes shares the documents instead of copying them.
 #[derive(Default)]
 pub struct State {
     pub version: u64,
-    tables: HashMap<&'static str, BTreeMap<String, Entity>>,
+    tables: HashMap<&'static str, BTreeMap<String, Row>>,
     /// `(entity, unique field)` → value key → id. Cache keys are indexed
     /// under the field name `#cache_key`.
     unique: HashMap<(&'static str, &'static str), HashMap<String, String>>,
@@ -35,20 +61,35 @@ pub struct State {
 const CACHE_KEY: &str = "#cache_key";
 
 impl State {
-    fn table(&self, entity: &str) -> Option<&BTreeMap<String, Entity>> {
-        self.tables.get(entity)
+    fn rows(&self, entity: &str) -> impl Iterator<Item = (&String, &Row)> {
+        self.tables.get(entity).into_iter().flat_map(|t| t.iter())
     }
 
-    pub fn get(&self, entity: &str, id: &str) -> Option<&Entity> {
-        self.table(entity)?.get(id)
+    fn row(&self, entity: &str, id: &str) -> Option<&Row> {
+        self.tables.get(entity)?.get(id)
     }
 
-    pub fn iter(&self, entity: &str) -> impl Iterator<Item = &Entity> {
-        self.table(entity).into_iter().flat_map(|t| t.values())
+    pub fn contains(&self, entity: &str, id: &str) -> bool {
+        self.row(entity, id).is_some()
+    }
+
+    /// One entity, parsed.
+    pub fn get(&self, entity: &str, id: &str) -> Option<Entity> {
+        self.row(entity, id).map(Row::parse)
+    }
+
+    /// The id an entity's foreign key points to.
+    pub fn fk(&self, entity: &str, id: &str, field: &str) -> Option<&str> {
+        self.row(entity, id)?.fk(field)
+    }
+
+    /// Every entity of a kind, parsed, in id order.
+    pub fn iter(&self, entity: &str) -> impl Iterator<Item = Entity> + '_ {
+        self.rows(entity).map(|(_, r)| r.parse())
     }
 
     pub fn count(&self, entity: &str) -> usize {
-        self.table(entity).map_or(0, BTreeMap::len)
+        self.tables.get(entity).map_or(0, BTreeMap::len)
     }
 
     fn index_keys(schema: &EntitySchema, e: &Entity) -> Vec<(&'static str, String)> {
@@ -67,20 +108,41 @@ impl State {
 
     fn put(&mut self, schema: &'static EntitySchema, id: String, e: Entity) {
         self.remove(schema, &id);
-        for (field, key) in Self::index_keys(schema, &e) {
+        let index_keys = Self::index_keys(schema, &e);
+        for (field, key) in &index_keys {
             self.unique
                 .entry((schema.name, field))
                 .or_default()
-                .insert(key, id.clone());
+                .insert(key.clone(), id.clone());
         }
-        self.tables.entry(schema.name).or_default().insert(id, e);
+        let fks = schema
+            .foreign_fields()
+            .filter_map(|(field, _, _)| foreign_id(&e, field).map(|fid| (field, fid)))
+            .collect();
+        let tags = e
+            .get("tags")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let doc: EntityDoc = Arc::from(Value::Object(e).to_string());
+        let row = Row {
+            doc,
+            fks,
+            tags,
+            index_keys,
+        };
+        self.tables.entry(schema.name).or_default().insert(id, row);
     }
 
     fn remove(&mut self, schema: &'static EntitySchema, id: &str) {
         let Some(old) = self.tables.get_mut(schema.name).and_then(|t| t.remove(id)) else {
             return;
         };
-        for (field, key) in Self::index_keys(schema, &old) {
+        for (field, key) in old.index_keys {
             if let Some(idx) = self.unique.get_mut(&(schema.name, field)) {
                 if idx.get(&key).is_some_and(|owner| owner == id) {
                     idx.remove(&key);
@@ -99,28 +161,26 @@ impl State {
     }
 
     /// The content hash of the configuration, equal to the hash of its
-    /// snapshot, computed without copying entities.
+    /// snapshot.
     pub fn hash(&self) -> String {
         let mut names: Vec<&'static str> = ENTITIES.iter().map(|e| e.name).collect();
         names.sort_unstable();
         let mut h = gatehouse_model::snapshot::ContentHasher::default();
         for name in names {
             h.list(name);
-            for e in self.iter(name) {
-                h.entity(e);
+            for (_, row) in self.rows(name) {
+                h.doc(&row.doc);
             }
         }
         h.finish()
     }
 
-    /// The configuration as a snapshot for data planes.
+    /// The configuration as a snapshot for data planes; documents are
+    /// shared, so this copies pointers, not entities.
     pub fn snapshot(&self) -> ConfigSnapshot {
         let mut entities = BTreeMap::new();
         for schema in ENTITIES.iter() {
-            let list: Vec<Value> = self
-                .iter(schema.name)
-                .map(|e| Value::Object(e.clone()))
-                .collect();
+            let list: Vec<EntityDoc> = self.rows(schema.name).map(|(_, r)| r.doc.clone()).collect();
             entities.insert(schema.name.to_owned(), list);
         }
         ConfigSnapshot {
@@ -200,11 +260,16 @@ impl Dao {
             ..State::default()
         };
         for row in rows {
-            let (Some(schema), Value::Object(body)) = (entities::entity(&row.entity), row.body)
-            else {
+            let Some(schema) = entities::entity(&row.entity) else {
                 tracing::warn!(entity = %row.entity, id = %row.id, "Skipping a stored entity of unknown kind.");
                 continue;
             };
+            let body: Entity =
+                serde_json::from_str(&row.body).map_err(|source| StoreError::Corrupt {
+                    entity: row.entity.clone(),
+                    id: row.id.clone(),
+                    source,
+                })?;
             state.put(schema, row.id, body);
         }
         let (version_tx, _) = watch::channel(version);
@@ -243,13 +308,13 @@ impl Dao {
     ) -> Option<Value> {
         self.read(|s| {
             let id = resolve_key(s, schema, key, parent)?;
-            let e = s.get(schema.name, &id)?;
+            let row = s.row(schema.name, &id)?;
             if let Some(p) = parent {
-                if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                if row.fk(p.field) != Some(p.id.as_str()) {
                     return None;
                 }
             }
-            Some(render(s, schema, e))
+            Some(render(s, schema, &row.parse()))
         })
     }
 
@@ -262,7 +327,7 @@ impl Dao {
             let mut data = Vec::new();
             let mut last = None;
             let mut more = false;
-            let table = s.table(schema.name);
+            let table = s.tables.get(schema.name);
             let iter = table.into_iter().flat_map(|t| match &after {
                 Some(a) => t.range::<String, _>((
                     std::ops::Bound::Excluded(a.clone()),
@@ -270,22 +335,17 @@ impl Dao {
                 )),
                 None => t.range::<String, _>(..),
             });
-            for (id, e) in iter {
+            for (id, row) in iter {
                 if let Some(p) = &q.parent {
-                    if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                    if row.fk(p.field) != Some(p.id.as_str()) {
                         continue;
                     }
                 }
                 if let Some((tags, and)) = &q.tags {
-                    let have: Vec<&str> = e
-                        .get("tags")
-                        .and_then(Value::as_array)
-                        .map(|a| a.iter().filter_map(Value::as_str).collect())
-                        .unwrap_or_default();
                     let ok = if *and {
-                        tags.iter().all(|t| have.contains(&t.as_str()))
+                        tags.iter().all(|t| row.tags.contains(t))
                     } else {
-                        tags.iter().any(|t| have.contains(&t.as_str()))
+                        tags.iter().any(|t| row.tags.contains(t))
                     };
                     if !ok {
                         continue;
@@ -295,7 +355,7 @@ impl Dao {
                     more = true;
                     break;
                 }
-                data.push(render(s, schema, e));
+                data.push(render(s, schema, &row.parse()));
                 last = Some(id.clone());
             }
             Page {
@@ -361,11 +421,11 @@ impl Dao {
                 let Some(id) = resolve_key(s, schema, key, parent) else {
                     return Ok(Vec::new());
                 };
-                let Some(e) = s.get(schema.name, &id) else {
+                let Some(row) = s.row(schema.name, &id) else {
                     return Ok(Vec::new());
                 };
                 if let Some(p) = parent {
-                    if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+                    if row.fk(p.field) != Some(p.id.as_str()) {
                         return Ok(Vec::new());
                     }
                 }
@@ -427,7 +487,7 @@ impl Dao {
                 }
             }
             state.put(schema, id.clone(), entity);
-            let e = state.get(schema.name, &id).cloned().unwrap_or_default();
+            let e = state.get(schema.name, &id).unwrap_or_default();
             render(state, schema, &e)
         }))
     }
@@ -478,24 +538,22 @@ fn resolve_key(
 ) -> Option<String> {
     if is_uuid(key) {
         let id = key.to_ascii_lowercase();
-        return s.get(schema.name, &id).map(|_| id);
+        return s.contains(schema.name, &id).then_some(id);
     }
     if schema.name == "targets" {
         // Targets are named by `host:port` within their upstream.
         let up = parent?;
         return s
-            .iter("targets")
-            .find(|t| {
-                t.get("target").and_then(Value::as_str) == Some(key)
-                    && foreign_id(t, up.field).as_deref() == Some(up.id.as_str())
-            })
-            .and_then(|t| t.get("id")?.as_str().map(str::to_owned));
+            .rows("targets")
+            .filter(|(_, row)| row.fk(up.field) == Some(up.id.as_str()))
+            .find(|(_, row)| row.parse().get("target").and_then(Value::as_str) == Some(key))
+            .map(|(id, _)| id.clone());
     }
     if schema.name == "certificates" {
         // Kong lets a certificate be named by one of its SNIs.
         let sni_schema = entities::entity("snis")?;
         let sni_id = s.lookup_unique(sni_schema.name, "name", &json!(key))?;
-        return foreign_id(s.get("snis", sni_id)?, "certificate");
+        return s.fk("snis", sni_id, "certificate").map(str::to_owned);
     }
     let field = schema.endpoint_key?;
     s.lookup_unique(schema.name, field, &json!(key)).cloned()
@@ -507,9 +565,9 @@ fn render(s: &State, schema: &EntitySchema, e: &Entity) -> Value {
     if schema.name == "certificates" {
         let id = e.get("id").and_then(Value::as_str).unwrap_or("");
         let mut names: Vec<String> = s
-            .iter("snis")
-            .filter(|sni| foreign_id(sni, "certificate").as_deref() == Some(id))
-            .filter_map(|sni| sni.get("name")?.as_str().map(str::to_owned))
+            .rows("snis")
+            .filter(|(_, row)| row.fk("certificate") == Some(id))
+            .filter_map(|(_, row)| row.parse().get("name")?.as_str().map(str::to_owned))
             .collect();
         names.sort();
         out.insert("snis".into(), json!(names));
@@ -616,7 +674,7 @@ fn check_constraints(
 ) -> Result<(), DbError> {
     for (field, _, reference) in schema.foreign_fields() {
         if let Some(fid) = foreign_id(e, field) {
-            if s.get(reference, &fid).is_none() {
+            if !s.contains(reference, &fid) {
                 let mut key = Map::new();
                 key.insert("id".into(), json!(fid));
                 return Err(DbError::ForeignKeyViolation {
@@ -687,14 +745,9 @@ fn sni_changes(
     };
     let mut out = Vec::new();
     let existing: Vec<(String, String)> = s
-        .iter("snis")
-        .filter(|sni| foreign_id(sni, "certificate").as_deref() == Some(cert_id))
-        .filter_map(|sni| {
-            Some((
-                sni.get("id")?.as_str()?.to_owned(),
-                sni.get("name")?.as_str()?.to_owned(),
-            ))
-        })
+        .rows("snis")
+        .filter(|(_, row)| row.fk("certificate") == Some(cert_id))
+        .filter_map(|(id, row)| Some((id.clone(), row.parse().get("name")?.as_str()?.to_owned())))
         .collect();
     let mut seen = Vec::new();
     for name in &names {
@@ -706,9 +759,7 @@ fn sni_changes(
         }
         seen.push(name.clone());
         if let Some(owner) = s.lookup_unique("snis", "name", &json!(name)) {
-            let owner_cert = s
-                .get("snis", owner)
-                .and_then(|e| foreign_id(e, "certificate"));
+            let owner_cert = s.fk("snis", owner, "certificate").map(str::to_owned);
             if owner_cert.as_deref() != Some(cert_id) {
                 return Err(DbError::schema(
                     "snis",
@@ -781,7 +832,7 @@ fn prepare_insert(
     set_parent(&mut input, parent);
     resolve_foreign(s, schema, &mut input)?;
     if let Some(Value::String(id)) = input.get("id") {
-        if is_uuid(id) && s.get(schema.name, &id.to_ascii_lowercase()).is_some() {
+        if is_uuid(id) && s.contains(schema.name, &id.to_ascii_lowercase()) {
             let mut key = Map::new();
             key.insert("id".into(), json!(id));
             return Err(DbError::UniqueViolation(key));
@@ -806,7 +857,7 @@ fn prepare_update(
     let id = resolve_key(s, schema, key, parent).ok_or(DbError::NotFound)?;
     let existing = s.get(schema.name, &id).ok_or(DbError::NotFound)?;
     if let Some(p) = parent {
-        if foreign_id(existing, p.field).as_deref() != Some(p.id.as_str()) {
+        if s.fk(schema.name, &id, p.field) != Some(p.id.as_str()) {
             return Err(DbError::NotFound);
         }
     }
@@ -815,7 +866,7 @@ fn prepare_update(
     let raw = input.clone();
     let snis = take_snis(schema, &mut input);
     let processed = process(schema, input, Context::Update)?;
-    let mut merged = schema.record.merge_values(processed, existing);
+    let mut merged = schema.record.merge_values(processed, &existing);
     merged.insert("id".into(), json!(id));
     // A changed subschema key (a plugin renamed) brings the new defaults.
     let merged = if schema.subschema_key.is_some() {
@@ -843,8 +894,10 @@ fn prepare_upsert(
 ) -> Result<(String, Entity, Vec<Pending>), DbError> {
     let existing_id = resolve_key(s, schema, key, parent);
     if let Some(eid) = &existing_id {
-        if let (Some(p), Some(e)) = (parent, s.get(schema.name, eid)) {
-            if foreign_id(e, p.field).as_deref() != Some(p.id.as_str()) {
+        if let Some(p) = parent {
+            if s.contains(schema.name, eid)
+                && s.fk(schema.name, eid, p.field) != Some(p.id.as_str())
+            {
                 return Err(DbError::NotFound);
             }
         }
@@ -907,9 +960,9 @@ fn collect_deletes(
             .is_some_and(|o| o == OnDelete::Cascade)
             || (child.name == "snis" && schema.name == "certificates");
         let ids: Vec<String> = s
-            .iter(child.name)
-            .filter(|e| foreign_id(e, field).as_deref() == Some(id))
-            .filter_map(|e| e.get("id")?.as_str().map(str::to_owned))
+            .rows(child.name)
+            .filter(|(_, row)| row.fk(field) == Some(id))
+            .map(|(cid, _)| cid.clone())
             .collect();
         if ids.is_empty() {
             continue;

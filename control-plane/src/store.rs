@@ -58,7 +58,8 @@ pub enum Change {
 pub struct StoredEntity {
     pub entity: String,
     pub id: String,
-    pub body: Value,
+    /// The entity's JSON text, parsed by the caller one row at a time.
+    pub body: String,
 }
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -93,12 +94,11 @@ fn now_s() -> i64 {
 }
 
 fn decode(entity: String, id: String, body: &str) -> Result<StoredEntity, StoreError> {
-    let body = serde_json::from_str(body).map_err(|source| StoreError::Corrupt {
-        entity: entity.clone(),
-        id: id.clone(),
-        source,
-    })?;
-    Ok(StoredEntity { entity, id, body })
+    Ok(StoredEntity {
+        entity,
+        id,
+        body: body.to_owned(),
+    })
 }
 
 pub struct Sqlite {

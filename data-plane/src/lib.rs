@@ -16,23 +16,26 @@
 //!                  └─► runtime = DataPlane::runtime.load_full()  one config version per request
 //!                       └─► router.find(method, host, path, headers)  404 when nothing matches
 //!                            └─► route's service                  503 when the route has none
-//!                                 └─► body limit (413), rewrite path (strip_path,
-//!                                     path_handling), Host, X-Forwarded-*, Via;
-//!                                     drop hop-by-hop headers
-//!                                      └─► pooled client (TLS for https services)
-//!                                          ─► upstream            502 / 504 on failure
-//!                                           └─► response streamed back with Via
+//!                                 └─► body limit (413); peer: upstream balancer,
+//!                                     DNS answer or the service IP (503 when no
+//!                                     target is healthy or the name does not resolve)
+//!                                      └─► rewrite path (strip_path, path_handling), Host,
+//!                                          X-Forwarded-*, Via; drop hop-by-hop headers
+//!                                           └─► pooled client (TLS for https services)
+//!                                               ─► peer   502 / 504 on failure
+//!                                               (passive health check of the outcome)
+//!                                                └─► response streamed back with Via; the
+//!                                                    peer is released when it ends
 //! ```
 //!
 //! **Invariant:** a request sees exactly one config version, the one it
 //! loaded when it started; `apply` never blocks requests.
 
+mod balancer;
 mod downstream;
 mod proxy;
-mod router;
 mod runtime;
 mod tls;
-mod upstream_uri;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +44,12 @@ use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::ConfigSnapshot;
 use tokio::sync::Semaphore;
 
+pub use balancer::{AddressHealthReport, SetHealthError, TargetHealth, UpstreamHealth, Weight};
 pub use proxy::{serve, serve_tls};
 pub use runtime::BuildError;
 pub use tls::{DefaultCertificate, TlsError};
 
+use balancer::Balancers;
 use runtime::{ClientCache, Runtime};
 
 /// Process-level proxy settings (not entity configuration).
@@ -98,11 +103,13 @@ impl Default for ProxyConfig {
     }
 }
 
-/// The proxy's state: the runtime in use, the upstream connection pools
-/// that outlive runtimes, and the downstream connection budget.
+/// The proxy's state: the runtime in use, and what outlives runtimes: the
+/// upstream connection pools, the balancers with their health state and
+/// background tasks, the DNS cache; and the downstream connection budget.
 pub struct DataPlane {
     runtime: ArcSwap<Runtime>,
     clients: ClientCache,
+    balancers: Balancers,
     connections: Arc<Semaphore>,
     cfg: ProxyConfig,
 }
@@ -117,6 +124,7 @@ impl DataPlane {
             connections: Arc::new(Semaphore::new(
                 cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS),
             )),
+            balancers: Balancers::default(),
             cfg,
         })
     }
@@ -127,7 +135,7 @@ impl DataPlane {
     /// it from `spawn_blocking` for large configurations. Callers apply
     /// snapshots one at a time, in version order.
     pub fn apply(&self, snapshot: &ConfigSnapshot) -> Result<(), BuildError> {
-        let runtime = Runtime::build(snapshot, &self.clients)?;
+        let runtime = Runtime::build(snapshot, &self.clients, &self.balancers)?;
         let n_snis = runtime.certificates.len();
         self.runtime.store(Arc::new(runtime));
         tracing::info!(
@@ -141,5 +149,26 @@ impl DataPlane {
     /// Version of the configuration in use (0 before the first `apply`).
     pub fn version(&self) -> u64 {
         self.runtime.load().version
+    }
+
+    /// Health of the targets of upstream `upstream_id` on this data plane;
+    /// `None` when it has no balancer for it (not applied yet).
+    pub fn upstream_health(&self, upstream_id: &str) -> Option<UpstreamHealth> {
+        self.balancers.health(upstream_id)
+    }
+
+    /// Forces the health of target `target` (`host:port`) of an upstream
+    /// on this data plane: all its addresses, or only `address`. Kong's
+    /// `PUT /upstreams/{u}/targets/{t}/healthy|unhealthy`.
+    pub fn set_target_health(
+        &self,
+        upstream_id: &str,
+        upstream_name: &str,
+        target: &str,
+        address: Option<std::net::SocketAddr>,
+        healthy: bool,
+    ) -> Result<(), SetHealthError> {
+        self.balancers
+            .set_health(upstream_id, upstream_name, target, address, healthy)
     }
 }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gatehouse_router::{normalize_path, push_upstream_path, request_host, RequestView};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{self, Authority, PathAndQuery, Uri};
+use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,11 +28,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::balancer::{Failure, HashInput, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
-use crate::router::{normalize_path, request_host, RequestView};
-use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
+use crate::runtime::{RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
-use crate::upstream_uri::push_upstream_path;
 use crate::{DataPlane, ProxyConfig};
 
 /// Serves the proxy on `listener` until `shutdown` changes or its sender is
@@ -251,7 +251,7 @@ impl Connection {
     }
 }
 
-pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<Tracked<Incoming>, Full<Bytes>>;
 
 /// Per-connection facts, turned into header values once per connection.
 struct Downstream {
@@ -315,6 +315,12 @@ pub(crate) enum ProxyError {
         #[source]
         source: Arc<TlsError>,
     },
+    #[error("service {service_id} has no peer to send the request to")]
+    NoPeer {
+        service_id: Box<str>,
+        #[source]
+        source: PeerError,
+    },
     #[error("could not build the upstream request")]
     InvalidUpstreamRequest {
         #[source]
@@ -362,7 +368,8 @@ impl ProxyError {
             | ProxyError::UnsupportedProtocol { .. }
             | ProxyError::UpstreamTlsUnavailable { .. }
             | ProxyError::InvalidUpstreamRequest { .. } => Side::Internal,
-            ProxyError::UpstreamTimeout { .. }
+            ProxyError::NoPeer { .. }
+            | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. } => Side::Upstream,
         }
@@ -373,6 +380,14 @@ impl ProxyError {
         let (status, body) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, body::NO_ROUTE),
             ProxyError::NoService { .. } => (StatusCode::SERVICE_UNAVAILABLE, body::NO_SERVICE),
+            ProxyError::NoPeer {
+                source: PeerError::NoPeer { .. },
+                ..
+            } => (StatusCode::SERVICE_UNAVAILABLE, body::NO_PEER),
+            ProxyError::NoPeer {
+                source: PeerError::Dns(_),
+                ..
+            } => (StatusCode::SERVICE_UNAVAILABLE, body::NAME_RESOLUTION),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body::TOO_LARGE),
             ProxyError::InvalidUpstreamRequest { .. }
             | ProxyError::UpstreamTlsUnavailable { .. } => {
@@ -390,13 +405,13 @@ impl ProxyError {
 
     fn from_client(
         error: hyper_util::client::legacy::Error,
-        upstream: &HttpUpstream,
+        upstream: &Authority,
         limit: Option<u64>,
     ) -> ProxyError {
         if let Some(limit) = limit.filter(|_| has_source::<LengthLimitError>(&error)) {
             return ProxyError::BodyTooLarge { limit };
         }
-        let upstream = upstream.authority.clone();
+        let upstream = upstream.clone();
         let timed_out = source_chain(&error).any(|cause| {
             cause
                 .downcast_ref::<io::Error>()
@@ -424,6 +439,9 @@ impl ProxyError {
 mod body {
     pub(super) const NO_ROUTE: &[u8] = br#"{"message":"no Route matched with those values"}"#;
     pub(super) const NO_SERVICE: &[u8] = br#"{"message":"no Service found with those values"}"#;
+    pub(super) const NO_PEER: &[u8] =
+        br#"{"message":"failure to get a peer from the ring-balancer"}"#;
+    pub(super) const NAME_RESOLUTION: &[u8] = br#"{"message":"name resolution failed"}"#;
     pub(super) const TOO_LARGE: &[u8] = br#"{"message":"Request size limit exceeded"}"#;
     pub(super) const BAD_GATEWAY: &[u8] =
         br#"{"message":"An invalid response was received from the upstream server"}"#;
@@ -479,6 +497,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 struct Facts<'r> {
     route: Option<&'r RouteTarget>,
     service: Option<&'r ServiceTarget>,
+    /// The address the request went to.
+    peer: Option<Authority>,
     /// From the start of the request to sending it upstream.
     proxy_latency: Option<Duration>,
     /// From sending the request upstream to its response head.
@@ -543,6 +563,7 @@ async fn handle(
             route_id = facts.route.map(|route| &*route.id),
             service_id = facts.service.map(|service| &*service.id),
             upstream,
+            peer = facts.peer.as_ref().map(Authority::as_str),
             latency_ms = started.elapsed().as_millis() as u64,
             upstream_latency_ms = facts.upstream_latency.map(|latency| latency.as_millis() as u64),
             fault = error.as_ref().map(|error| error.side().as_str()),
@@ -564,11 +585,18 @@ async fn forward<'r>(
     let (mut parts, body) = request.into_parts();
 
     // Everything read from the request before its headers change.
-    let raw_host = match parts.headers.get(header::HOST) {
-        Some(host) => host.to_str().ok(),
-        None => parts.uri.authority().map(Authority::as_str),
-    }
-    .unwrap_or("");
+    // Kong routes by the Host header as sent; nginx's `$host` (lower case,
+    // no port) goes into X-Forwarded-Host and redirects.
+    let host_bytes = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.as_bytes()),
+        None => parts
+            .uri
+            .authority()
+            .map(|authority| authority.as_str().as_bytes()),
+    };
+    let raw_host = host_bytes
+        .and_then(|host| std::str::from_utf8(host).ok())
+        .unwrap_or("");
     let host = request_host(raw_host);
     let raw_path = match parts.uri.path() {
         "" => "/",
@@ -579,10 +607,13 @@ async fn forward<'r>(
         .router
         .find(&RequestView {
             method: &parts.method,
-            host: &host,
+            host: host_bytes,
             port: downstream.local_port,
             path: &path,
             headers: &parts.headers,
+            // TODO(dp): TLS listeners pass `https` and the SNI.
+            https: false,
+            sni: None,
         })
         .ok_or(ProxyError::NoRoute)?;
     let route = &runtime.routes[found.route_idx];
@@ -620,6 +651,26 @@ async fn forward<'r>(
     }
 
     let query = parts.uri.query();
+    let path_regex = found
+        .path
+        .and_then(|matched| route.path_regexes.get(matched.path_idx))
+        .and_then(Option::as_ref);
+    let mut peer = upstream
+        .peers
+        .pick(&HashInput {
+            client_ip: downstream.client_ip.as_bytes(),
+            headers: &parts.headers,
+            // A matched path is UTF-8: the router refuses other paths.
+            path: std::str::from_utf8(&path).unwrap_or_default(),
+            query,
+            path_regex,
+        })
+        .await
+        .map_err(|source| ProxyError::NoPeer {
+            service_id: service.id.clone(),
+            source,
+        })?;
+    facts.peer = Some(peer.authority.clone());
     let mut path_and_query = String::with_capacity(
         service.path.len() + path.len() + query.map_or(0, |query| query.len() + 1),
     );
@@ -633,29 +684,31 @@ async fn forward<'r>(
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    let uri = upstream_uri(upstream, path_and_query)?;
+    let uri = upstream_uri(&upstream.scheme, &peer.authority, path_and_query)?;
     let forwarded_path = HeaderValue::from_str(raw_path).ok();
     let forwarded_host = (!host.is_empty())
         .then(|| HeaderValue::from_str(&host).ok())
         .flatten();
+    // Kong sends the stripped prefix, unless it is "/"
+    // (`kong/runloop/handler.lua`, `match_t.prefix ~= "/"`).
     let forwarded_prefix = match found.path {
-        Some(matched) if route.strip_path => match route.forwarded_prefixes.get(matched.path_idx) {
-            Some(Some(prefix)) => Some(prefix.clone()),
-            _ => path
-                .get(..matched.len)
-                .and_then(|prefix| HeaderValue::from_str(prefix).ok()),
-        },
+        Some(matched) if route.strip_path && path.get(..matched.len) != Some(b"/") => {
+            match route.forwarded_prefixes.get(matched.path_idx) {
+                Some(Some(prefix)) => Some(prefix.clone()),
+                _ => path
+                    .get(..matched.len)
+                    .and_then(|prefix| HeaderValue::from_bytes(prefix).ok()),
+            }
+        }
         _ => None,
     };
     let host_header = if route.preserve_host {
         match parts.headers.get(header::HOST) {
             Some(host) => host.clone(),
-            None => {
-                HeaderValue::from_str(raw_host).unwrap_or_else(|_| upstream.host_header.clone())
-            }
+            None => HeaderValue::from_str(raw_host).unwrap_or_else(|_| peer.host_header.clone()),
         }
     } else {
-        upstream.host_header.clone()
+        peer.host_header.clone()
     };
     let via = match parts.version {
         Version::HTTP_10 | Version::HTTP_09 => VIA_HTTP_10,
@@ -699,12 +752,26 @@ async fn forward<'r>(
     .await
     {
         Err(_elapsed) => {
+            peer.failed(Failure::Timeout);
             return Err(ProxyError::UpstreamTimeout {
-                upstream: upstream.authority.clone(),
-            })
+                upstream: peer.authority.clone(),
+            });
         }
-        Ok(Err(error)) => return Err(ProxyError::from_client(error, upstream, limit)),
-        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            let error = ProxyError::from_client(error, &peer.authority, limit);
+            match error {
+                ProxyError::UpstreamTimeout { .. } => peer.failed(Failure::Timeout),
+                ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
+                    peer.failed(Failure::Connection)
+                }
+                _ => {}
+            }
+            return Err(error);
+        }
+        Ok(Ok(response)) => {
+            peer.responded(response.status());
+            response
+        }
     };
     facts.upstream_latency = Some(sent.elapsed());
 
@@ -712,14 +779,21 @@ async fn forward<'r>(
     strip_hop_by_hop(&mut parts.headers);
     let via = append_to_list(&parts.headers, &header::VIA, &VIA_HTTP_11);
     parts.headers.insert(header::VIA, via);
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    if let Some(cookie) = peer.set_cookie.take() {
+        parts.headers.append(header::SET_COOKIE, cookie);
+    }
+    Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
 }
 
-fn upstream_uri(upstream: &HttpUpstream, path_and_query: String) -> Result<Uri, ProxyError> {
+fn upstream_uri(
+    scheme: &Scheme,
+    peer: &Authority,
+    path_and_query: String,
+) -> Result<Uri, ProxyError> {
     let invalid = |source: http::Error| ProxyError::InvalidUpstreamRequest { source };
     let mut parts = uri::Parts::default();
-    parts.scheme = Some(upstream.scheme.clone());
-    parts.authority = Some(upstream.authority.clone());
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(peer.clone());
     parts.path_and_query =
         Some(PathAndQuery::try_from(path_and_query).map_err(|error| invalid(error.into()))?);
     Uri::from_parts(parts).map_err(|error| invalid(error.into()))

@@ -10,21 +10,23 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
+use gatehouse_router::{Rewrite, RouteSpec, Router};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, StatusCode};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use regex::Regex;
+use rustls_pki_types::ServerName;
 
-use crate::router::Router;
+use crate::balancer::{BalancerLookup, Balancers, Peers};
 use crate::tls::{
     client_config, CaCertificateEntity, CertificateEntity, CertificateIndex, ServedCertificate,
     ServiceTlsFields, SniEntity, TlsError, UpstreamTls,
 };
-use crate::upstream_uri::{PathHandling, Rewrite};
 
 /// Why a snapshot could not become a runtime. The runtime in use stays.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +59,6 @@ pub(crate) struct RouteTarget {
     pub(crate) id: Box<str>,
     pub(crate) strip_path: bool,
     pub(crate) preserve_host: bool,
-    pub(crate) path_handling: PathHandling,
     /// Set for routes whose protocols include `https` but not `http`: the
     /// status a plaintext request gets (426, or a redirect code).
     pub(crate) https_only: Option<StatusCode>,
@@ -66,12 +67,14 @@ pub(crate) struct RouteTarget {
     /// `X-Forwarded-Prefix` per entry of the route's `paths`, for plain
     /// prefixes (a regex's prefix depends on the request).
     pub(crate) forwarded_prefixes: Box<[Option<HeaderValue>]>,
+    /// Regex per entry of `paths`, kept only when the service's upstream
+    /// hashes on a URI capture; empty otherwise.
+    pub(crate) path_regexes: Box<[Option<Regex>]>,
 }
 
 impl RouteTarget {
     pub(crate) fn rewrite<'a>(&self, service: &'a ServiceTarget) -> Rewrite<'a> {
         Rewrite {
-            handling: self.path_handling,
             strip_path: self.strip_path,
             service_path: &service.path,
         }
@@ -101,14 +104,13 @@ pub(crate) enum Upstream {
 pub(crate) struct HttpUpstream {
     /// `http` or `https`.
     pub(crate) scheme: Scheme,
-    /// `host:port`, for the upstream URI and the logs.
+    /// The service's `host:port`, for the logs.
     pub(crate) authority: Authority,
-    /// Host header unless the route preserves the client's: the service
-    /// host, with the port when it is not the scheme's default.
-    pub(crate) host_header: HeaderValue,
     /// Pooled client whose connector has the service's connect timeout and
     /// TLS settings.
     pub(crate) client: UpstreamClient,
+    /// Where requests go: a fixed address, a DNS name or a balancer.
+    pub(crate) peers: Peers,
 }
 
 impl Runtime {
@@ -124,6 +126,7 @@ impl Runtime {
     pub(crate) fn build(
         snapshot: &ConfigSnapshot,
         clients: &ClientCache,
+        balancers: &Balancers,
     ) -> Result<Runtime, BuildError> {
         let services: Vec<Service> = snapshot.typed("services")?;
         let routes: Vec<Route> = snapshot.typed("routes")?;
@@ -138,6 +141,7 @@ impl Runtime {
         };
 
         let mut client_lookup = ClientLookup::new(clients);
+        let mut balancer_lookup = BalancerLookup::new(balancers, snapshot)?;
         // `None` for disabled services: Kong leaves their routes out.
         let mut services_by_id: HashMap<&str, Option<Arc<ServiceTarget>>> =
             HashMap::with_capacity(services.len());
@@ -147,6 +151,7 @@ impl Runtime {
                     service,
                     &tls_sources,
                     &mut client_lookup,
+                    &mut balancer_lookup,
                 )?))
             } else {
                 None
@@ -178,8 +183,13 @@ impl Runtime {
             routable.push((targets.len(), route));
             targets.push(build_route(route, service));
         }
-        let router = Router::build(routable);
+        let router = Router::build(
+            routable
+                .into_iter()
+                .map(|(route_idx, route)| (route_idx, route_spec(route))),
+        );
         client_lookup.publish();
+        balancer_lookup.publish();
         Ok(Runtime {
             version: snapshot.version,
             router,
@@ -188,7 +198,6 @@ impl Runtime {
         })
     }
 }
-
 /// The TLS entities of a snapshot by id.
 struct TlsSources<'s> {
     certificates: HashMap<&'s str, &'s CertificateEntity>,
@@ -261,12 +270,25 @@ fn upstream_tls(service: &Service, sources: &TlsSources<'_>) -> Result<UpstreamT
     })
 }
 
+/// The fields the router matches on, borrowed from the route.
+fn route_spec(route: &Route) -> RouteSpec<'_> {
+    RouteSpec {
+        id: &route.id,
+        methods: route.methods.as_deref().unwrap_or(&[]),
+        hosts: route.hosts.as_deref().unwrap_or(&[]),
+        paths: route.paths.as_deref().unwrap_or(&[]),
+        headers: route
+            .headers
+            .iter()
+            .flatten()
+            .map(|(name, values)| (name.as_str(), values.as_slice()))
+            .collect(),
+        snis: route.snis.as_deref().unwrap_or(&[]),
+        regex_priority: route.regex_priority,
+    }
+}
+
 fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarget {
-    let path_handling = if route.path_handling == "v1" {
-        PathHandling::V1
-    } else {
-        PathHandling::V0
-    };
     let https_only = (route.protocols.iter().any(|p| p == "https")
         && !route.protocols.iter().any(|p| p == "http"))
     .then(|| match route.https_redirect_status_code {
@@ -287,14 +309,34 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
             }
         })
         .collect();
+    let uses_captures = service
+        .as_deref()
+        .is_some_and(|service| match &service.upstream {
+            Upstream::Http(http) => http.peers.uses_uri_captures(),
+            Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => false,
+        });
+    let path_regexes = if uses_captures {
+        // As the router compiles them: `~regex` matches at the start.
+        route
+            .paths
+            .iter()
+            .flatten()
+            .map(|path| {
+                path.strip_prefix('~')
+                    .and_then(|regex| Regex::new(&format!("^{regex}")).ok())
+            })
+            .collect()
+    } else {
+        Box::default()
+    };
     RouteTarget {
         id: route.id.as_str().into(),
         strip_path: route.strip_path,
         preserve_host: route.preserve_host,
-        path_handling,
         https_only,
         service,
         forwarded_prefixes,
+        path_regexes,
     }
 }
 
@@ -302,14 +344,12 @@ fn build_service(
     service: &Service,
     tls_sources: &TlsSources<'_>,
     clients: &mut ClientLookup<'_>,
+    balancers: &mut BalancerLookup<'_>,
 ) -> Result<ServiceTarget, BuildError> {
     let path = match service.path.as_deref() {
         None | Some("") => "/",
         Some(path) => path,
     };
-    // TODO(dp): a service host naming an upstream entity goes through the
-    // balancer (targets, health checks); today every host is resolved by
-    // DNS when the pool connects.
     let scheme = match service.protocol.as_str() {
         "http" => Some(Scheme::HTTP),
         "https" => Some(Scheme::HTTPS),
@@ -334,24 +374,32 @@ fn build_service(
             HeaderValue::from_str(&address)
         }
         .map_err(|_| invalid())?;
+        // Host header unless the route preserves the client's (or the
+        // service's upstream sets its own): the service host, with the
+        // port when it is not the scheme's default.
         let tls = if scheme == Scheme::HTTPS {
-            upstream_tls(service, tls_sources)
+            upstream_tls(service, tls_sources).map(Some)
         } else {
-            Ok(UpstreamTls::default())
+            Ok(None)
         };
         let client = tls.and_then(|tls| {
             clients.get(ClientKey {
                 connect_timeout: Duration::from_millis(service.connect_timeout),
-                tls,
+                // Requests go to peer addresses; the server name stays the
+                // service host, as Kong's `upstream_host`.
+                tls: tls.map(|tls| (tls, Box::from(service.host.as_str()))),
             })
         });
         match client {
-            Ok(client) => Upstream::Http(Box::new(HttpUpstream {
-                scheme,
-                authority,
-                host_header,
-                client,
-            })),
+            Ok(client) => {
+                let peers = balancers.peers(service, &authority, host_header);
+                Upstream::Http(Box::new(HttpUpstream {
+                    scheme,
+                    authority,
+                    client,
+                    peers,
+                }))
+            }
             Err(error) => {
                 tracing::warn!(service_id = %service.id, error = %crate::proxy::ErrorChain(&error), "Upstream TLS settings do not load; the service's routes will answer 500.");
                 Upstream::TlsUnavailable {
@@ -374,13 +422,15 @@ fn build_service(
 }
 
 /// What a pooled client is fixed to. The connector fixes the connect
-/// timeout and the TLS settings, hence one client per distinct key
-/// (usually one: Kong's default timeout of 60 s, no verification).
+/// timeout, the TLS settings and the server name, hence one client per
+/// distinct key (one for all http services with Kong's default timeout).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ClientKey {
     connect_timeout: Duration,
-    /// Used for `https` upstreams only; `http` services use the default.
-    tls: UpstreamTls,
+    /// For `https` services: the TLS settings and the server name. Pools
+    /// are keyed by peer address, so services that reach one address under
+    /// different names get different clients.
+    tls: Option<(UpstreamTls, Box<str>)>,
 }
 
 /// Upstream clients by [`ClientKey`]. A client owns a keep-alive pool, so
@@ -437,13 +487,27 @@ fn new_client(key: &ClientKey) -> Result<UpstreamClient, TlsError> {
     connector.set_connect_timeout(Some(key.connect_timeout));
     connector.set_nodelay(true);
     connector.enforce_http(false);
-    // The server name is the service host, so a pool (keyed by scheme and
-    // authority) never mixes connections made for different names.
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_config(&key.tls)?)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
+    let connector = match &key.tls {
+        Some((tls, server_name)) => {
+            let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
+                TlsError::ServerName {
+                    name: server_name.clone(),
+                }
+            })?;
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(client_config(tls)?)
+                .https_or_http()
+                .with_server_name_resolver(FixedServerNameResolver::new(server_name))
+                .enable_http1()
+                .wrap_connector(connector)
+        }
+        // Plain http: the TLS config is never used.
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client_config(&UpstreamTls::default())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector),
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         // Kong's `upstream_keepalive_idle_timeout` and `_pool_size`.

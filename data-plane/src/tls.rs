@@ -72,6 +72,8 @@ pub enum TlsError {
     },
     #[error("certificate {certificate_id} does not exist")]
     UnknownCertificate { certificate_id: Box<str> },
+    #[error("{name:?} is not a valid TLS server name")]
+    ServerName { name: Box<str> },
     #[error("CA certificate {ca_certificate_id} does not exist")]
     UnknownCaCertificate { ca_certificate_id: Box<str> },
 }

@@ -202,11 +202,6 @@ fn first_line(s: &str) -> String {
     last.strip_prefix("error: ").unwrap_or(last).to_owned()
 }
 
-fn validate_hosts_entry(v: &Value) -> Result<(), String> {
-    let h = v.as_str().unwrap_or("").replace('*', "abc");
-    t::validate_host_with_optional_port(&Value::String(h))
-}
-
 fn source_dest() -> Field {
     Field::set(Field::record(
         Record::new()
@@ -270,7 +265,7 @@ fn route_subschemas() -> RouteSubschemas {
         )
         .field(
             "hosts",
-            forbidden(hosts(), &format!("cannot set 'hosts' {stream_err}")),
+            forbidden(t::hosts(), &format!("cannot set 'hosts' {stream_err}")),
         )
         .field(
             "paths",
@@ -359,26 +354,6 @@ fn methods() -> Field {
     Field::set(t::http_method())
 }
 
-fn hosts() -> Field {
-    Field::array(
-        Field::string()
-            .match_all(
-                "^[^*]*%*?[^*]*$",
-                r"^[^*]*\*?[^*]*$",
-                "invalid wildcard: must have at most one wildcard",
-            )
-            .match_any(
-                &[
-                    ("^%*%.", r"^\*\."),
-                    ("%.%*$", r"\.\*$"),
-                    ("^[^*]*$", r"^[^*]*$"),
-                ],
-                "invalid wildcard: must be placed at leftmost or rightmost label",
-            )
-            .custom(validate_hosts_entry),
-    )
-}
-
 fn route_headers() -> Field {
     Field::map(
         t::header_name().match_none(
@@ -427,7 +402,7 @@ fn routes() -> EntitySchema {
         .field("sources", source_dest())
         .field("destinations", source_dest())
         .field("methods", methods())
-        .field("hosts", hosts())
+        .field("hosts", t::hosts())
         .field("paths", Field::array(router_path()))
         .field("headers", route_headers())
         .field("regex_priority", Field::integer().default(json!(0)))
@@ -531,6 +506,17 @@ fn validate_upstream_name(v: &Value) -> Result<(), String> {
     }
 }
 
+/// A nested record whose default is its own defaults, as Kong's
+/// `healthchecks` schema builds them: leaving out `passive` gives the
+/// default passive checks, not `null`.
+fn defaulted(record: Record) -> Field {
+    let defaults = record
+        .process_auto_fields(Map::new(), crate::schema::Context::Insert)
+        .map(Value::Object)
+        .unwrap_or(Value::Null);
+    Field::record(record).default(defaults)
+}
+
 fn healthchecks() -> Field {
     let seconds = || Field::number().between(0.0, 65535.0);
     let one_byte = || Field::integer().between(0.0, 255.0);
@@ -569,8 +555,8 @@ fn healthchecks() -> Field {
             Field::boolean().required().default(json!(true)),
         )
         .field("headers", t::headers())
-        .field("healthy", Field::record(active_healthy))
-        .field("unhealthy", Field::record(active_unhealthy));
+        .field("healthy", defaulted(active_healthy))
+        .field("unhealthy", defaulted(active_unhealthy));
     let passive_healthy = Record::new()
         .field(
             "http_statuses",
@@ -587,8 +573,8 @@ fn healthchecks() -> Field {
         .field("http_failures", one_byte().default(json!(0)));
     let passive = Record::new()
         .field("type", check_type())
-        .field("healthy", Field::record(passive_healthy))
-        .field("unhealthy", Field::record(passive_unhealthy));
+        .field("healthy", defaulted(passive_healthy))
+        .field("unhealthy", defaulted(passive_unhealthy));
     let defaults = json!({
         "active": {
             "type": "http", "timeout": 1, "concurrency": 10, "http_path": "/",
@@ -609,8 +595,8 @@ fn healthchecks() -> Field {
     });
     Field::record(
         Record::new()
-            .field("active", Field::record(active))
-            .field("passive", Field::record(passive))
+            .field("active", defaulted(active))
+            .field("passive", defaulted(passive))
             .field(
                 "threshold",
                 Field::number().default(json!(0)).between(0.0, 100.0),

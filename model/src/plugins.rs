@@ -130,31 +130,13 @@ fn required_if_eq(if_field: &'static str, value: Value, then_field: &'static str
     )
 }
 
-/// Kong's `kong.tools.http.validate_header_name`: nginx only accepts
-/// letters, digits, `-` and `_` in header names.
+/// Kong's `kong.tools.http.validate_header_name` on a plain string.
 fn check_header_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("no header name provided".into());
-    }
-    if name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad header name '{name}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
-        ))
-    }
+    t::validate_header_name(&Value::String(name.to_owned()))
 }
 
-fn validate_header_name(v: &Value) -> Result<(), String> {
-    check_header_name(v.as_str().unwrap_or(""))
-}
-
-/// Kong's `typedefs.header_name`.
 fn header_name() -> Field {
-    Field::string().custom(validate_header_name)
+    t::header_name()
 }
 
 /// Kong's `validate_url` (`typedefs.url`): LuaSocket never fails to parse,
@@ -305,32 +287,6 @@ fn propagation(default_format: &str) -> Field {
             ),
     )
     .default(json!({ "default_format": default_format }))
-}
-
-fn validate_host_with_wildcards(v: &Value) -> Result<(), String> {
-    let host = v.as_str().unwrap_or("").replace('*', "abc");
-    t::validate_host_with_optional_port(&Value::String(host))
-}
-
-/// Kong's `typedefs.hosts`.
-fn hosts() -> Field {
-    Field::array(
-        Field::string()
-            .match_all(
-                "^[^*]*%*?[^*]*$",
-                r"^[^*]*\*?[^*]*$",
-                "invalid wildcard: must have at most one wildcard",
-            )
-            .match_any(
-                &[
-                    ("^%*%.", r"^\*\."),
-                    ("%.%*$", r"\.\*$"),
-                    ("^[^*]*$", r"^[^*]*$"),
-                ],
-                "invalid wildcard: must be placed at leftmost or rightmost label",
-            )
-            .custom(validate_host_with_wildcards),
-    )
 }
 
 /// Kong's `is_regex` validator runs PCRE; we compile with the `regex` crate

@@ -9,18 +9,54 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// One validated entity as compact JSON. Documents are shared, not copied,
+/// between the control plane's state and every snapshot taken from it.
+pub type EntityDoc = Arc<str>;
+
 /// All entities at `version`, keyed by entity name (`services`, `routes`,
-/// …), each list ordered by id. Entities are validated JSON objects in
-/// Kong's shapes.
+/// …), each list ordered by id. Entities are validated JSON documents in
+/// Kong's shapes; consumers deserialize the typed views they need.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ConfigSnapshot {
     pub version: u64,
-    pub entities: BTreeMap<String, Vec<Value>>,
+    pub entities: BTreeMap<String, Vec<EntityDoc>>,
 }
 
 impl ConfigSnapshot {
-    pub fn list(&self, entity: &str) -> &[Value] {
+    /// A snapshot from JSON values (tests, declarative files).
+    pub fn from_values(version: u64, entities: BTreeMap<String, Vec<Value>>) -> ConfigSnapshot {
+        ConfigSnapshot {
+            version,
+            entities: entities
+                .into_iter()
+                .map(|(name, list)| {
+                    (
+                        name,
+                        list.iter().map(|v| Arc::from(v.to_string())).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Add or replace one entity list from JSON values.
+    pub fn insert_values(&mut self, entity: &str, list: Vec<Value>) {
+        self.entities.insert(
+            entity.to_owned(),
+            list.iter().map(|v| Arc::from(v.to_string())).collect(),
+        );
+    }
+
+    pub fn docs(&self, entity: &str) -> &[EntityDoc] {
         self.entities.get(entity).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The entities of one kind as JSON values.
+    pub fn list(&self, entity: &str) -> Vec<Value> {
+        self.docs(entity)
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
     }
 
     /// Typed entities of one kind; entries that do not deserialize are
@@ -29,16 +65,14 @@ impl ConfigSnapshot {
         &self,
         entity: &str,
     ) -> Result<Vec<T>, SnapshotError> {
-        self.list(entity)
+        self.docs(entity)
             .iter()
-            .map(|v| {
-                T::deserialize(v).map_err(|e| SnapshotError::Entity {
+            .map(|doc| {
+                serde_json::from_str::<T>(doc).map_err(|e| SnapshotError::Entity {
                     entity: entity.to_owned(),
-                    id: v
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("?")
-                        .to_owned(),
+                    id: serde_json::from_str::<IdOnly>(doc)
+                        .map(|i| i.id)
+                        .unwrap_or_else(|_| "?".to_owned()),
                     reason: e.to_string(),
                 })
             })
@@ -51,12 +85,17 @@ impl ConfigSnapshot {
         let mut h = ContentHasher::default();
         for (name, list) in &self.entities {
             h.list(name);
-            for v in list {
-                h.entity(v);
+            for doc in list {
+                h.doc(doc);
             }
         }
         h.finish()
     }
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
 }
 
 /// The content hash of a configuration, fed list by list (in entity-name
@@ -74,9 +113,9 @@ impl ContentHasher {
         self.inner.update([0]);
     }
 
-    pub fn entity<T: Serialize>(&mut self, v: &T) {
-        let bytes = serde_json::to_vec(v).unwrap_or_default();
-        self.inner.update(&bytes);
+    /// One entity, as its compact JSON document.
+    pub fn doc(&mut self, doc: &str) {
+        self.inner.update(doc.as_bytes());
         self.inner.update([0]);
     }
 
@@ -147,6 +186,9 @@ fn v0() -> String {
     "v0".to_owned()
 }
 
+/// An upstream: a virtual host balanced over its targets. Optional fields
+/// are `null` in Kong's shapes when unset; `hash_on` is also `null` after
+/// the `least-connections` and `latency` shorthands.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Upstream {
     pub id: String,
@@ -154,6 +196,191 @@ pub struct Upstream {
     pub algorithm: String,
     pub slots: u32,
     pub host_header: Option<String>,
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    #[serde(default)]
+    pub hash_fallback: Option<String>,
+    #[serde(default)]
+    pub hash_on_header: Option<String>,
+    #[serde(default)]
+    pub hash_fallback_header: Option<String>,
+    #[serde(default)]
+    pub hash_on_cookie: Option<String>,
+    #[serde(default)]
+    pub hash_on_cookie_path: Option<String>,
+    #[serde(default)]
+    pub hash_on_query_arg: Option<String>,
+    #[serde(default)]
+    pub hash_fallback_query_arg: Option<String>,
+    #[serde(default)]
+    pub hash_on_uri_capture: Option<String>,
+    #[serde(default)]
+    pub hash_fallback_uri_capture: Option<String>,
+    #[serde(default)]
+    pub use_srv_name: Option<bool>,
+    /// Kong's defaults when absent or `null`.
+    #[serde(default)]
+    pub healthchecks: Option<Healthchecks>,
+}
+
+/// `upstreams.healthchecks`, with Kong's defaults for missing fields and
+/// for nested records that are `null` (as the Admin API stores records a
+/// request left out).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Healthchecks {
+    #[serde(deserialize_with = "null_as_default")]
+    pub active: ActiveChecks,
+    #[serde(deserialize_with = "null_as_default")]
+    pub passive: PassiveChecks,
+    /// Percentage of the upstream's weight that must be healthy for the
+    /// upstream to take traffic. Default 0.
+    pub threshold: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveChecks {
+    /// `http`, `https`, `tcp`, `grpc` or `grpcs`. Default `http`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Seconds. Default 1.
+    pub timeout: f64,
+    /// Probes in flight at once. Default 10.
+    pub concurrency: u32,
+    /// Default `/`.
+    pub http_path: String,
+    pub https_sni: Option<String>,
+    /// Default true.
+    pub https_verify_certificate: bool,
+    pub headers: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub healthy: ActiveHealthy,
+    #[serde(deserialize_with = "null_as_default")]
+    pub unhealthy: ActiveUnhealthy,
+}
+
+impl Default for ActiveChecks {
+    fn default() -> Self {
+        ActiveChecks {
+            kind: "http".to_owned(),
+            timeout: 1.0,
+            concurrency: 10,
+            http_path: "/".to_owned(),
+            https_sni: None,
+            https_verify_certificate: true,
+            headers: None,
+            healthy: ActiveHealthy::default(),
+            unhealthy: ActiveUnhealthy::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveHealthy {
+    /// Seconds between probes of healthy targets; 0 disables. Default 0.
+    pub interval: f64,
+    /// Default `[200, 302]`.
+    pub http_statuses: Vec<u16>,
+    /// Default 0 (never counted).
+    pub successes: u8,
+}
+
+impl Default for ActiveHealthy {
+    fn default() -> Self {
+        ActiveHealthy {
+            interval: 0.0,
+            http_statuses: vec![200, 302],
+            successes: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveUnhealthy {
+    /// Seconds between probes of unhealthy targets; 0 disables. Default 0.
+    pub interval: f64,
+    /// Default `[429, 404, 500, 501, 502, 503, 504, 505]`.
+    pub http_statuses: Vec<u16>,
+    pub tcp_failures: u8,
+    pub timeouts: u8,
+    pub http_failures: u8,
+}
+
+impl Default for ActiveUnhealthy {
+    fn default() -> Self {
+        ActiveUnhealthy {
+            interval: 0.0,
+            http_statuses: vec![429, 404, 500, 501, 502, 503, 504, 505],
+            tcp_failures: 0,
+            timeouts: 0,
+            http_failures: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveChecks {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub healthy: PassiveHealthy,
+    #[serde(deserialize_with = "null_as_default")]
+    pub unhealthy: PassiveUnhealthy,
+}
+
+impl Default for PassiveChecks {
+    fn default() -> Self {
+        PassiveChecks {
+            kind: "http".to_owned(),
+            healthy: PassiveHealthy::default(),
+            unhealthy: PassiveUnhealthy::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveHealthy {
+    /// Default: the 2xx and 3xx statuses Kong lists.
+    pub http_statuses: Vec<u16>,
+    pub successes: u8,
+}
+
+impl Default for PassiveHealthy {
+    fn default() -> Self {
+        PassiveHealthy {
+            http_statuses: vec![
+                200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305,
+                306, 307, 308,
+            ],
+            successes: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveUnhealthy {
+    /// Default `[429, 500, 503]`.
+    pub http_statuses: Vec<u16>,
+    pub tcp_failures: u8,
+    pub timeouts: u8,
+    pub http_failures: u8,
+}
+
+impl Default for PassiveUnhealthy {
+    fn default() -> Self {
+        PassiveUnhealthy {
+            http_statuses: vec![429, 500, 503],
+            tcp_failures: 0,
+            timeouts: 0,
+            http_failures: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -176,6 +403,15 @@ pub struct Plugin {
     pub protocols: Vec<String>,
 }
 
+/// `null` reads as the type's default, as a missing field does.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 /// A snapshot shared between threads without copying.
 pub type SharedSnapshot = Arc<ConfigSnapshot>;
 
@@ -187,17 +423,55 @@ mod tests {
     #[test]
     fn hash_depends_on_content_not_version() {
         let mut a = ConfigSnapshot::default();
-        a.entities
-            .insert("services".into(), vec![json!({"id": "1", "host": "a"})]);
+        a.insert_values("services", vec![json!({"id": "1", "host": "a"})]);
         let mut b = a.clone();
         b.version = 7;
         assert_eq!(a.hash(), b.hash());
-        b.entities
-            .insert("services".into(), vec![json!({"id": "1", "host": "b"})]);
+        b.insert_values("services", vec![json!({"id": "1", "host": "b"})]);
         assert_ne!(a.hash(), b.hash());
         let mut h = ContentHasher::default();
         h.list("services");
-        h.entity(&json!({"id": "1", "host": "a"}));
+        h.doc(r#"{"id":"1","host":"a"}"#);
         assert_eq!(h.finish(), a.hash());
+        assert_eq!(a.list("services"), vec![json!({"id": "1", "host": "a"})]);
+    }
+
+    #[test]
+    fn upstreams_read_with_kong_defaults() {
+        let base = json!({
+            "id": "u", "name": "backend", "algorithm": "least-connections", "slots": 10000,
+            "host_header": null, "hash_on": null, "healthchecks": null,
+        });
+        let upstream: Upstream = serde_json::from_value(base).expect("upstream");
+        assert_eq!(upstream.hash_on, None);
+        assert_eq!(upstream.healthchecks, None);
+        let defaults = Healthchecks::default();
+        assert_eq!(defaults.active.kind, "http");
+        assert_eq!(
+            defaults.active.unhealthy.http_statuses,
+            [429, 404, 500, 501, 502, 503, 504, 505]
+        );
+        assert_eq!(defaults.passive.unhealthy.http_statuses, [429, 500, 503]);
+
+        // A partial record fills in the rest; nested records may be null.
+        let partial = json!({
+            "id": "u", "name": "backend", "algorithm": "round-robin", "slots": 100,
+            "host_header": "api.example", "use_srv_name": true,
+            "healthchecks": {
+                "active": {"timeout": 0.5, "healthy": {"interval": 2}, "unhealthy": null},
+                "passive": null,
+                "threshold": 25,
+            },
+        });
+        let upstream: Upstream = serde_json::from_value(partial).expect("upstream");
+        let checks = upstream.healthchecks.expect("healthchecks");
+        assert_eq!(checks.active.timeout, 0.5);
+        assert_eq!(checks.active.healthy.interval, 2.0);
+        assert_eq!(checks.active.healthy.http_statuses, [200, 302]);
+        assert_eq!(checks.active.concurrency, 10);
+        assert_eq!(checks.threshold, 25.0);
+        assert_eq!(checks.passive, PassiveChecks::default());
+        assert_eq!(checks.active.unhealthy, ActiveUnhealthy::default());
+        assert_eq!(upstream.use_srv_name, Some(true));
     }
 }

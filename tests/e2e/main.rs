@@ -4,6 +4,7 @@
 
 mod abuse;
 mod admin;
+mod balancer;
 mod postgres;
 mod process;
 mod proxy;

@@ -117,6 +117,33 @@ pub fn headers() -> Field {
     Field::map(header_name(), Field::array(Field::string()))
 }
 
+/// Kong's `typedefs.hosts`: host names with at most one wildcard, at the
+/// leftmost or rightmost label, and an optional port.
+pub fn hosts() -> Field {
+    Field::array(
+        Field::string()
+            .match_all(
+                "^[^*]*%*?[^*]*$",
+                r"^[^*]*\*?[^*]*$",
+                "invalid wildcard: must have at most one wildcard",
+            )
+            .match_any(
+                &[
+                    ("^%*%.", r"^\*\."),
+                    ("%.%*$", r"\.\*$"),
+                    ("^[^*]*$", r"^[^*]*$"),
+                ],
+                "invalid wildcard: must be placed at leftmost or rightmost label",
+            )
+            .custom(validate_host_with_wildcards),
+    )
+}
+
+fn validate_host_with_wildcards(v: &Value) -> Result<(), String> {
+    let host = str_of(v).replace('*', "abc");
+    validate_host_with_optional_port(&Value::String(host))
+}
+
 pub fn http_method() -> Field {
     Field::string().matches("^%u+$", "^[A-Z]+$")
 }

@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    config, hosts, nested, no_consumer, no_route, no_service, redis_record, required_if_eq, url,
+    config, nested, no_consumer, no_route, no_service, redis_record, required_if_eq, url,
     SHARED_DICTS,
 };
 use crate::entities::typedefs as t;
@@ -173,7 +173,7 @@ pub(super) fn acme() -> Record {
                 .one_of([2048, 3072, 4096]),
         )
         .field("renew_threshold_days", Field::number().default(json!(14)))
-        .field("domains", hosts())
+        .field("domains", t::hosts())
         .field("allow_any_domain", Field::boolean().default(json!(false)))
         .field("fail_backoff_minutes", Field::number().default(json!(5)))
         .field(

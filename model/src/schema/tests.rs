@@ -255,3 +255,20 @@ fn certificates() {
         "schema violation (certificate does not appear to be a CA because it is missing the \"CA\" basic constraint)",
     );
 }
+
+#[test]
+fn nested_healthcheck_records_get_their_defaults() {
+    let up = insert(
+        "upstreams",
+        json!({"name": "u.test", "healthchecks": {"active": {"timeout": 2}}}),
+    )
+    .expect("valid upstream");
+    let hc = &up["healthchecks"];
+    assert_eq!(hc["active"]["timeout"], 2);
+    assert_eq!(hc["active"]["healthy"]["http_statuses"], json!([200, 302]));
+    assert_eq!(
+        hc["passive"]["unhealthy"]["http_statuses"],
+        json!([429, 500, 503])
+    );
+    assert_eq!(hc["threshold"], 0);
+}

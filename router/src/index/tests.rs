@@ -1,40 +1,15 @@
-use gatehouse_model::snapshot::Route;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::{json, Value};
 
-use super::{normalize_path, request_host, split_host_port, RequestView, Router};
+use super::{RequestView, Router};
+use crate::test_routes::routes;
+use crate::uri::normalize_path;
 
-/// Routes from JSON objects, with Kong's required fields defaulted; each
-/// route is created one second after the previous one unless it says when.
-fn routes(json: Value) -> Vec<Route> {
-    let Value::Array(list) = json else {
-        panic!("routes must be a JSON array")
-    };
-    list.into_iter()
-        .enumerate()
-        .map(|(route_idx, fields)| {
-            let mut route = json!({
-                "id": format!("00000000-0000-4000-8000-{route_idx:012}"),
-                "protocols": ["http", "https"],
-                "https_redirect_status_code": 426,
-                "strip_path": true,
-                "preserve_host": false,
-                "created_at": 1_700_000_000 + route_idx as i64,
-            });
-            let (Value::Object(route_map), Value::Object(fields)) = (&mut route, fields) else {
-                panic!("each route must be a JSON object")
-            };
-            route_map.extend(fields);
-            serde_json::from_value(route).expect("route JSON matches the model")
-        })
-        .collect()
-}
-
-/// `request` is `METHOD host[:port]/path [header=value ...]`; the port is
-/// the one the request arrived on (8000 when absent).
+/// `request` is `METHOD host[:port]/path [header=value ...]`: `host[:port]`
+/// is the Host header (none when empty); requests arrive on port 8000.
 fn check(routes_json: Value, request: &str, expected_route_name: Option<&str>) {
     let routes = routes(routes_json);
-    let router = Router::build(routes.iter().enumerate());
+    let router = Router::build(routes.iter().map(|route| route.spec()).enumerate());
 
     let mut words = request.split_whitespace();
     let method =
@@ -49,14 +24,15 @@ fn check(routes_json: Value, request: &str, expected_route_name: Option<&str>) {
             HeaderValue::from_str(value).expect("header value"),
         );
     }
-    let host = request_host(authority);
     let path = normalize_path(path);
     let view = RequestView {
         method: &method,
-        host: &host,
-        port: split_host_port(authority).1.unwrap_or(8000),
+        host: (!authority.is_empty()).then_some(authority.as_bytes()),
+        port: 8000,
         path: &path,
         headers: &headers,
+        https: false,
+        sni: None,
     };
     let found = router.find(&view).map(|found| {
         routes[found.route_idx]
@@ -79,7 +55,8 @@ fn exact_hosts() {
         {"name": "b", "hosts": ["other.com", "third.com"]},
     ]);
     check(routes.clone(), "GET example.com/", Some("a"));
-    check(routes.clone(), "GET EXAMPLE.Com/x", Some("a"));
+    // Kong compares hosts case-sensitively (`http.host == "..."`).
+    check(routes.clone(), "GET EXAMPLE.Com/x", None);
     check(routes.clone(), "GET example.com:8443/", Some("a"));
     check(routes.clone(), "GET third.com/", Some("b"));
     check(routes.clone(), "GET www.example.com/", None);
@@ -104,13 +81,44 @@ fn wildcard_hosts() {
 }
 
 #[test]
-fn hosts_with_ports_compare_the_arrival_port() {
+fn hosts_with_ports_compare_the_host_header_port() {
+    // Kong's `net.dst.port` is the Host header's port when it has one,
+    // else the port the request arrived on (`kong/router/fields.lua`).
+    // Both example.com routes have one field and plain hosts: the greater
+    // id is tried first.
     let routes = json!([
-        {"name": "with-port", "hosts": ["example.com:9000"]},
         {"name": "without-port", "hosts": ["example.com"]},
+        {"name": "with-port", "hosts": ["example.com:9000"]},
+        {"name": "arrival-port", "hosts": ["example.org:8000"]},
     ]);
     check(routes.clone(), "GET example.com:9000/", Some("with-port"));
-    check(routes, "GET example.com:8000/", Some("without-port"));
+    check(
+        routes.clone(),
+        "GET example.com:8000/",
+        Some("without-port"),
+    );
+    check(routes.clone(), "GET example.com/", Some("without-port"));
+    check(routes.clone(), "GET example.org/", Some("arrival-port"));
+    check(
+        routes.clone(),
+        "GET example.org:8000/",
+        Some("arrival-port"),
+    );
+    check(routes, "GET example.org:9000/", None);
+}
+
+#[test]
+fn wildcards_are_plain_prefixes_and_suffixes() {
+    // Kong validates `*foo.com` and turns it into `http.host =^ "foo.com"`.
+    let routes = json!([
+        {"name": "suffix", "hosts": ["*foo.com"]},
+        {"name": "prefix", "hosts": ["api*"]},
+        {"name": "middle", "hosts": ["a*b"]},
+    ]);
+    check(routes.clone(), "GET barfoo.com/", Some("suffix"));
+    check(routes.clone(), "GET apix.org/", Some("prefix"));
+    check(routes.clone(), "GET a*b/", Some("middle"));
+    check(routes, "GET axb/", None);
 }
 
 #[test]
@@ -142,7 +150,10 @@ fn longest_prefix_wins() {
     check(routes.clone(), "GET x/ech", Some("root"));
     // The router sees the normalized path.
     check(routes.clone(), "GET x/%65cho", Some("short"));
-    check(routes, "GET x/echo/../echo/deep", Some("long"));
+    check(routes.clone(), "GET x/echo/../echo/deep", Some("long"));
+    // Kong's router merges slashes.
+    check(routes.clone(), "GET x/echo//deep", Some("long"));
+    check(routes, "GET x/echo/./deep", Some("long"));
 }
 
 #[test]
@@ -249,18 +260,68 @@ fn regex_paths() {
 }
 
 #[test]
-fn ties_go_to_the_oldest_route_then_the_smallest_id() {
+fn ties_go_to_the_greatest_id() {
+    // atc-router tries matchers by descending (priority, UUID).
     let routes = json!([
-        {"name": "newer", "paths": ["/t"], "created_at": 20},
-        {"name": "older", "paths": ["/t"], "created_at": 10},
+        {"name": "smaller-id", "id": "00000000-0000-4000-8000-00000000000a", "paths": ["/t"]},
+        {"name": "greater-id", "id": "00000000-0000-4000-8000-00000000000b", "paths": ["/t"]},
     ]);
-    check(routes, "GET x/t", Some("older"));
+    check(routes, "GET x/t", Some("greater-id"));
 
+    // Split routes tie with the UUID Kong derives for each group:
+    // uuid_v5(7f145bf9-..., "<id>#<group>"), here 4c0...(#1) and fd3...(#2)
+    // for route a, below route b's id for /t and above it for /u/v.
     let routes = json!([
-        {"name": "bigger-id", "id": "b", "paths": ["/t"], "created_at": 10},
-        {"name": "smaller-id", "id": "a", "paths": ["/t"], "created_at": 10},
+        {"name": "a", "id": "10000000-0000-4000-8000-000000000000", "paths": ["/t", "/u/v"]},
+        {"name": "b", "id": "80000000-0000-4000-8000-000000000000", "paths": ["/t", "/u/v"]},
     ]);
-    check(routes, "GET x/t", Some("smaller-id"));
+    check(
+        routes.clone(),
+        "GET x/t",
+        Some(split_winner(
+            "10000000-0000-4000-8000-000000000000",
+            "80000000-0000-4000-8000-000000000000",
+            1,
+        )),
+    );
+    check(
+        routes,
+        "GET x/u/v",
+        Some(split_winner(
+            "10000000-0000-4000-8000-000000000000",
+            "80000000-0000-4000-8000-000000000000",
+            2,
+        )),
+    );
+}
+
+/// Of routes `a` and `b`, both split in two groups, the one whose group
+/// `group` has the greater derived id.
+fn split_winner(a: &str, b: &str, group: usize) -> &'static str {
+    let namespace = uuid::uuid!("7f145bf9-0dce-4f91-98eb-debbce4b9f6b");
+    let derived = |id: &str| uuid::Uuid::new_v5(&namespace, format!("{id}#{group}").as_bytes());
+    if derived(a) > derived(b) {
+        "a"
+    } else {
+        "b"
+    }
+}
+
+#[test]
+fn split_route_ids_are_kongs() {
+    // Kong: uuid.factory_v5("7f145bf9-0dce-4f91-98eb-debbce4b9f6b")(id .. "#1").
+    let namespace = uuid::uuid!("7f145bf9-0dce-4f91-98eb-debbce4b9f6b");
+    let derived = uuid::Uuid::new_v5(&namespace, b"e8fb37f1-102d-461e-9c51-6608a6bb8101#1");
+    assert_eq!(derived.get_version_num(), 5);
+}
+
+#[test]
+fn header_names_with_underscores_match_dashes() {
+    // Kong reads `http.headers.x_version` through ngx.req.get_headers(),
+    // which finds it under `x-version`.
+    let routes = json!([{"name": "h", "headers": {"X_Version": ["v1"]}}]);
+    check(routes.clone(), "GET x/ x-version=v1", Some("h"));
+    check(routes, "GET x/ x-version=v2", None);
 }
 
 #[test]
