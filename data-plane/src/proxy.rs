@@ -265,9 +265,8 @@ struct Downstream {
     /// routes are served rather than redirected.
     tls: bool,
     forwarded_proto: HeaderValue,
-    /// The server name the client sent in its TLS handshake. Logged only:
-    /// the router does not match routes' `snis` yet (the router crate's
-    /// `RequestView` has no SNI field).
+    /// The server name the client sent in its TLS handshake, which routes'
+    /// `snis` match.
     sni: Option<Box<str>>,
     activity: Arc<Activity>,
 }
@@ -611,9 +610,8 @@ async fn forward<'r>(
             port: downstream.local_port,
             path: &path,
             headers: &parts.headers,
-            // TODO(dp): TLS listeners pass `https` and the SNI.
-            https: false,
-            sni: None,
+            https: downstream.tls,
+            sni: downstream.sni.as_deref(),
         })
         .ok_or(ProxyError::NoRoute)?;
     let route = &runtime.routes[found.route_idx];

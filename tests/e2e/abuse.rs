@@ -256,8 +256,12 @@ async fn upstream_resets_mid_response_do_not_hurt_the_gateway() {
     for _ in 0..3 {
         match raw_request(g.proxy_addr, "POST", "/mid-body", &[], &body) {
             Ok((status, received)) => {
+                // A 502, a 200 with a cut body, or (when the reset beat
+                // the first body byte, and hyper had not flushed the head)
+                // a connection closed without a byte.
+                let closed_empty = status == 0 && received.is_empty();
                 assert!(
-                    status == 502 || (status == 200 && received.len() < 1_000_000),
+                    status == 502 || (status == 200 && received.len() < 1_000_000) || closed_empty,
                     "{status} with {} body bytes",
                     received.len()
                 );

@@ -53,6 +53,13 @@ async fn certificates_follow_sni_and_change_without_restart() {
     )
     .await;
 
+    // A route that only the SNI one.test reaches.
+    post(
+        format!("{a}/services/echo/routes"),
+        json!({"paths": ["/sni-only"], "protocols": ["https"], "snis": ["one.test"]}),
+    )
+    .await;
+
     let tls = g.proxy_tls_addr;
     let default_cert = std::fs::read_to_string(g.prefix.join("ssl/gatehouse-default.crt"))
         .expect("the default certificate is generated under the prefix");
@@ -67,6 +74,11 @@ async fn certificates_follow_sni_and_change_without_restart() {
     let seen: Value = serde_json::from_slice(&reply.body).expect("echo json");
     assert_eq!(seen["path"], "/x");
     assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+
+    let reply = tls_request(tls, Some("one.test"), "GET", "/sni-only", &[]).expect("request");
+    assert_eq!(reply.status, 200);
+    let reply = tls_request(tls, Some("a.two.test"), "GET", "/sni-only", &[]).expect("request");
+    assert_eq!(reply.status, 404);
 
     let reply = tls_request(tls, Some("a.two.test"), "GET", "/echo", &[]).expect("request");
     assert_eq!((reply.status, reply.served == two.der()), (200, true));
