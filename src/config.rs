@@ -9,6 +9,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod nginx;
+
+pub(crate) use nginx::{HeaderBuffers, Size, Time};
+
 /// Every key, so that unrelated `GATEHOUSE_*` variables in the environment
 /// (such as `GATEHOUSE_BIN` in benchmark scripts) are not read as settings.
 const KEYS: &[&str] = &[
@@ -29,6 +33,13 @@ const KEYS: &[&str] = &[
     "proxy_access_log",
     "admin_access_log",
     "shutdown_grace_seconds",
+    "ssl_cert",
+    "ssl_cert_key",
+    "nginx_http_client_max_body_size",
+    "nginx_http_client_header_timeout",
+    "nginx_http_keepalive_timeout",
+    "nginx_http_large_client_header_buffers",
+    "proxy_max_connections",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +76,25 @@ pub(crate) struct Config {
     pub admin_access_log: String,
     /// How long in-flight requests may finish after SIGTERM. Default 10.
     pub shutdown_grace_seconds: u64,
+    /// PEM certificate chain served on `ssl` proxy listeners when no SNI
+    /// matches. Default: none, and a self-signed certificate is generated
+    /// under `$prefix/ssl/` at the first start.
+    pub ssl_cert: Option<PathBuf>,
+    /// PEM private key of `ssl_cert`. Default: none.
+    pub ssl_cert_key: Option<PathBuf>,
+    /// Largest request body; `0` means unlimited. Default `0`.
+    pub nginx_http_client_max_body_size: Size,
+    /// Time a client has to send a request head (and to finish a TLS
+    /// handshake). Default `60s`.
+    pub nginx_http_client_header_timeout: Time,
+    /// Time a proxy connection may stay idle between requests. Default `60s`.
+    pub nginx_http_keepalive_timeout: Time,
+    /// Request head limits: one buffer bounds a line, all of them the head.
+    /// Default `4 8k`.
+    pub nginx_http_large_client_header_buffers: HeaderBuffers,
+    /// Most proxy connections open at once; more wait in the listen
+    /// backlog. Default 16384.
+    pub proxy_max_connections: usize,
 }
 
 impl Default for Config {
@@ -87,6 +117,14 @@ impl Default for Config {
             proxy_access_log: "off".into(),
             admin_access_log: "off".into(),
             shutdown_grace_seconds: 10,
+            ssl_cert: None,
+            ssl_cert_key: None,
+            nginx_http_client_max_body_size: Size::parse("0").expect("0 is a valid size"),
+            nginx_http_client_header_timeout: Time::parse("60s").expect("60s is a valid time"),
+            nginx_http_keepalive_timeout: Time::parse("60s").expect("60s is a valid time"),
+            nginx_http_large_client_header_buffers: HeaderBuffers::parse("4 8k")
+                .expect("4 8k is a valid buffer setting"),
+            proxy_max_connections: 16384,
         }
     }
 }
@@ -161,6 +199,31 @@ impl Config {
                 key: "log_level",
                 value: self.log_level.clone(),
                 reason: e.to_string(),
+            });
+        }
+        if self.ssl_cert.is_some() != self.ssl_cert_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: if self.ssl_cert.is_some() {
+                    "ssl_cert_key"
+                } else {
+                    "ssl_cert"
+                },
+                value: String::new(),
+                reason: "ssl_cert and ssl_cert_key go together".into(),
+            });
+        }
+        if self.nginx_http_client_header_timeout.duration().is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "nginx_http_client_header_timeout",
+                value: self.nginx_http_client_header_timeout.to_string(),
+                reason: "must be more than 0".into(),
+            });
+        }
+        if self.proxy_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "proxy_max_connections",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
             });
         }
         if let Some(url) = &self.database_url {
@@ -279,6 +342,42 @@ mod tests {
             jail.create_file("bad2.toml", "admin_listen = \"nowhere\"")?;
             let err = Config::load(Some(Path::new("bad2.toml"))).expect_err("bad listen");
             assert!(err.to_string().contains("admin_listen"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nginx_values_from_file_and_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "g.toml",
+                "nginx_http_client_max_body_size = \"10m\"\nnginx_http_keepalive_timeout = 5",
+            )?;
+            jail.set_env("GATEHOUSE_NGINX_HTTP_CLIENT_HEADER_TIMEOUT", "1m30s");
+            jail.set_env("GATEHOUSE_NGINX_HTTP_LARGE_CLIENT_HEADER_BUFFERS", "2 16k");
+            let cfg = Config::load(Some(Path::new("g.toml"))).expect("valid config");
+            assert_eq!(cfg.nginx_http_client_max_body_size.bytes(), 10 << 20);
+            assert_eq!(cfg.nginx_http_keepalive_timeout.duration().as_secs(), 5);
+            assert_eq!(
+                cfg.nginx_http_client_header_timeout.duration().as_secs(),
+                90
+            );
+            assert_eq!(
+                cfg.nginx_http_large_client_header_buffers.total_bytes(),
+                32 << 10
+            );
+            assert_eq!(cfg.public_json()["nginx_http_client_max_body_size"], "10m");
+
+            jail.set_env("GATEHOUSE_NGINX_HTTP_CLIENT_MAX_BODY_SIZE", "10x");
+            let err = Config::load(None).expect_err("bad size");
+            assert!(
+                format!("{err:?}").contains("nginx_http_client_max_body_size"),
+                "{err:?}"
+            );
+            jail.set_env("GATEHOUSE_NGINX_HTTP_CLIENT_MAX_BODY_SIZE", "0");
+            jail.set_env("GATEHOUSE_SSL_CERT", "/some/cert.pem");
+            let err = Config::load(None).expect_err("cert without key");
+            assert!(err.to_string().contains("ssl_cert_key"), "{err}");
             Ok(())
         });
     }

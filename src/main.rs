@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod standalone;
+mod tls;
 
 /// Kong-compatible API gateway: Admin API, proxy, control and data planes.
 #[derive(Parser, Debug)]
@@ -31,7 +32,10 @@ enum Command {
     /// GATEHOUSE_ADMIN_LISTEN (127.0.0.1:8001), GATEHOUSE_PROXY_LISTEN
     /// (0.0.0.0:8000, 0.0.0.0:8443 ssl), GATEHOUSE_DATABASE_URL,
     /// GATEHOUSE_WORKER_THREADS, GATEHOUSE_LOG_LEVEL, GATEHOUSE_LOG_FORMAT
-    /// (human|json), GATEHOUSE_PROXY_ACCESS_LOG (off|stdout).
+    /// (human|json), GATEHOUSE_PROXY_ACCESS_LOG (off|stdout), GATEHOUSE_SSL_CERT
+    /// and GATEHOUSE_SSL_CERT_KEY (default certificate of ssl listeners),
+    /// GATEHOUSE_NGINX_HTTP_CLIENT_MAX_BODY_SIZE (0), and the other keys of
+    /// docs/configure.md.
     Standalone,
     /// Print the effective configuration and exit.
     Config,

@@ -66,13 +66,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         admin_listeners.push(bind(l.addr, "admin_listen").await?);
     }
+    let proxy_listen = parse_listen("proxy_listen", &cfg.proxy_listen)?;
+    // Loaded (or generated) before binding: a certificate that does not
+    // load fails the start before any port is taken.
+    let default_certificate = if proxy_listen.iter().any(|l| l.ssl) {
+        Some(crate::tls::default_certificate(&cfg)?)
+    } else {
+        None
+    };
     let mut proxy_listeners = Vec::new();
-    for l in parse_listen("proxy_listen", &cfg.proxy_listen)? {
-        if l.ssl {
-            warn!(addr = %l.addr, "TLS proxy listeners are not supported yet; skipping this listener.");
-            continue;
-        }
-        proxy_listeners.push(bind(l.addr, "proxy_listen").await?);
+    for l in proxy_listen {
+        proxy_listeners.push((bind(l.addr, "proxy_listen").await?, l.ssl));
     }
 
     let url = cfg.database_url();
@@ -89,10 +93,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "Configuration loaded."
     );
 
+    let buffers = &cfg.nginx_http_large_client_header_buffers;
     let dp = DataPlane::new(ProxyConfig {
         access_log: cfg.proxy_access_log != "off",
-        max_body_bytes: None,
-        header_read_timeout: Duration::from_secs(60),
+        max_body_bytes: Some(cfg.nginx_http_client_max_body_size.bytes()).filter(|n| *n > 0),
+        header_read_timeout: cfg.nginx_http_client_header_timeout.duration(),
+        keepalive_timeout: cfg.nginx_http_keepalive_timeout.duration(),
+        max_header_line_bytes: usize::try_from(buffers.size.bytes()).unwrap_or(usize::MAX),
+        max_header_bytes: usize::try_from(buffers.total_bytes()).unwrap_or(usize::MAX),
+        max_connections: cfg.proxy_max_connections,
+        default_certificate,
         latency_headers: true,
     });
     let first = dao.read(|s| s.snapshot());
@@ -140,14 +150,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
-    for listener in proxy_listeners {
-        info!(addr = %listener.local_addr()?, "Proxy listening.");
-        tasks.spawn(gatehouse_data_plane::serve(
-            listener,
-            dp.clone(),
-            shutdown_rx.clone(),
-            grace,
-        ));
+    for (listener, ssl) in proxy_listeners {
+        info!(addr = %listener.local_addr()?, ssl, "Proxy listening.");
+        if ssl {
+            tasks.spawn(gatehouse_data_plane::serve_tls(
+                listener,
+                dp.clone(),
+                shutdown_rx.clone(),
+                grace,
+            ));
+        } else {
+            tasks.spawn(gatehouse_data_plane::serve(
+                listener,
+                dp.clone(),
+                shutdown_rx.clone(),
+                grace,
+            ));
+        }
     }
 
     wait_for_signal().await;

@@ -9,37 +9,46 @@
 //! The life of a request:
 //!
 //! ```text
-//!  accept ─► hyper (HTTP/1.1 keep-alive or h2c)
-//!     └─► runtime = DataPlane::runtime.load_full()      one config version per request
-//!          └─► router.find(method, host, path, headers)  404 when nothing matches
-//!               └─► route's service                      503 when the route has none
-//!                    └─► peer: upstream balancer, DNS    503 when no target is healthy
-//!                        answer or the service IP            or the name does not resolve
-//!                         └─► rewrite path (strip_path, path_handling), Host,
-//!                             X-Forwarded-*, Via; drop hop-by-hop headers
-//!                              └─► pooled client ─► peer  502 / 504 on failure
-//!                                   (passive health check of the outcome)
-//!                                   └─► response streamed back with Via; the
-//!                                       peer is released when it ends
+//!  accept (at most max_connections open; more wait in the backlog)
+//!   └─► TLS handshake on `ssl` listeners: certificate by SNI from the runtime in use
+//!        └─► DownstreamIo: header timeout (408), head size (414/431), keep-alive timeout
+//!             └─► hyper (HTTP/1.1 keep-alive, h2 by ALPN or h2c)
+//!                  └─► runtime = DataPlane::runtime.load_full()  one config version per request
+//!                       └─► router.find(method, host, path, headers)  404 when nothing matches
+//!                            └─► route's service                  503 when the route has none
+//!                                 └─► body limit (413); peer: upstream balancer,
+//!                                     DNS answer or the service IP (503 when no
+//!                                     target is healthy or the name does not resolve)
+//!                                      └─► rewrite path (strip_path, path_handling), Host,
+//!                                          X-Forwarded-*, Via; drop hop-by-hop headers
+//!                                           └─► pooled client (TLS for https services)
+//!                                               ─► peer   502 / 504 on failure
+//!                                               (passive health check of the outcome)
+//!                                                └─► response streamed back with Via; the
+//!                                                    peer is released when it ends
 //! ```
 //!
 //! **Invariant:** a request sees exactly one config version, the one it
 //! loaded when it started; `apply` never blocks requests.
 
 mod balancer;
+mod downstream;
 mod proxy;
 mod runtime;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::ConfigSnapshot;
+use tokio::sync::Semaphore;
 
 pub use balancer::SetHealthError;
 pub use gatehouse_model::health::{AddressHealth, TargetHealth, UpstreamHealth, Weight};
-pub use proxy::serve;
+pub use proxy::{serve, serve_tls};
 pub use runtime::BuildError;
+pub use tls::{DefaultCertificate, TlsError};
 
 use balancer::Balancers;
 use runtime::{ClientCache, Runtime};
@@ -49,11 +58,31 @@ use runtime::{ClientCache, Runtime};
 pub struct ProxyConfig {
     /// Emit one `gatehouse::access` INFO event per request. Default: `true`.
     pub access_log: bool,
-    /// Largest accepted request body; `None` means unlimited. Default: `None`.
+    /// Largest accepted request body; `None` means unlimited. Default: `None`
+    /// (nginx's `client_max_body_size 0`).
     pub max_body_bytes: Option<u64>,
-    /// Time a client has to send the request head on HTTP/1. Default: 60 s
-    /// (nginx's `client_header_timeout`).
+    /// Time a client has to send a request head on HTTP/1, from the accept
+    /// for the first request and from the head's first byte for later ones;
+    /// also bounds TLS handshakes. Default: 60 s (nginx's
+    /// `client_header_timeout`).
     pub header_read_timeout: Duration,
+    /// Time a connection may stay open with no request in flight. Default:
+    /// 60 s (nginx's `keepalive_timeout` in Kong).
+    pub keepalive_timeout: Duration,
+    /// Longest request line (414 past it) or header line (431 past it).
+    /// Default: 8 KiB (one buffer of nginx's `large_client_header_buffers
+    /// 4 8k`).
+    pub max_header_line_bytes: usize,
+    /// Largest request head (431 past it). Default: 32 KiB (all four
+    /// buffers).
+    pub max_header_bytes: usize,
+    /// Most downstream connections open at once over every listener of
+    /// this data plane; further clients wait in the listen backlog until
+    /// one closes. Default: 16384.
+    pub max_connections: usize,
+    /// Served on TLS listeners when no SNI matches or the client sends
+    /// none. `None`: such handshakes fail. Default: `None`.
+    pub default_certificate: Option<DefaultCertificate>,
     /// Add Kong's `X-Kong-Proxy-Latency`, `X-Kong-Upstream-Latency` and
     /// `X-Kong-Response-Latency` headers. Default: `true`.
     pub latency_headers: bool,
@@ -65,6 +94,11 @@ impl Default for ProxyConfig {
             access_log: true,
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_line_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_connections: 16384,
+            default_certificate: None,
             latency_headers: true,
         }
     }
@@ -72,11 +106,12 @@ impl Default for ProxyConfig {
 
 /// The proxy's state: the runtime in use, and what outlives runtimes: the
 /// upstream connection pools, the balancers with their health state and
-/// background tasks, the DNS cache.
+/// background tasks, the DNS cache; and the downstream connection budget.
 pub struct DataPlane {
     runtime: ArcSwap<Runtime>,
     clients: ClientCache,
     balancers: Balancers,
+    connections: Arc<Semaphore>,
     cfg: ProxyConfig,
 }
 
@@ -87,6 +122,9 @@ impl DataPlane {
         Arc::new(DataPlane {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             clients: ClientCache::default(),
+            connections: Arc::new(Semaphore::new(
+                cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             balancers: Balancers::default(),
             cfg,
         })
@@ -99,8 +137,13 @@ impl DataPlane {
     /// snapshots one at a time, in version order.
     pub fn apply(&self, snapshot: &ConfigSnapshot) -> Result<(), BuildError> {
         let runtime = Runtime::build(snapshot, &self.clients, &self.balancers)?;
+        let n_snis = runtime.certificates.len();
         self.runtime.store(Arc::new(runtime));
-        tracing::info!(config_version = snapshot.version, "Applied configuration.");
+        tracing::info!(
+            config_version = snapshot.version,
+            n_snis,
+            "Applied configuration."
+        );
         Ok(())
     }
 

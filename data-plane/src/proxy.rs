@@ -1,8 +1,8 @@
-//! The proxy: a hyper server (HTTP/1.1 with keep-alive, and h2c) that
-//! routes each request with the runtime it loaded when it started, rewrites
-//! it as Kong does, and streams it to the upstream through a pooled client,
-//! then streams the response back. Responses the gateway produces itself
-//! carry Kong's JSON bodies.
+//! The proxy: a hyper server (HTTP/1.1 with keep-alive, h2 over TLS by
+//! ALPN, and h2c) that routes each request with the runtime it loaded when
+//! it started, rewrites it as Kong does, and streams it to the upstream
+//! through a pooled client, then streams the response back. Responses the
+//! gateway produces itself carry Kong's JSON bodies.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -21,14 +21,18 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::balancer::{Failure, HashInput, PeerError, Tracked};
+use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
 use crate::runtime::{RouteTarget, Runtime, ServiceTarget, Upstream};
-use crate::DataPlane;
+use crate::tls::TlsError;
+use crate::{DataPlane, ProxyConfig};
 
 /// Serves the proxy on `listener` until `shutdown` changes or its sender is
 /// dropped, then stops accepting, asks every connection to finish its
@@ -40,16 +44,55 @@ use crate::DataPlane;
 pub async fn serve(
     listener: TcpListener,
     dp: Arc<DataPlane>,
-    mut shutdown: watch::Receiver<()>,
+    shutdown: watch::Receiver<()>,
     grace: Duration,
 ) {
+    serve_listener(listener, dp, shutdown, grace, None).await;
+}
+
+/// [`serve`] for a listener flagged `ssl`: each connection starts with a TLS
+/// handshake (bounded by the header timeout) whose certificate is chosen by
+/// SNI from the runtime in use, then speaks h2 or HTTP/1.1 as ALPN decided.
+///
+/// Cancel safety: as [`serve`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    dp: Arc<DataPlane>,
+    shutdown: watch::Receiver<()>,
+    grace: Duration,
+) {
+    let config = match crate::tls::server_config(&dp) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(error = %ErrorChain(&error), "Cannot build the TLS server configuration; this listener does not serve.");
+            return;
+        }
+    };
+    serve_listener(
+        listener,
+        dp,
+        shutdown,
+        grace,
+        Some(TlsAcceptor::from(config)),
+    )
+    .await;
+}
+
+async fn serve_listener(
+    listener: TcpListener,
+    dp: Arc<DataPlane>,
+    mut shutdown: watch::Receiver<()>,
+    grace: Duration,
+    tls: Option<TlsAcceptor>,
+) {
     let local_port = listener.local_addr().map_or(0, |addr| addr.port());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(dp.cfg.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(http_builder(&dp.cfg));
+    let limits = Limits {
+        header_timeout: dp.cfg.header_read_timeout,
+        keepalive_timeout: dp.cfg.keepalive_timeout,
+        max_line: dp.cfg.max_header_line_bytes,
+        max_head: dp.cfg.max_header_bytes,
+    };
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
 
@@ -57,8 +100,8 @@ pub async fn serve(
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
+            accepted = accept(&listener, &dp.connections) => {
+                let (permit, stream, remote) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors and the like: back off
@@ -71,21 +114,19 @@ pub async fn serve(
                 if let Err(error) = stream.set_nodelay(true) {
                     tracing::trace!(%error, "Failed to set TCP_NODELAY.");
                 }
-                let downstream = Arc::new(Downstream::new(remote, local_port));
-                let dp = Arc::clone(&dp);
-                let service = service_fn(move |request| {
-                    let dp = Arc::clone(&dp);
-                    let downstream = Arc::clone(&downstream);
-                    async move { Ok::<_, Infallible>(handle(&dp, &downstream, request).await) }
-                });
-                // TODO(dp): `serve_connection_with_upgrades` for WebSocket.
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                connections.spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::trace!(error = %error, "Proxy connection ended with an error.");
-                    }
-                });
+                let connection = Connection {
+                    dp: Arc::clone(&dp),
+                    builder: Arc::clone(&builder),
+                    watcher: graceful.watcher(),
+                    limits,
+                    remote,
+                    local_port,
+                    _permit: permit,
+                };
+                match &tls {
+                    None => connections.spawn(connection.serve(stream, None)),
+                    Some(acceptor) => connections.spawn(connection.serve_tls(acceptor.clone(), stream)),
+                };
             }
         }
     }
@@ -102,6 +143,114 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
+fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    /// hyper's default read buffer limit, which also bounds a request head.
+    const HYPER_MAX_BUF: usize = 8192 + 4096 * 100;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut http1 = builder.http1();
+    // DownstreamIo enforces the header timeout with Kong's 408; hyper's
+    // would close silently, and would also cut idle keep-alive connections
+    // at the header timeout instead of the keep-alive one.
+    http1.timer(TokioTimer::new()).header_read_timeout(None);
+    if cfg.max_header_bytes + 8192 > HYPER_MAX_BUF {
+        http1.max_buf_size(cfg.max_header_bytes + 8192);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Waits for a connection slot, then for a connection. Cancel safe: both
+/// waits are, and a slot taken before a cancelled accept goes back.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> io::Result<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .map_err(|_closed| io::Error::other("the connection budget was closed"))?;
+    let (stream, remote) = listener.accept().await?;
+    Ok((permit, stream, remote))
+}
+
+/// One accepted connection, with everything its task needs.
+struct Connection {
+    dp: Arc<DataPlane>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    limits: Limits,
+    remote: SocketAddr,
+    local_port: u16,
+    /// Held until the connection closes.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the TLS handshake decided.
+struct TlsSession {
+    sni: Option<Box<str>>,
+    h2: bool,
+}
+
+impl Connection {
+    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream) {
+        let handshake =
+            tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream)).await;
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::trace!(%error, remote = %self.remote, "TLS handshake failed.");
+                return;
+            }
+            Err(_elapsed) => {
+                tracing::trace!(remote = %self.remote, "TLS handshake timed out.");
+                return;
+            }
+        };
+        let (_, session) = stream.get_ref();
+        let session = TlsSession {
+            sni: session.server_name().map(Box::from),
+            h2: session.alpn_protocol() == Some(b"h2".as_slice()),
+        };
+        self.serve(stream, Some(session)).await;
+    }
+
+    async fn serve<S>(self, stream: S, tls: Option<TlsSession>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::default());
+        let h2 = tls.as_ref().is_some_and(|session| session.h2);
+        let downstream = Arc::new(Downstream::new(
+            self.remote,
+            self.local_port,
+            tls,
+            Arc::clone(&activity),
+        ));
+        let io = DownstreamIo::new(stream, self.limits, activity, h2);
+        let dp = self.dp;
+        let service = service_fn(move |request| {
+            let dp = Arc::clone(&dp);
+            let downstream = Arc::clone(&downstream);
+            let in_flight = downstream.activity.start();
+            async move {
+                let response = handle(&dp, &downstream, request).await;
+                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+            }
+        });
+        // TODO(dp): `serve_connection_with_upgrades` for WebSocket.
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(error) = self.watcher.watch(connection).await {
+            tracing::trace!(error = %error, "Proxy connection ended with an error.");
+        }
+    }
+}
+
 pub(crate) type ResponseBody = Either<Tracked<Incoming>, Full<Bytes>>;
 
 /// Per-connection facts, turned into header values once per connection.
@@ -112,10 +261,23 @@ struct Downstream {
     /// The port the proxy listens on (`X-Forwarded-Port`, `host:port` routes).
     local_port: u16,
     local_port_value: HeaderValue,
+    /// The connection is TLS: `X-Forwarded-Proto: https`, and https-only
+    /// routes are served rather than redirected.
+    tls: bool,
+    forwarded_proto: HeaderValue,
+    /// The server name the client sent in its TLS handshake, which routes'
+    /// `snis` match.
+    sni: Option<Box<str>>,
+    activity: Arc<Activity>,
 }
 
 impl Downstream {
-    fn new(remote: SocketAddr, local_port: u16) -> Downstream {
+    fn new(
+        remote: SocketAddr,
+        local_port: u16,
+        tls: Option<TlsSession>,
+        activity: Arc<Activity>,
+    ) -> Downstream {
         let ip = remote.ip().to_canonical();
         Downstream {
             remote,
@@ -124,6 +286,10 @@ impl Downstream {
                 .unwrap_or(HeaderValue::from_static("unknown")),
             local_port,
             local_port_value: HeaderValue::from(local_port),
+            forwarded_proto: if tls.is_some() { HTTPS } else { HTTP },
+            tls: tls.is_some(),
+            sni: tls.and_then(|session| session.sni),
+            activity,
         }
     }
 }
@@ -141,6 +307,12 @@ pub(crate) enum ProxyError {
     UnsupportedProtocol {
         service_id: Box<str>,
         protocol: Box<str>,
+    },
+    #[error("service {service_id} has upstream TLS settings that do not load")]
+    UpstreamTlsUnavailable {
+        service_id: Box<str>,
+        #[source]
+        source: Arc<TlsError>,
     },
     #[error("service {service_id} has no peer to send the request to")]
     NoPeer {
@@ -193,6 +365,7 @@ impl ProxyError {
             ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } => Side::Downstream,
             ProxyError::NoService { .. }
             | ProxyError::UnsupportedProtocol { .. }
+            | ProxyError::UpstreamTlsUnavailable { .. }
             | ProxyError::InvalidUpstreamRequest { .. } => Side::Internal,
             ProxyError::NoPeer { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -215,7 +388,8 @@ impl ProxyError {
                 ..
             } => (StatusCode::SERVICE_UNAVAILABLE, body::NAME_RESOLUTION),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body::TOO_LARGE),
-            ProxyError::InvalidUpstreamRequest { .. } => {
+            ProxyError::InvalidUpstreamRequest { .. }
+            | ProxyError::UpstreamTlsUnavailable { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, body::INTERNAL)
             }
             ProxyError::UpstreamTimeout { .. } => {
@@ -288,6 +462,8 @@ const VIA_HTTP_11: HeaderValue =
 const VIA_HTTP_2: HeaderValue =
     HeaderValue::from_static(concat!("2 gatehouse/", env!("CARGO_PKG_VERSION")));
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
+const CLOSE: HeaderValue = HeaderValue::from_static("close");
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -340,12 +516,22 @@ async fn handle(
         .cfg
         .access_log
         .then(|| (request.method().clone(), request.uri().clone()));
+    let version = request.version();
     let mut facts = Facts::default();
     let (mut response, error) =
         match forward(dp, &runtime, downstream, request, started, &mut facts).await {
             Ok(response) => (response, None),
             Err(error) => (error.response(), Some(error)),
         };
+    if let Some(ProxyError::BodyTooLarge { .. }) = error {
+        // The rest of the body is not read: close the connection, after
+        // discarding what the client still sends so that it reads the 413
+        // rather than a reset.
+        downstream.activity.linger_on_close();
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, CLOSE);
+        }
+    }
 
     if dp.cfg.latency_headers {
         let headers = response.headers_mut();
@@ -363,12 +549,13 @@ async fn handle(
     if let Some((method, uri)) = logged {
         let upstream = facts.service.and_then(|service| match &service.upstream {
             Upstream::Http(http) => Some(http.authority.as_str()),
-            Upstream::Unsupported { .. } => None,
+            Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => None,
         });
         tracing::info!(
             target: "gatehouse::access",
             client_ip = %downstream.remote.ip(),
             method = method.as_str(),
+            sni = downstream.sni.as_deref(),
             path = uri.path(),
             status = response.status().as_u16(),
             config_version = runtime.version,
@@ -423,14 +610,13 @@ async fn forward<'r>(
             port: downstream.local_port,
             path: &path,
             headers: &parts.headers,
-            // TODO(dp): TLS listeners pass `https` and the SNI.
-            https: false,
-            sni: None,
+            https: downstream.tls,
+            sni: downstream.sni.as_deref(),
         })
         .ok_or(ProxyError::NoRoute)?;
     let route = &runtime.routes[found.route_idx];
     facts.route = Some(route);
-    if let Some(status) = route.https_only {
+    if let Some(status) = route.https_only.filter(|_| !downstream.tls) {
         return Ok(https_required(status, &host, &parts.uri));
     }
     let service = route
@@ -446,6 +632,12 @@ async fn forward<'r>(
             return Err(ProxyError::UnsupportedProtocol {
                 service_id: service.id.clone(),
                 protocol: protocol.clone(),
+            })
+        }
+        Upstream::TlsUnavailable { error } => {
+            return Err(ProxyError::UpstreamTlsUnavailable {
+                service_id: service.id.clone(),
+                source: Arc::clone(error),
             })
         }
     };
@@ -490,7 +682,7 @@ async fn forward<'r>(
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    let uri = upstream_uri(&peer.authority, path_and_query)?;
+    let uri = upstream_uri(&upstream.scheme, &peer.authority, path_and_query)?;
     let forwarded_path = HeaderValue::from_str(raw_path).ok();
     let forwarded_host = (!host.is_empty())
         .then(|| HeaderValue::from_str(&host).ok())
@@ -527,7 +719,7 @@ async fn forward<'r>(
     headers.insert(header::HOST, host_header);
     let forwarded_for = append_to_list(headers, &X_FORWARDED_FOR, &downstream.client_ip);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
-    headers.insert(X_FORWARDED_PROTO, HTTP);
+    headers.insert(X_FORWARDED_PROTO, downstream.forwarded_proto.clone());
     set_or_remove(headers, X_FORWARDED_HOST, forwarded_host);
     headers.insert(X_FORWARDED_PORT, downstream.local_port_value.clone());
     set_or_remove(headers, X_FORWARDED_PATH, forwarded_path);
@@ -591,10 +783,14 @@ async fn forward<'r>(
     Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
 }
 
-fn upstream_uri(peer: &Authority, path_and_query: String) -> Result<Uri, ProxyError> {
+fn upstream_uri(
+    scheme: &Scheme,
+    peer: &Authority,
+    path_and_query: String,
+) -> Result<Uri, ProxyError> {
     let invalid = |source: http::Error| ProxyError::InvalidUpstreamRequest { source };
     let mut parts = uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme.clone());
     parts.authority = Some(peer.clone());
     parts.path_and_query =
         Some(PathAndQuery::try_from(path_and_query).map_err(|error| invalid(error.into()))?);
@@ -713,7 +909,7 @@ fn has_source<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
 }
 
 /// Displays an error with its sources: `a: b: c`.
-struct ErrorChain<'e>(&'e ProxyError);
+pub(crate) struct ErrorChain<'e>(pub(crate) &'e (dyn StdError + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

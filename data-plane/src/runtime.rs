@@ -1,7 +1,8 @@
 //! The runtime: everything a request needs from one config version, built
 //! once from a snapshot and never mutated. Services are resolved into
-//! upstream addresses, header values and timeouts here, so that the request
-//! path only looks things up.
+//! upstream addresses, header values, timeouts and TLS client configs here,
+//! and certificates into the SNI index, so that the request path and TLS
+//! handshakes only look things up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,16 +11,22 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
 use gatehouse_router::{Rewrite, RouteSpec, Router};
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{HeaderValue, StatusCode};
 use http_body_util::Limited;
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use regex::Regex;
+use rustls_pki_types::ServerName;
 
 use crate::balancer::{BalancerLookup, Balancers, Peers};
+use crate::tls::{
+    client_config, CaCertificateEntity, CertificateEntity, CertificateIndex, ServedCertificate,
+    ServiceTlsFields, SniEntity, TlsError, UpstreamTls,
+};
 
 /// Why a snapshot could not become a runtime. The runtime in use stays.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +43,15 @@ pub enum BuildError {
 }
 
 pub(crate) type RequestBody = Limited<Incoming>;
-pub(crate) type UpstreamClient = Client<HttpConnector, RequestBody>;
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 pub(crate) struct Runtime {
     pub(crate) version: u64,
     pub(crate) router: Router,
     /// Indexed by the router's `route_idx`.
     pub(crate) routes: Vec<RouteTarget>,
+    /// Certificates by server name, read by TLS handshakes.
+    pub(crate) certificates: CertificateIndex,
 }
 
 /// A route as the proxy uses it.
@@ -83,17 +92,22 @@ pub(crate) struct ServiceTarget {
 }
 
 pub(crate) enum Upstream {
+    /// `http` and `https` services.
     Http(Box<HttpUpstream>),
-    /// TODO(dp): https, grpc and grpcs upstreams (TLS); requests get 502.
-    Unsupported {
-        protocol: Box<str>,
-    },
+    /// TODO(dp): grpc and grpcs upstreams; requests get 502.
+    Unsupported { protocol: Box<str> },
+    /// An https service whose TLS settings do not load (a CA certificate
+    /// that does not exist, an unusable client key); requests get 500.
+    TlsUnavailable { error: Arc<TlsError> },
 }
 
 pub(crate) struct HttpUpstream {
+    /// `http` or `https`.
+    pub(crate) scheme: Scheme,
     /// The service's `host:port`, for the logs.
     pub(crate) authority: Authority,
-    /// Pooled client whose connector has the service's connect timeout.
+    /// Pooled client whose connector has the service's connect timeout and
+    /// TLS settings.
     pub(crate) client: UpstreamClient,
     /// Where requests go: a fixed address, a DNS name or a balancer.
     pub(crate) peers: Peers,
@@ -105,6 +119,7 @@ impl Runtime {
             version: 0,
             router: Router::empty(),
             routes: Vec::new(),
+            certificates: CertificateIndex::default(),
         }
     }
 
@@ -115,6 +130,15 @@ impl Runtime {
     ) -> Result<Runtime, BuildError> {
         let services: Vec<Service> = snapshot.typed("services")?;
         let routes: Vec<Route> = snapshot.typed("routes")?;
+        let certificates: Vec<CertificateEntity> = snapshot.typed("certificates")?;
+        let snis: Vec<SniEntity> = snapshot.typed("snis")?;
+        let ca_certificates: Vec<CaCertificateEntity> = snapshot.typed("ca_certificates")?;
+        let service_tls: Vec<ServiceTlsFields> = snapshot.typed("services")?;
+        let tls_sources = TlsSources {
+            certificates: certificates.iter().map(|c| (c.id.as_str(), c)).collect(),
+            ca_certificates: ca_certificates.iter().map(|c| (c.id.as_str(), c)).collect(),
+            services: service_tls.iter().map(|s| (s.id.as_str(), s)).collect(),
+        };
 
         let mut client_lookup = ClientLookup::new(clients);
         let mut balancer_lookup = BalancerLookup::new(balancers, snapshot)?;
@@ -125,6 +149,7 @@ impl Runtime {
             let target = if service.enabled {
                 Some(Arc::new(build_service(
                     service,
+                    &tls_sources,
                     &mut client_lookup,
                     &mut balancer_lookup,
                 )?))
@@ -169,8 +194,80 @@ impl Runtime {
             version: snapshot.version,
             router,
             routes: targets,
+            certificates: build_certificates(&snis, &tls_sources),
         })
     }
+}
+/// The TLS entities of a snapshot by id.
+struct TlsSources<'s> {
+    certificates: HashMap<&'s str, &'s CertificateEntity>,
+    ca_certificates: HashMap<&'s str, &'s CaCertificateEntity>,
+    services: HashMap<&'s str, &'s ServiceTlsFields>,
+}
+
+/// Loads the certificates `snis` name. One that does not load is logged
+/// and left out: its names get the default certificate, and the rest of
+/// the configuration still applies.
+fn build_certificates(snis: &[SniEntity], sources: &TlsSources<'_>) -> CertificateIndex {
+    let mut served: HashMap<&str, Arc<ServedCertificate>> = HashMap::new();
+    for sni in snis {
+        let id = sni.certificate.id.as_str();
+        if served.contains_key(id) {
+            continue;
+        }
+        let Some(entity) = sources.certificates.get(id) else {
+            tracing::warn!(certificate_id = id, sni = %sni.name, "SNI names a certificate the snapshot does not hold; serving the default certificate.");
+            continue;
+        };
+        match ServedCertificate::from_entity(entity) {
+            Ok(certificate) => {
+                served.insert(id, Arc::new(certificate));
+            }
+            Err(error) => {
+                tracing::warn!(certificate_id = id, error = %crate::proxy::ErrorChain(&error), "Certificate does not load; its SNIs get the default certificate.");
+            }
+        }
+    }
+    CertificateIndex::from_snis(snis, &served)
+}
+
+/// A service's upstream TLS settings, certificates resolved to their PEM.
+fn upstream_tls(service: &Service, sources: &TlsSources<'_>) -> Result<UpstreamTls, TlsError> {
+    let fields = sources.services.get(service.id.as_str());
+    let mut trusted = Vec::new();
+    for ca_id in fields
+        .and_then(|f| f.ca_certificates.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let ca = sources.ca_certificates.get(ca_id.as_str()).ok_or_else(|| {
+            TlsError::UnknownCaCertificate {
+                ca_certificate_id: ca_id.as_str().into(),
+            }
+        })?;
+        trusted.push(Arc::from(ca.cert.as_str()));
+    }
+    let client_certificate = match fields.and_then(|f| f.client_certificate.as_ref()) {
+        None => None,
+        Some(reference) => {
+            let certificate = sources
+                .certificates
+                .get(reference.id.as_str())
+                .ok_or_else(|| TlsError::UnknownCertificate {
+                    certificate_id: reference.id.as_str().into(),
+                })?;
+            Some((
+                Arc::from(certificate.cert.as_str()),
+                Arc::from(certificate.key.as_str()),
+            ))
+        }
+    };
+    Ok(UpstreamTls {
+        verify: service.tls_verify.unwrap_or(false),
+        verify_depth: fields.and_then(|f| f.tls_verify_depth),
+        trusted,
+        client_certificate,
+    })
 }
 
 /// The fields the router matches on, borrowed from the route.
@@ -216,7 +313,7 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         .as_deref()
         .is_some_and(|service| match &service.upstream {
             Upstream::Http(http) => http.peers.uses_uri_captures(),
-            Upstream::Unsupported { .. } => false,
+            Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => false,
         });
     let path_regexes = if uses_captures {
         // As the router compiles them: `~regex` matches at the start.
@@ -245,6 +342,7 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
 
 fn build_service(
     service: &Service,
+    tls_sources: &TlsSources<'_>,
     clients: &mut ClientLookup<'_>,
     balancers: &mut BalancerLookup<'_>,
 ) -> Result<ServiceTarget, BuildError> {
@@ -252,7 +350,12 @@ fn build_service(
         None | Some("") => "/",
         Some(path) => path,
     };
-    let upstream = if service.protocol == "http" {
+    let scheme = match service.protocol.as_str() {
+        "http" => Some(Scheme::HTTP),
+        "https" => Some(Scheme::HTTPS),
+        _ => None,
+    };
+    let upstream = if let Some(scheme) = scheme {
         let host = if service.host.contains(':') && !service.host.starts_with('[') {
             format!("[{}]", service.host)
         } else {
@@ -264,7 +367,8 @@ fn build_service(
             address: address.clone(),
         };
         let authority = Authority::try_from(address.as_str()).map_err(|_| invalid())?;
-        let host_header = if service.port == 80 {
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host_header = if service.port == default_port {
             HeaderValue::from_str(&host)
         } else {
             HeaderValue::from_str(&address)
@@ -273,12 +377,36 @@ fn build_service(
         // Host header unless the route preserves the client's (or the
         // service's upstream sets its own): the service host, with the
         // port when it is not the scheme's default.
-        let peers = balancers.peers(service, &authority, host_header);
-        Upstream::Http(Box::new(HttpUpstream {
-            authority,
-            client: clients.get(Duration::from_millis(service.connect_timeout)),
-            peers,
-        }))
+        let tls = if scheme == Scheme::HTTPS {
+            upstream_tls(service, tls_sources).map(Some)
+        } else {
+            Ok(None)
+        };
+        let client = tls.and_then(|tls| {
+            clients.get(ClientKey {
+                connect_timeout: Duration::from_millis(service.connect_timeout),
+                // Requests go to peer addresses; the server name stays the
+                // service host, as Kong's `upstream_host`.
+                tls: tls.map(|tls| (tls, Box::from(service.host.as_str()))),
+            })
+        });
+        match client {
+            Ok(client) => {
+                let peers = balancers.peers(service, &authority, host_header);
+                Upstream::Http(Box::new(HttpUpstream {
+                    scheme,
+                    authority,
+                    client,
+                    peers,
+                }))
+            }
+            Err(error) => {
+                tracing::warn!(service_id = %service.id, error = %crate::proxy::ErrorChain(&error), "Upstream TLS settings do not load; the service's routes will answer 500.");
+                Upstream::TlsUnavailable {
+                    error: Arc::new(error),
+                }
+            }
+        }
     } else {
         tracing::warn!(service_id = %service.id, protocol = %service.protocol, "Upstream protocol not supported yet; its routes will answer 502.");
         Upstream::Unsupported {
@@ -293,75 +421,99 @@ fn build_service(
     })
 }
 
-/// Upstream clients by connect timeout. A client owns a keep-alive pool, so
+/// What a pooled client is fixed to. The connector fixes the connect
+/// timeout, the TLS settings and the server name, hence one client per
+/// distinct key (one for all http services with Kong's default timeout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientKey {
+    connect_timeout: Duration,
+    /// For `https` services: the TLS settings and the server name. Pools
+    /// are keyed by peer address, so services that reach one address under
+    /// different names get different clients.
+    tls: Option<(UpstreamTls, Box<str>)>,
+}
+
+/// Upstream clients by [`ClientKey`]. A client owns a keep-alive pool, so
 /// clients outlive runtimes: a new config version keeps warm connections.
-/// The connector fixes the connect timeout, hence one client per distinct
-/// timeout (usually one: Kong's default of 60 s).
 pub(crate) struct ClientCache {
-    by_connect_timeout: ArcSwap<Vec<(Duration, UpstreamClient)>>,
+    by_key: ArcSwap<Vec<(ClientKey, UpstreamClient)>>,
 }
 
 impl Default for ClientCache {
     fn default() -> Self {
         ClientCache {
-            by_connect_timeout: ArcSwap::from_pointee(Vec::new()),
+            by_key: ArcSwap::from_pointee(Vec::new()),
         }
     }
 }
 
 /// The clients one build uses: reused from the cache or created. Publishing
-/// keeps only those, so pools of timeouts no service uses any more go away
-/// once the runtimes holding them are dropped.
+/// keeps only those, so pools no service uses any more go away once the
+/// runtimes holding them are dropped.
 struct ClientLookup<'c> {
     cache: &'c ClientCache,
-    previous: Arc<Vec<(Duration, UpstreamClient)>>,
-    used: Vec<(Duration, UpstreamClient)>,
+    previous: Arc<Vec<(ClientKey, UpstreamClient)>>,
+    used: Vec<(ClientKey, UpstreamClient)>,
 }
 
 impl<'c> ClientLookup<'c> {
     fn new(cache: &'c ClientCache) -> Self {
         ClientLookup {
             cache,
-            previous: cache.by_connect_timeout.load_full(),
+            previous: cache.by_key.load_full(),
             used: Vec::new(),
         }
     }
 
-    fn get(&mut self, connect_timeout: Duration) -> UpstreamClient {
-        if let Some((_, client)) = self
-            .used
-            .iter()
-            .find(|(timeout, _)| *timeout == connect_timeout)
-        {
-            return client.clone();
+    fn get(&mut self, key: ClientKey) -> Result<UpstreamClient, TlsError> {
+        if let Some((_, client)) = self.used.iter().find(|(used, _)| *used == key) {
+            return Ok(client.clone());
         }
-        let client = match self
-            .previous
-            .iter()
-            .find(|(timeout, _)| *timeout == connect_timeout)
-        {
+        let client = match self.previous.iter().find(|(previous, _)| *previous == key) {
             Some((_, client)) => client.clone(),
-            None => new_client(connect_timeout),
+            None => new_client(&key)?,
         };
-        self.used.push((connect_timeout, client.clone()));
-        client
+        self.used.push((key, client.clone()));
+        Ok(client)
     }
 
     fn publish(self) {
-        self.cache.by_connect_timeout.store(Arc::new(self.used));
+        self.cache.by_key.store(Arc::new(self.used));
     }
 }
 
-fn new_client(connect_timeout: Duration) -> UpstreamClient {
+fn new_client(key: &ClientKey) -> Result<UpstreamClient, TlsError> {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_connect_timeout(Some(key.connect_timeout));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
+    connector.enforce_http(false);
+    let connector = match &key.tls {
+        Some((tls, server_name)) => {
+            let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
+                TlsError::ServerName {
+                    name: server_name.clone(),
+                }
+            })?;
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(client_config(tls)?)
+                .https_or_http()
+                .with_server_name_resolver(FixedServerNameResolver::new(server_name))
+                .enable_http1()
+                .wrap_connector(connector)
+        }
+        // Plain http: the TLS config is never used.
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client_config(&UpstreamTls::default())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector),
+    };
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         // Kong's `upstream_keepalive_idle_timeout` and `_pool_size`.
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(512)
         // The proxy always sets Host itself.
         .set_host(false)
-        .build(connector)
+        .build(connector))
 }

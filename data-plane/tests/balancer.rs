@@ -142,9 +142,9 @@ impl Gateway {
     async fn start(snapshot: &ConfigSnapshot) -> Gateway {
         let dp = DataPlane::new(ProxyConfig {
             access_log: false,
-            max_body_bytes: None,
             header_read_timeout: Duration::from_secs(5),
             latency_headers: false,
+            ..ProxyConfig::default()
         });
         dp.apply(snapshot).expect("snapshot applies");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");

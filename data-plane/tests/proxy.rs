@@ -150,10 +150,8 @@ impl Gateway {
 
 fn config() -> ProxyConfig {
     ProxyConfig {
-        access_log: true,
-        max_body_bytes: None,
         header_read_timeout: Duration::from_secs(5),
-        latency_headers: true,
+        ..ProxyConfig::default()
     }
 }
 
@@ -771,4 +769,183 @@ async fn head_responses_keep_the_upstream_length() {
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.body.is_empty());
     assert_eq!(reply.header("content-length"), Some("10"));
+}
+
+#[tokio::test]
+async fn connections_over_the_budget_wait_for_a_slot() {
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        max_connections: 1,
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    // Takes the only slot, then the next connection waits in the backlog.
+    let held = TcpStream::connect(gateway.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let url = gateway.url("/echo");
+    let waiting = tokio::spawn(async move { get(&url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served over the budget");
+    drop(held);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a slot frees")
+        .expect("request task");
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn early_413_is_read_by_the_client_and_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        max_body_bytes: Some(1024),
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .expect("head");
+    // More body than the limit, none of which the gateway reads.
+    stream.write_all(&[b'a'; 64 * 1024]).await.expect("body");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(r#"{"message":"Request size limit exceeded"}"#),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn tls_listeners_speak_h2_by_alpn() {
+    use gatehouse_data_plane::{serve_tls, DefaultCertificate};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    // A CA the client trusts and the gateway's certificate for localhost.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        default_certificate: Some(
+            DefaultCertificate::from_pem(&leaf.pem(), &leaf_key.serialize_pem())
+                .expect("certificate loads"),
+        ),
+        ..config()
+    };
+    let dp = DataPlane::new(cfg);
+    dp.apply(&echo_snapshot(1, upstream))
+        .expect("snapshot applies");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (_shutdown, shutdown_rx) = watch::channel(());
+    tokio::spawn(serve_tls(listener, dp, shutdown_rx, Duration::from_secs(1)));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_cert.pem().as_bytes()).expect("PEM"))
+        .expect("root");
+    let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("the certificate verifies for localhost");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = Request::get("https://localhost/echo/h2")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let echo: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echo["path"], "/h2");
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_keepalive_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = start_upstream().await;
+    let cfg = ProxyConfig {
+        keepalive_timeout: Duration::from_millis(300),
+        header_read_timeout: Duration::from_secs(5),
+        ..config()
+    };
+    let gateway = Gateway::start(cfg, Some(echo_snapshot(1, upstream))).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..2 {
+        // Each request comes well within the keep-alive timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("request");
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    }
+    let idle = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed when idle")
+        .expect("read");
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        idle.elapsed()
+    );
 }

@@ -2,11 +2,13 @@
 //! PostgreSQL. One binary with modules, so processes and the database
 //! cluster are shared setup rather than per-file copies.
 
+mod abuse;
 mod admin;
 mod balancer;
 mod postgres;
 mod process;
 mod proxy;
+mod tls;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 

@@ -1,7 +1,10 @@
 //! Test harness shared by Gatehouse's end-to-end tests: real `gatehouse`
 //! processes on ephemeral loopback ports, a throwaway PostgreSQL cluster
-//! started with `initdb`/`pg_ctl`, and a small HTTP upstream. Nothing here
-//! mocks the database or the network.
+//! started with `initdb`/`pg_ctl`, and small HTTP and HTTPS upstreams, with
+//! certificates made on the spot (`tls`). Nothing here mocks the database
+//! or the network.
+
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -43,6 +46,8 @@ pub struct Gatehouse {
     pub admin: String,
     pub proxy: String,
     pub proxy_addr: SocketAddr,
+    /// The `ssl` proxy listener.
+    pub proxy_tls_addr: SocketAddr,
     pub prefix: PathBuf,
     _dir: Option<tempfile::TempDir>,
     log: PathBuf,
@@ -63,13 +68,17 @@ impl Gatehouse {
         std::fs::create_dir_all(prefix).expect("prefix dir");
         let admin_port = free_port();
         let proxy_port = free_port();
+        let proxy_tls_port = free_port();
         let log = prefix.join(format!("test-{admin_port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(bin);
         cmd.arg("standalone")
             .env("GATEHOUSE_PREFIX", prefix)
             .env("GATEHOUSE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("GATEHOUSE_PROXY_LISTEN", format!("127.0.0.1:{proxy_port}"))
+            .env(
+                "GATEHOUSE_PROXY_LISTEN",
+                format!("127.0.0.1:{proxy_port}, 127.0.0.1:{proxy_tls_port} ssl"),
+            )
             .env("GATEHOUSE_WORKER_THREADS", "2")
             .env("GATEHOUSE_LOG_LEVEL", "info")
             .stdout(out.try_clone().expect("log handle"))
@@ -83,6 +92,7 @@ impl Gatehouse {
             admin: format!("http://127.0.0.1:{admin_port}"),
             proxy: format!("http://127.0.0.1:{proxy_port}"),
             proxy_addr: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+            proxy_tls_addr: SocketAddr::from(([127, 0, 0, 1], proxy_tls_port)),
             prefix: prefix.to_path_buf(),
             _dir: None,
             log,
@@ -121,6 +131,22 @@ impl Gatehouse {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Peak resident memory of the process so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc/<pid>/status is readable");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Send SIGTERM and wait for the exit status. The prefix stays until
@@ -376,7 +402,8 @@ impl Postgres {
 }
 
 /// An HTTP/1.1 upstream on loopback that answers every request with a JSON
-/// echo of what it received (method, path, headers, body length).
+/// echo of what it received (method, path, headers, body length and byte
+/// sum). Bodies may have a `Content-Length` or be chunked.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
 }
@@ -387,20 +414,19 @@ impl EchoUpstream {
         let addr = listener.local_addr().expect("addr");
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || serve_echo(stream));
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    serve_echo(stream);
+                });
             }
         });
         EchoUpstream { addr }
     }
 }
 
-fn serve_echo(stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut reader = BufReader::new(match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    });
-    let mut writer = stream;
+/// Serves echo answers on one connection until it closes.
+pub fn serve_echo<S: Read + Write>(stream: S) {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -411,6 +437,7 @@ fn serve_echo(stream: TcpStream) {
         let path = parts.next().unwrap_or("").to_owned();
         let mut headers = serde_json::Map::new();
         let mut content_length = 0usize;
+        let mut chunked = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -426,16 +453,18 @@ fn serve_echo(stream: TcpStream) {
                 if k == "content-length" {
                     content_length = v.parse().unwrap_or(0);
                 }
+                if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                    chunked = true;
+                }
                 headers.insert(k, serde_json::Value::String(v));
             }
         }
-        let mut body = vec![0u8; content_length];
-        if reader.read_exact(&mut body).is_err() {
+        let Some((body_len, body_sum)) = read_body(&mut reader, content_length, chunked) else {
             return;
-        }
+        };
         let doc = serde_json::json!({
-            "method": method, "path": path, "headers": headers, "body_len": body.len(),
-            "body_sum": body.iter().map(|b| *b as u64).sum::<u64>(),
+            "method": method, "path": path, "headers": headers, "body_len": body_len,
+            "body_sum": body_sum,
         });
         let out = doc.to_string();
         let resp = format!(
@@ -443,8 +472,64 @@ fn serve_echo(stream: TcpStream) {
             out.len(),
             out
         );
-        if writer.write_all(resp.as_bytes()).is_err() {
+        let writer = reader.get_mut();
+        if writer
+            .write_all(resp.as_bytes())
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
             return;
         }
+    }
+}
+
+/// Reads a body without keeping it: its length and byte sum.
+fn read_body<R: BufRead>(
+    reader: &mut R,
+    content_length: usize,
+    chunked: bool,
+) -> Option<(u64, u64)> {
+    let mut seen = BodySeen::default();
+    if !chunked {
+        seen.discard(reader, content_length)?;
+        return Some((seen.len, seen.sum));
+    }
+    loop {
+        let mut size_line = String::new();
+        reader.read_line(&mut size_line).ok()?;
+        let size = usize::from_str_radix(size_line.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            // Trailers end with an empty line.
+            loop {
+                let mut trailer = String::new();
+                reader.read_line(&mut trailer).ok()?;
+                if trailer.trim_end().is_empty() {
+                    return Some((seen.len, seen.sum));
+                }
+            }
+        }
+        seen.discard(reader, size)?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
+#[derive(Default)]
+struct BodySeen {
+    len: u64,
+    sum: u64,
+}
+
+impl BodySeen {
+    fn discard<R: Read>(&mut self, reader: &mut R, mut n: usize) -> Option<()> {
+        let mut buf = [0u8; 16 * 1024];
+        while n > 0 {
+            let want = n.min(buf.len());
+            reader.read_exact(&mut buf[..want]).ok()?;
+            self.len += want as u64;
+            self.sum += buf[..want].iter().map(|b| u64::from(*b)).sum::<u64>();
+            n -= want;
+        }
+        Some(())
     }
 }
