@@ -19,6 +19,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -240,10 +241,11 @@ impl Connection {
                 Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
             }
         });
-        // TODO(dp): `serve_connection_with_upgrades` for WebSocket.
+        // With upgrades, a 101 from the upstream hands the client
+        // connection to a tunnel (WebSocket).
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         if let Err(error) = self.watcher.watch(connection).await {
             tracing::trace!(error = %error, "Proxy connection ended with an error.");
@@ -714,8 +716,15 @@ async fn forward<'r>(
         _ => VIA_HTTP_11,
     };
 
+    // An HTTP/1.1 protocol upgrade (WebSocket) keeps its Upgrade and
+    // Connection headers; the connection becomes a tunnel after a 101.
+    let upgrade = upgrade_request(&mut parts);
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
+    if let Some((protocol, _)) = &upgrade {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, UPGRADE_TOKEN);
+    }
     headers.insert(header::HOST, host_header);
     let forwarded_for = append_to_list(headers, &X_FORWARDED_FOR, &downstream.client_ip);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
@@ -773,6 +782,11 @@ async fn forward<'r>(
     };
     facts.upstream_latency = Some(sent.elapsed());
 
+    if let Some((_, downstream_upgrade)) = upgrade {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(tunnel(response, downstream_upgrade));
+        }
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let via = append_to_list(&parts.headers, &header::VIA, &VIA_HTTP_11);
@@ -781,6 +795,53 @@ async fn forward<'r>(
         parts.headers.append(header::SET_COOKIE, cookie);
     }
     Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
+}
+
+const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, with the hook that
+/// yields the client connection once the upgrade is accepted.
+fn upgrade_request(parts: &mut http::request::Parts) -> Option<(HeaderValue, OnUpgrade)> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let wants_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants_upgrade {
+        return None;
+    }
+    let protocol = parts.headers.get(header::UPGRADE)?.clone();
+    let on_upgrade = parts.extensions.remove::<OnUpgrade>()?;
+    Some((protocol, on_upgrade))
+}
+
+/// Answer a 101 from the upstream and join the two upgraded connections.
+/// The tunnel lives on its own task until either side closes.
+fn tunnel(mut response: Response<Incoming>, downstream: OnUpgrade) -> Response<ResponseBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!(%error, "Protocol upgrade did not complete.");
+                return;
+            }
+        };
+        let mut downstream = TokioIo::new(downstream);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            tracing::debug!(%error, "Upgraded connection ended with an error.");
+        }
+    });
+    let (mut parts, _body) = response.into_parts();
+    let via = append_to_list(&parts.headers, &header::VIA, &VIA_HTTP_11);
+    parts.headers.insert(header::VIA, via);
+    Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
 }
 
 fn upstream_uri(

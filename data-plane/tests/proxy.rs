@@ -949,3 +949,95 @@ async fn idle_keep_alive_connections_close_after_the_keepalive_timeout() {
         idle.elapsed()
     );
 }
+
+/// An upstream that accepts one protocol upgrade per connection and then
+/// echoes raw bytes, as a WebSocket server does after its handshake.
+async fn start_upgrade_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !head.contains("upgrade: websocket") || !head.contains("connection: upgrade") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_upgrades_become_tunnels() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = start_upgrade_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    let mut client = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(
+            b"GET /echo/socket HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("send handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte))
+            .await
+            .expect("handshake answer in time")
+            .expect("read");
+        assert!(n > 0, "gateway closed during the handshake: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+
+    // Bytes now flow both ways through the tunnel, several times.
+    for message in [&b"ping"[..], b"second frame", b"\x81\x05hello"] {
+        client.write_all(message).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .expect("read echo");
+        assert_eq!(echoed, message);
+    }
+
+    // Plain requests keep working beside the tunnel.
+    let reply = get(&gateway.url("/keep/x"), &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "the upgrade upstream refuses plain requests"
+    );
+}
