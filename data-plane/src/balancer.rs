@@ -103,6 +103,12 @@ pub(crate) enum PeerError {
 impl Peers {
     /// Chooses the peer of one request. Waits only for the first DNS
     /// answer of a name nobody has resolved yet. Cancel safe.
+    /// Whether another attempt can land on another address: only an
+    /// upstream's balancer has several to choose from.
+    pub(crate) fn can_retry(&self) -> bool {
+        matches!(self, Peers::Balancer { .. })
+    }
+
     pub(crate) async fn pick(&self, input: &HashInput<'_>) -> Result<Peer, PeerError> {
         match self {
             Peers::Fixed {

@@ -16,7 +16,7 @@ use gatehouse_router::{normalize_path, push_upstream_path, request_host, Request
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -718,6 +718,20 @@ async fn forward<'r>(
 
     // An HTTP/1.1 protocol upgrade (WebSocket) keeps its Upgrade and
     // Connection headers; the connection becomes a tunnel after a 101.
+    // A request without a body can be sent again to another peer after a
+    // failure to connect or a timeout, as Kong's balancer retries do; one
+    // with a body has handed it to the first attempt.
+    let mut attempts_left = if http_body::Body::is_end_stream(&body) && upstream.peers.can_retry() {
+        service.retries
+    } else {
+        0
+    };
+    let retry_target = (attempts_left > 0).then(|| {
+        (
+            String::from_utf8_lossy(&path).into_owned(),
+            query.map(str::to_owned),
+        )
+    });
     let upgrade = upgrade_request(&mut parts);
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
@@ -736,6 +750,13 @@ async fn forward<'r>(
     headers.insert(X_REAL_IP, downstream.client_ip.clone());
     let via = append_to_list(headers, &header::VIA, &via);
     headers.insert(header::VIA, via);
+    let template = retry_target.map(|(path, query)| Retry {
+        method: parts.method.clone(),
+        path_and_query: uri.path_and_query().cloned(),
+        headers: parts.headers.clone(),
+        path,
+        query,
+    });
     parts.uri = uri;
     // TODO(dp): HTTP/2 to upstreams (grpc, h2c services).
     parts.version = Version::HTTP_11;
@@ -746,39 +767,82 @@ async fn forward<'r>(
             usize::try_from(limit).unwrap_or(usize::MAX)
         }),
     );
-    let upstream_request = Request::from_parts(parts, body);
+    let mut upstream_request = Request::from_parts(parts, Either::Left(body));
     let sent = Instant::now();
     facts.proxy_latency = Some(sent - started);
     // TODO(dp): Kong's read_timeout runs between two reads and starts once
     // the request is sent; here it bounds connect + send + response head,
-    // and the body is not timed. write_timeout and retries are not applied.
-    let response = match tokio::time::timeout(
-        service.read_timeout,
-        upstream.client.request(upstream_request),
-    )
-    .await
-    {
-        Err(_elapsed) => {
-            peer.failed(Failure::Timeout);
-            return Err(ProxyError::UpstreamTimeout {
-                upstream: peer.authority.clone(),
-            });
-        }
-        Ok(Err(error)) => {
-            let error = ProxyError::from_client(error, &peer.authority, limit);
-            match error {
-                ProxyError::UpstreamTimeout { .. } => peer.failed(Failure::Timeout),
-                ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
-                    peer.failed(Failure::Connection)
-                }
-                _ => {}
+    // and the body is not timed. write_timeout is not applied.
+    let response = loop {
+        let error = match tokio::time::timeout(
+            service.read_timeout,
+            upstream.client.request(upstream_request),
+        )
+        .await
+        {
+            Ok(Ok(response)) => {
+                peer.responded(response.status());
+                break response;
             }
+            Err(_elapsed) => {
+                peer.failed(Failure::Timeout);
+                ProxyError::UpstreamTimeout {
+                    upstream: peer.authority.clone(),
+                }
+            }
+            Ok(Err(error)) => {
+                let error = ProxyError::from_client(error, &peer.authority, limit);
+                match error {
+                    ProxyError::UpstreamTimeout { .. } => peer.failed(Failure::Timeout),
+                    ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
+                        peer.failed(Failure::Connection)
+                    }
+                    _ => {}
+                }
+                error
+            }
+        };
+        let retriable = matches!(
+            error,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnect { .. }
+        );
+        let Some(retry) = template.as_ref().filter(|_| retriable && attempts_left > 0) else {
             return Err(error);
+        };
+        attempts_left -= 1;
+        peer = upstream
+            .peers
+            .pick(&HashInput {
+                client_ip: downstream.client_ip.as_bytes(),
+                headers: &retry.headers,
+                path: &retry.path,
+                query: retry.query.as_deref(),
+                path_regex,
+            })
+            .await
+            .map_err(|source| ProxyError::NoPeer {
+                service_id: service.id.clone(),
+                source,
+            })?;
+        facts.peer = Some(peer.authority.clone());
+        let mut uri_parts = uri::Parts::default();
+        uri_parts.scheme = Some(upstream.scheme.clone());
+        uri_parts.authority = Some(peer.authority.clone());
+        uri_parts.path_and_query = retry.path_and_query.clone();
+        let uri =
+            Uri::from_parts(uri_parts).map_err(|error| ProxyError::InvalidUpstreamRequest {
+                source: error.into(),
+            })?;
+        let mut headers = retry.headers.clone();
+        if !route.preserve_host {
+            headers.insert(header::HOST, peer.host_header.clone());
         }
-        Ok(Ok(response)) => {
-            peer.responded(response.status());
-            response
-        }
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = retry.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        upstream_request = request;
     };
     facts.upstream_latency = Some(sent.elapsed());
 
@@ -795,6 +859,15 @@ async fn forward<'r>(
         parts.headers.append(header::SET_COOKIE, cookie);
     }
     Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
+}
+
+/// What a bodiless request needs to be sent again to another peer.
+struct Retry {
+    method: http::Method,
+    path_and_query: Option<PathAndQuery>,
+    headers: HeaderMap,
+    path: String,
+    query: Option<String>,
 }
 
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");

@@ -42,7 +42,10 @@ pub enum BuildError {
     InvalidUpstream { service_id: String, address: String },
 }
 
-pub(crate) type RequestBody = Limited<Incoming>;
+/// A client's body, or an empty one when a bodiless request is sent again
+/// to another peer.
+pub(crate) type RequestBody =
+    http_body_util::Either<Limited<Incoming>, http_body_util::Empty<bytes::Bytes>>;
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 pub(crate) struct Runtime {
@@ -88,6 +91,9 @@ pub(crate) struct ServiceTarget {
     pub(crate) path: Box<str>,
     /// Time from sending the request to receiving the response head.
     pub(crate) read_timeout: Duration,
+    /// Kong's `retries`: further attempts, on other peers, after a failure
+    /// to connect or a timeout.
+    pub(crate) retries: u32,
     pub(crate) upstream: Upstream,
 }
 
@@ -417,6 +423,7 @@ fn build_service(
         id: service.id.as_str().into(),
         path: path.into(),
         read_timeout: Duration::from_millis(service.read_timeout),
+        retries: service.retries,
         upstream,
     })
 }

@@ -538,14 +538,41 @@ async fn passive_checks_take_out_failing_targets() {
         .expect("set healthy");
     assert_eq!(gateway.spread(10, &[]).await.get("b"), Some(&5));
 
-    // A dead target fails one request (tcp_failures = 1), then is out.
+    // A dead target is out after one failed attempt (tcp_failures = 1);
+    // that request is retried on the other target (`retries`), so no
+    // client sees the failure.
     b.kill();
     let counts = gateway.spread(4, &[]).await;
-    assert_eq!(counts.get("502"), Some(&1), "{counts:?}");
+    assert_eq!(counts, BTreeMap::from([("a".into(), 4)]), "{counts:?}");
+    assert_eq!(gateway.target_health().get(&b.target()), Some(&false));
     assert_eq!(
         gateway.spread(10, &[]).await,
         BTreeMap::from([("a".into(), 10)])
     );
+}
+
+#[tokio::test]
+async fn retries_send_bodiless_requests_to_another_target() {
+    let a = Origin::start("a").await;
+    let mut b = Origin::start("b").await;
+    b.kill();
+    // No health checks: only retries keep the dead target from failing
+    // requests.
+    let with_retries = snapshot(1, json!({}), &[(&a.target(), 100), (&b.target(), 100)]);
+    let gateway = Gateway::start(&with_retries).await;
+    assert_eq!(
+        gateway.spread(10, &[]).await,
+        BTreeMap::from([("a".into(), 10)])
+    );
+
+    // With `retries: 0` every request the balancer sends to b fails.
+    let mut no_retries = with_retries.clone();
+    no_retries.version = 2;
+    set_service_field(&mut no_retries, "retries", json!(0));
+    gateway.dp.apply(&no_retries).expect("applies");
+    let counts = gateway.spread(10, &[]).await;
+    assert_eq!(counts.get("502"), Some(&5), "{counts:?}");
+    assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
 }
 
 #[tokio::test]
