@@ -101,6 +101,94 @@ fn decode(entity: String, id: String, body: &str) -> Result<StoredEntity, StoreE
     })
 }
 
+/// The statements a commit runs, in each database's dialect.
+struct CommitSql {
+    upsert_entity: &'static str,
+    log_upsert: &'static str,
+    delete_entity: &'static str,
+    log_delete: &'static str,
+}
+
+const SQLITE_SQL: CommitSql = CommitSql {
+    upsert_entity: "INSERT INTO entities (entity, id, body) VALUES (?1, ?2, ?3) \
+                    ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
+    log_upsert: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6)",
+    delete_entity: "DELETE FROM entities WHERE entity = ?1 AND id = ?2",
+    log_delete: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'delete', NULL, ?5)",
+};
+
+const POSTGRES_SQL: CommitSql = CommitSql {
+    upsert_entity: "INSERT INTO entities (entity, id, body) VALUES ($1, $2::uuid, $3::jsonb) \
+                    ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
+    log_upsert: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                 VALUES ($1, $2, $3, $4::uuid, 'upsert', $5::jsonb, $6)",
+    delete_entity: "DELETE FROM entities WHERE entity = $1 AND id = $2::uuid",
+    log_delete: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
+                 VALUES ($1, $2, $3, $4::uuid, 'delete', NULL, $5)",
+};
+
+/// One write as one transaction: bump the version (the row lock on
+/// `config_version` serialises writers from every control-plane node, so
+/// versions are gap-free and ordered), store or delete each entity, and log
+/// each change under that version. A macro because sqlx's executor bounds
+/// do not abstract over the two databases without a page of generics.
+macro_rules! commit_changes {
+    ($pool:expr, $changes:expr, $sql:expr) => {
+        Box::pin(async move {
+            let sql = &$sql;
+            let mut tx = $pool.begin().await?;
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE config_version SET version = version + 1 RETURNING version",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let now = now_s();
+            for (seq, change) in $changes.iter().enumerate() {
+                let seq = i32::try_from(seq).unwrap_or(i32::MAX);
+                match change {
+                    Change::Upsert { entity, id, body } => {
+                        let text = body.to_string();
+                        sqlx::query(sql.upsert_entity)
+                            .bind(*entity)
+                            .bind(id)
+                            .bind(&text)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sql.log_upsert)
+                            .bind(version)
+                            .bind(seq)
+                            .bind(*entity)
+                            .bind(id)
+                            .bind(&text)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Change::Delete { entity, id } => {
+                        sqlx::query(sql.delete_entity)
+                            .bind(*entity)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sql.log_delete)
+                            .bind(version)
+                            .bind(seq)
+                            .bind(*entity)
+                            .bind(id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(version as u64)
+        })
+    };
+}
+
 pub struct Sqlite {
     pool: SqlitePool,
 }
@@ -149,63 +237,7 @@ impl Backend for Sqlite {
     }
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            let version: i64 = sqlx::query_scalar(
-                "UPDATE config_version SET version = version + 1 RETURNING version",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            let now = now_s();
-            for (seq, change) in changes.iter().enumerate() {
-                match change {
-                    Change::Upsert { entity, id, body } => {
-                        let text = body.to_string();
-                        sqlx::query(
-                            "INSERT INTO entities (entity, id, body) VALUES (?1, ?2, ?3) \
-                             ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
-                        )
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(&text)
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query(
-                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
-                             VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6)",
-                        )
-                        .bind(version)
-                        .bind(seq as i64)
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(&text)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    Change::Delete { entity, id } => {
-                        sqlx::query("DELETE FROM entities WHERE entity = ?1 AND id = ?2")
-                            .bind(*entity)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query(
-                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
-                             VALUES (?1, ?2, ?3, ?4, 'delete', NULL, ?5)",
-                        )
-                        .bind(version)
-                        .bind(seq as i64)
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                }
-            }
-            tx.commit().await?;
-            Ok(version as u64)
-        })
+        commit_changes!(self.pool, changes, SQLITE_SQL)
     }
 
     fn ping(&self) -> BoxFut<'_, ()> {
@@ -281,65 +313,7 @@ impl Backend for Postgres {
     }
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            // The row lock on config_version serialises writers from every
-            // control-plane node, so versions are gap-free and ordered.
-            let version: i64 = sqlx::query_scalar(
-                "UPDATE config_version SET version = version + 1 RETURNING version",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            let now = now_s();
-            for (seq, change) in changes.iter().enumerate() {
-                match change {
-                    Change::Upsert { entity, id, body } => {
-                        let text = body.to_string();
-                        sqlx::query(
-                            "INSERT INTO entities (entity, id, body) VALUES ($1, $2::uuid, $3::jsonb) \
-                             ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
-                        )
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(&text)
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query(
-                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
-                             VALUES ($1, $2, $3, $4::uuid, 'upsert', $5::jsonb, $6)",
-                        )
-                        .bind(version)
-                        .bind(seq as i32)
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(&text)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    Change::Delete { entity, id } => {
-                        sqlx::query("DELETE FROM entities WHERE entity = $1 AND id = $2::uuid")
-                            .bind(*entity)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query(
-                            "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
-                             VALUES ($1, $2, $3, $4::uuid, 'delete', NULL, $5)",
-                        )
-                        .bind(version)
-                        .bind(seq as i32)
-                        .bind(*entity)
-                        .bind(id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                }
-            }
-            tx.commit().await?;
-            Ok(version as u64)
-        })
+        commit_changes!(self.pool, changes, POSTGRES_SQL)
     }
 
     fn ping(&self) -> BoxFut<'_, ()> {
