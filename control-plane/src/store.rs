@@ -93,23 +93,20 @@ fn now_s() -> i64 {
         .unwrap_or(0)
 }
 
-fn decode(entity: String, id: String, body: &str) -> Result<StoredEntity, StoreError> {
-    Ok(StoredEntity {
-        entity,
-        id,
-        body: body.to_owned(),
-    })
-}
-
-/// The statements a commit runs, in each database's dialect.
-struct CommitSql {
+/// The statements the store runs, in each database's dialect.
+struct Sql {
+    /// Run first in the read transaction of `load`, if any.
+    read_isolation: Option<&'static str>,
+    select_entities: &'static str,
     upsert_entity: &'static str,
     log_upsert: &'static str,
     delete_entity: &'static str,
     log_delete: &'static str,
 }
 
-const SQLITE_SQL: CommitSql = CommitSql {
+const SQLITE_SQL: Sql = Sql {
+    read_isolation: None,
+    select_entities: "SELECT entity, id, body FROM entities ORDER BY entity, id",
     upsert_entity: "INSERT INTO entities (entity, id, body) VALUES (?1, ?2, ?3) \
                     ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
     log_upsert: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
@@ -119,7 +116,9 @@ const SQLITE_SQL: CommitSql = CommitSql {
                  VALUES (?1, ?2, ?3, ?4, 'delete', NULL, ?5)",
 };
 
-const POSTGRES_SQL: CommitSql = CommitSql {
+const POSTGRES_SQL: Sql = Sql {
+    read_isolation: Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+    select_entities: "SELECT entity, id::text, body::text FROM entities ORDER BY entity, id",
     upsert_entity: "INSERT INTO entities (entity, id, body) VALUES ($1, $2::uuid, $3::jsonb) \
                     ON CONFLICT (entity, id) DO UPDATE SET body = excluded.body",
     log_upsert: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
@@ -189,6 +188,33 @@ macro_rules! commit_changes {
     };
 }
 
+/// Every entity and the version they are at, read in one transaction.
+macro_rules! load_all {
+    ($pool:expr, $sql:expr) => {
+        Box::pin(async move {
+            let sql = &$sql;
+            let mut tx = $pool.begin().await?;
+            if let Some(isolation) = sql.read_isolation {
+                sqlx::query(isolation).execute(&mut *tx).await?;
+            }
+            let version: i64 = sqlx::query_scalar("SELECT version FROM config_version")
+                .fetch_one(&mut *tx)
+                .await?;
+            let rows = sqlx::query(sql.select_entities).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            let rows = rows
+                .into_iter()
+                .map(|r| StoredEntity {
+                    entity: r.get(0),
+                    id: r.get(1),
+                    body: r.get(2),
+                })
+                .collect();
+            Ok((rows, version as u64))
+        })
+    };
+}
+
 pub struct Sqlite {
     pool: SqlitePool,
 }
@@ -219,21 +245,7 @@ impl Sqlite {
 
 impl Backend for Sqlite {
     fn load(&self) -> BoxFut<'_, (Vec<StoredEntity>, u64)> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            let version: i64 = sqlx::query_scalar("SELECT version FROM config_version")
-                .fetch_one(&mut *tx)
-                .await?;
-            let rows = sqlx::query("SELECT entity, id, body FROM entities ORDER BY entity, id")
-                .fetch_all(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            let rows = rows
-                .into_iter()
-                .map(|r| decode(r.get(0), r.get(1), r.get::<&str, _>(2)))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((rows, version as u64))
-        })
+        load_all!(self.pool, SQLITE_SQL)
     }
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
@@ -290,26 +302,7 @@ pub fn redact(url: &str) -> String {
 
 impl Backend for Postgres {
     fn load(&self) -> BoxFut<'_, (Vec<StoredEntity>, u64)> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                .execute(&mut *tx)
-                .await?;
-            let version: i64 = sqlx::query_scalar("SELECT version FROM config_version")
-                .fetch_one(&mut *tx)
-                .await?;
-            let rows = sqlx::query(
-                "SELECT entity, id::text, body::text FROM entities ORDER BY entity, id",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            let rows = rows
-                .into_iter()
-                .map(|r| decode(r.get(0), r.get(1), r.get::<&str, _>(2)))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((rows, version as u64))
-        })
+        load_all!(self.pool, POSTGRES_SQL)
     }
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
