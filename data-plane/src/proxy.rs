@@ -449,6 +449,8 @@ mod body {
     pub(super) const GATEWAY_TIMEOUT: &[u8] = br#"{"message":"The upstream server is timing out"}"#;
     pub(super) const INTERNAL: &[u8] = br#"{"message":"An unexpected error occurred"}"#;
     pub(super) const HTTPS_REQUIRED: &[u8] = br#"{"message":"Please use HTTPS protocol"}"#;
+    pub(super) const HTTP2_REQUIRED: &[u8] = br#"{"message":"Please use HTTP2 protocol"}"#;
+    pub(super) const NON_GRPC: &[u8] = br#"{"message":"Non-gRPC request matched gRPC route"}"#;
 }
 
 const SERVER: HeaderValue =
@@ -466,6 +468,10 @@ const VIA_HTTP_2: HeaderValue =
 const HTTP: HeaderValue = HeaderValue::from_static("http");
 const HTTPS: HeaderValue = HeaderValue::from_static("https");
 const CLOSE: HeaderValue = HeaderValue::from_static("close");
+const TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+const APPLICATION_GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -519,12 +525,16 @@ async fn handle(
         .access_log
         .then(|| (request.method().clone(), request.uri().clone()));
     let version = request.version();
+    let grpc_request = is_grpc(request.headers());
     let mut facts = Facts::default();
     let (mut response, error) =
         match forward(dp, &runtime, downstream, request, started, &mut facts).await {
             Ok(response) => (response, None),
             Err(error) => (error.response(), Some(error)),
         };
+    if grpc_request && (error.is_some() || is_gateway_json(&response)) {
+        response = grpc_error(response);
+    }
     if let Some(ProxyError::BodyTooLarge { .. }) = error {
         // The rest of the body is not read: close the connection, after
         // discarding what the client still sends so that it reads the 413
@@ -620,6 +630,29 @@ async fn forward<'r>(
     facts.route = Some(route);
     if let Some(status) = route.https_only.filter(|_| !downstream.tls) {
         return Ok(https_required(status, &host, &parts.uri));
+    }
+    if let Some(grpc) = route.grpc {
+        // Kong's checks for gRPC routes (`kong/runloop/handler.lua`).
+        if !is_grpc(&parts.headers) {
+            return Ok(gateway_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                body::NON_GRPC,
+            ));
+        }
+        if parts.version != Version::HTTP_2 {
+            let mut response = gateway_response(StatusCode::UPGRADE_REQUIRED, body::HTTP2_REQUIRED);
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("HTTP/2"));
+            return Ok(response);
+        }
+        if !grpc.plaintext && !downstream.tls {
+            return Ok(grpc_response(
+                StatusCode::OK,
+                1,
+                "gRPC request matched gRPCs route",
+            ));
+        }
     }
     let service = route
         .service
@@ -732,9 +765,17 @@ async fn forward<'r>(
             query.map(str::to_owned),
         )
     });
-    let upgrade = upgrade_request(&mut parts);
+    let upgrade = if upstream.h2 {
+        None
+    } else {
+        upgrade_request(&mut parts)
+    };
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
+    if upstream.h2 {
+        // gRPC servers expect it; HTTP/2 allows no other TE value.
+        headers.insert(header::TE, TRAILERS);
+    }
     if let Some((protocol, _)) = &upgrade {
         headers.insert(header::UPGRADE, protocol.clone());
         headers.insert(header::CONNECTION, UPGRADE_TOKEN);
@@ -758,8 +799,12 @@ async fn forward<'r>(
         query,
     });
     parts.uri = uri;
-    // TODO(dp): HTTP/2 to upstreams (grpc, h2c services).
-    parts.version = Version::HTTP_11;
+    let upstream_version = if upstream.h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    parts.version = upstream_version;
 
     let body = Limited::new(
         body,
@@ -840,7 +885,7 @@ async fn forward<'r>(
         let mut request = Request::new(Either::Right(Empty::new()));
         *request.method_mut() = retry.method.clone();
         *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
+        *request.version_mut() = upstream_version;
         *request.headers_mut() = headers;
         upstream_request = request;
     };
@@ -853,7 +898,8 @@ async fn forward<'r>(
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let via = append_to_list(&parts.headers, &header::VIA, &VIA_HTTP_11);
+    let hop = if upstream.h2 { VIA_HTTP_2 } else { VIA_HTTP_11 };
+    let via = append_to_list(&parts.headers, &header::VIA, &hop);
     parts.headers.insert(header::VIA, via);
     if let Some(cookie) = peer.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, cookie);
@@ -954,6 +1000,91 @@ fn https_required(status: StatusCode, host: &str, uri: &Uri) -> Response<Respons
         headers.insert(header::LOCATION, location);
     }
     response
+}
+
+/// A request whose `Content-Type` starts with `application/grpc`.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn is_gateway_json(response: &Response<ResponseBody>) -> bool {
+    matches!(response.body(), Either::Right(_))
+        && response.headers().get(header::CONTENT_TYPE) == Some(&JSON_UTF8)
+}
+
+/// A bodiless gRPC response carrying its status in headers.
+fn grpc_response(
+    status: StatusCode,
+    grpc_status: u8,
+    message: &'static str,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, APPLICATION_GRPC);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    headers.insert(GRPC_STATUS, HeaderValue::from(u16::from(grpc_status)));
+    headers.insert(GRPC_MESSAGE, HeaderValue::from_static(message));
+    headers.insert(header::SERVER, SERVER);
+    response
+}
+
+/// Kong's answer to a gRPC client instead of a JSON error
+/// (`kong/pdk/response.lua`): the same HTTP status, no body, and the
+/// status's gRPC code and name in `grpc-status` and `grpc-message`.
+fn grpc_error(response: Response<ResponseBody>) -> Response<ResponseBody> {
+    let status = response.status();
+    let exact = match status.as_u16() {
+        400 => Some(3),
+        401 => Some(16),
+        403 => Some(7),
+        404 => Some(5),
+        409 => Some(6),
+        429 => Some(8),
+        499 => Some(1),
+        501 => Some(12),
+        503 => Some(14),
+        504 => Some(4),
+        _ => None,
+    };
+    let code = exact.unwrap_or(if status.is_server_error() {
+        13
+    } else if status.is_client_error() {
+        3
+    } else if status.is_success() {
+        0
+    } else {
+        2
+    });
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    let mut grpc = grpc_response(status, code, NAMES[usize::from(code)]);
+    // Headers the error carried (Connection, Upgrade, Location) stay.
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            grpc.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    grpc
 }
 
 fn gateway_response(status: StatusCode, body: &'static [u8]) -> Response<ResponseBody> {

@@ -65,6 +65,9 @@ pub(crate) struct RouteTarget {
     /// Set for routes whose protocols include `https` but not `http`: the
     /// status a plaintext request gets (426, or a redirect code).
     pub(crate) https_only: Option<StatusCode>,
+    /// Set for routes whose protocols include `grpc` or `grpcs`: only gRPC
+    /// requests over HTTP/2 pass.
+    pub(crate) grpc: Option<GrpcRoute>,
     /// `None` when the route has no service (Kong answers 503).
     pub(crate) service: Option<Arc<ServiceTarget>>,
     /// `X-Forwarded-Prefix` per entry of the route's `paths`, for plain
@@ -73,6 +76,14 @@ pub(crate) struct RouteTarget {
     /// Regex per entry of `paths`, kept only when the service's upstream
     /// hashes on a URI capture; empty otherwise.
     pub(crate) path_regexes: Box<[Option<Regex>]>,
+}
+
+/// What a gRPC route accepts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GrpcRoute {
+    /// The route lists `grpc`: plaintext (h2c) requests are served, not
+    /// only TLS ones.
+    pub(crate) plaintext: bool,
 }
 
 impl RouteTarget {
@@ -100,7 +111,8 @@ pub(crate) struct ServiceTarget {
 pub(crate) enum Upstream {
     /// `http` and `https` services.
     Http(Box<HttpUpstream>),
-    /// TODO(dp): grpc and grpcs upstreams; requests get 502.
+    /// Stream services (`tcp`, `tls`, `udp`), which HTTP routes cannot
+    /// reach; requests get 502.
     Unsupported { protocol: Box<str> },
     /// An https service whose TLS settings do not load (a CA certificate
     /// that does not exist, an unusable client key); requests get 500.
@@ -108,8 +120,12 @@ pub(crate) enum Upstream {
 }
 
 pub(crate) struct HttpUpstream {
-    /// `http` or `https`.
+    /// `http` or `https`; `grpc` and `grpcs` map to them.
     pub(crate) scheme: Scheme,
+    /// `grpc` and `grpcs` services: requests go upstream over HTTP/2 (with
+    /// prior knowledge on plaintext, by ALPN over TLS), as Kong's
+    /// `grpc_pass` does; everything else over HTTP/1.1.
+    pub(crate) h2: bool,
     /// The service's `host:port`, for the logs.
     pub(crate) authority: Authority,
     /// Pooled client whose connector has the service's connect timeout and
@@ -181,9 +197,13 @@ impl Runtime {
                     }
                 },
             };
-            // TODO(dp): grpc(s)-only routes (Kong answers 415/426 on
-            // mismatches) and stream routes; left out of the router for now.
-            if !route.protocols.iter().any(|p| p == "http" || p == "https") {
+            // TODO(dp): stream routes (tcp, tls, udp) need stream
+            // listeners; HTTP listeners never match them.
+            if !route
+                .protocols
+                .iter()
+                .any(|p| matches!(p.as_str(), "http" | "https" | "grpc" | "grpcs"))
+            {
                 continue;
             }
             routable.push((targets.len(), route));
@@ -303,6 +323,10 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         }
         _ => StatusCode::UPGRADE_REQUIRED,
     });
+    let has = |protocol: &str| route.protocols.iter().any(|p| p == protocol);
+    let grpc = (has("grpc") || has("grpcs")).then(|| GrpcRoute {
+        plaintext: has("grpc"),
+    });
     let forwarded_prefixes = route
         .paths
         .iter()
@@ -340,6 +364,7 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
         strip_path: route.strip_path,
         preserve_host: route.preserve_host,
         https_only,
+        grpc,
         service,
         forwarded_prefixes,
         path_regexes,
@@ -357,11 +382,13 @@ fn build_service(
         Some(path) => path,
     };
     let scheme = match service.protocol.as_str() {
-        "http" => Some(Scheme::HTTP),
-        "https" => Some(Scheme::HTTPS),
+        "http" => Some((Scheme::HTTP, false)),
+        "https" => Some((Scheme::HTTPS, false)),
+        "grpc" => Some((Scheme::HTTP, true)),
+        "grpcs" => Some((Scheme::HTTPS, true)),
         _ => None,
     };
-    let upstream = if let Some(scheme) = scheme {
+    let upstream = if let Some((scheme, h2)) = scheme {
         let host = if service.host.contains(':') && !service.host.starts_with('[') {
             format!("[{}]", service.host)
         } else {
@@ -391,6 +418,7 @@ fn build_service(
         let client = tls.and_then(|tls| {
             clients.get(ClientKey {
                 connect_timeout: Duration::from_millis(service.connect_timeout),
+                h2,
                 // Requests go to peer addresses; the server name stays the
                 // service host, as Kong's `upstream_host`.
                 tls: tls.map(|tls| (tls, Box::from(service.host.as_str()))),
@@ -401,6 +429,7 @@ fn build_service(
                 let peers = balancers.peers(service, &authority, host_header);
                 Upstream::Http(Box::new(HttpUpstream {
                     scheme,
+                    h2,
                     authority,
                     client,
                     peers,
@@ -414,7 +443,7 @@ fn build_service(
             }
         }
     } else {
-        tracing::warn!(service_id = %service.id, protocol = %service.protocol, "Upstream protocol not supported yet; its routes will answer 502.");
+        tracing::warn!(service_id = %service.id, protocol = %service.protocol, "Stream services are not proxied yet; routes reaching them answer 502.");
         Upstream::Unsupported {
             protocol: service.protocol.as_str().into(),
         }
@@ -434,6 +463,9 @@ fn build_service(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ClientKey {
     connect_timeout: Duration,
+    /// HTTP/2 only (gRPC services): a separate pool of multiplexed
+    /// connections.
+    h2: bool,
     /// For `https` services: the TLS settings and the server name. Pools
     /// are keyed by peer address, so services that reach one address under
     /// different names get different clients.
@@ -501,12 +533,16 @@ fn new_client(key: &ClientKey) -> Result<UpstreamClient, TlsError> {
                     name: server_name.clone(),
                 }
             })?;
-            hyper_rustls::HttpsConnectorBuilder::new()
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(client_config(tls)?)
                 .https_or_http()
-                .with_server_name_resolver(FixedServerNameResolver::new(server_name))
-                .enable_http1()
-                .wrap_connector(connector)
+                .with_server_name_resolver(FixedServerNameResolver::new(server_name));
+            // ALPN offers exactly the one protocol the pool speaks.
+            if key.h2 {
+                builder.enable_http2().wrap_connector(connector)
+            } else {
+                builder.enable_http1().wrap_connector(connector)
+            }
         }
         // Plain http: the TLS config is never used.
         None => hyper_rustls::HttpsConnectorBuilder::new()
@@ -515,7 +551,11 @@ fn new_client(key: &ClientKey) -> Result<UpstreamClient, TlsError> {
             .enable_http1()
             .wrap_connector(connector),
     };
-    Ok(Client::builder(TokioExecutor::new())
+    let mut builder = Client::builder(TokioExecutor::new());
+    if key.h2 {
+        builder.http2_only(true).timer(TokioTimer::new());
+    }
+    Ok(builder
         .pool_timer(TokioTimer::new())
         // Kong's `upstream_keepalive_idle_timeout` and `_pool_size`.
         .pool_idle_timeout(Duration::from_secs(60))
