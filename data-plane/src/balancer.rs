@@ -122,6 +122,18 @@ impl Peers {
         }
     }
 
+    /// Whether picking a peer reads the request's headers.
+    pub(crate) fn reads_headers(&self) -> bool {
+        match self {
+            Peers::Balancer { balancer, .. } => balancer
+                .spec
+                .hashing
+                .as_ref()
+                .is_some_and(HashSpec::reads_headers),
+            _ => false,
+        }
+    }
+
     /// Whether routes to this service must keep their path regexes for
     /// `uri_capture` hashing.
     pub(crate) fn uses_uri_captures(&self) -> bool {

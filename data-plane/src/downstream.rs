@@ -45,10 +45,10 @@ use tokio::time::{Instant, Sleep};
 
 /// nginx's `lingering_timeout`: how long a closing connection waits for
 /// more bytes to discard.
-const LINGER_IDLE: Duration = Duration::from_secs(5);
+pub(crate) const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// nginx's `lingering_time`: the most a closing connection spends
 /// discarding what the client still sends.
-const LINGER_TOTAL: Duration = Duration::from_secs(30);
+pub(crate) const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
 /// The first line of the HTTP/2 connection preface.
 const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";
@@ -176,7 +176,7 @@ enum Phase {
 
 /// Where a head is: its size, the current line's, how many lines ended.
 #[derive(Default)]
-struct HeadScan {
+pub(crate) struct HeadScan {
     bytes: usize,
     line: usize,
     lines: usize,
@@ -184,7 +184,7 @@ struct HeadScan {
     first_line: [u8; 16],
 }
 
-enum Scanned {
+pub(crate) enum Scanned {
     /// More bytes needed.
     Partial,
     /// The blank line that ends the head.
@@ -195,7 +195,7 @@ enum Scanned {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reject {
+pub(crate) enum Reject {
     /// 408: the head did not arrive in time.
     Timeout,
     /// 414: the request line is longer than one buffer.
@@ -205,7 +205,7 @@ enum Reject {
 }
 
 impl Reject {
-    fn answer(self) -> Vec<u8> {
+    pub(crate) fn answer(self) -> Vec<u8> {
         let (status, message) = match self {
             Reject::Timeout => ("408 Request Timeout", "Request timeout"),
             Reject::UriTooLong => ("414 URI Too Long", "URI too long"),
@@ -224,13 +224,13 @@ impl Reject {
     }
 
     /// Whether the client may still be sending the rest of its request.
-    fn lingers(self) -> bool {
+    pub(crate) fn lingers(self) -> bool {
         self != Reject::Timeout
     }
 }
 
 impl HeadScan {
-    fn scan(&mut self, bytes: &[u8], limits: &Limits) -> (Scanned, usize) {
+    pub(crate) fn scan(&mut self, bytes: &[u8], limits: &Limits) -> (Scanned, usize) {
         for (idx, &byte) in bytes.iter().enumerate() {
             self.bytes += 1;
             match byte {

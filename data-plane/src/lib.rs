@@ -33,6 +33,7 @@
 
 mod balancer;
 mod downstream;
+mod h1;
 mod proxy;
 mod runtime;
 mod tls;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use gatehouse_router::{normalize_path, push_upstream_path, request_host, RequestView};
+use gatehouse_router::{normalize_path, push_upstream_path, request_host, RequestView, RouteMatch};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
@@ -29,9 +29,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::balancer::{Failure, HashInput, PeerError, Tracked};
+use crate::balancer::{Failure, HashInput, Peer, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
-use crate::runtime::{RouteTarget, Runtime, ServiceTarget, Upstream};
+use crate::h1::{Ended, Engine, Prefixed};
+use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
 use crate::{DataPlane, ProxyConfig};
 
@@ -95,6 +96,9 @@ async fn serve_listener(
         max_head: dp.cfg.max_header_bytes,
     };
     let graceful = GracefulShutdown::new();
+    // Connections on the HTTP/1.1 engine drain on this; hyper's on
+    // `graceful`.
+    let (drain, draining) = watch::channel(false);
     let mut connections = JoinSet::new();
 
     loop {
@@ -119,6 +123,7 @@ async fn serve_listener(
                     dp: Arc::clone(&dp),
                     builder: Arc::clone(&builder),
                     watcher: graceful.watcher(),
+                    drain: draining.clone(),
                     limits,
                     remote,
                     local_port,
@@ -133,10 +138,15 @@ async fn serve_listener(
     }
 
     drop(listener);
-    let open = graceful.count();
+    let open = connections.len();
     tracing::info!(open, "Proxy stopped accepting; draining connections.");
+    let _ = drain.send(true);
+    let drained = async {
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("Proxy connections drained."),
+        () = drained => tracing::info!("Proxy connections drained."),
         () = tokio::time::sleep(grace) => {
             tracing::warn!(open = connections.len(), "Grace period over; closing the remaining proxy connections.");
         }
@@ -182,6 +192,7 @@ struct Connection {
     dp: Arc<DataPlane>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
+    drain: watch::Receiver<bool>,
     limits: Limits,
     remote: SocketAddr,
     local_port: u16,
@@ -230,7 +241,22 @@ impl Connection {
             tls,
             Arc::clone(&activity),
         ));
-        let io = DownstreamIo::new(stream, self.limits, activity, h2);
+        // HTTP/1.1 starts on the engine; hyper takes what it leaves.
+        let (stream, buffered) = if h2 {
+            (stream, Bytes::new())
+        } else {
+            let engine = Engine {
+                dp: &self.dp,
+                downstream: &downstream,
+                limits: self.limits,
+                drain: self.drain.clone(),
+            };
+            match engine.serve(stream).await {
+                Ended::Closed => return,
+                Ended::HandOff { io, buffered } => (io, buffered.freeze()),
+            }
+        };
+        let io = DownstreamIo::new(Prefixed::new(buffered, stream), self.limits, activity, h2);
         let dp = self.dp;
         let service = service_fn(move |request| {
             let dp = Arc::clone(&dp);
@@ -256,21 +282,21 @@ impl Connection {
 pub(crate) type ResponseBody = Either<Tracked<Incoming>, Full<Bytes>>;
 
 /// Per-connection facts, turned into header values once per connection.
-struct Downstream {
-    remote: SocketAddr,
+pub(crate) struct Downstream {
+    pub(crate) remote: SocketAddr,
     /// `X-Real-IP`, and the last hop of `X-Forwarded-For`.
-    client_ip: HeaderValue,
+    pub(crate) client_ip: HeaderValue,
     /// The port the proxy listens on (`X-Forwarded-Port`, `host:port` routes).
-    local_port: u16,
-    local_port_value: HeaderValue,
+    pub(crate) local_port: u16,
+    pub(crate) local_port_value: HeaderValue,
     /// The connection is TLS: `X-Forwarded-Proto: https`, and https-only
     /// routes are served rather than redirected.
-    tls: bool,
-    forwarded_proto: HeaderValue,
+    pub(crate) tls: bool,
+    pub(crate) forwarded_proto: HeaderValue,
     /// The server name the client sent in its TLS handshake, which routes'
     /// `snis` match.
-    sni: Option<Box<str>>,
-    activity: Arc<Activity>,
+    pub(crate) sni: Option<Box<str>>,
+    pub(crate) activity: Arc<Activity>,
 }
 
 impl Downstream {
@@ -341,6 +367,20 @@ pub(crate) enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("could not connect to upstream {upstream}")]
+    UpstreamConnectIo {
+        upstream: Authority,
+        #[source]
+        source: io::Error,
+    },
+    #[error("request to upstream {upstream} failed")]
+    UpstreamIo {
+        upstream: Authority,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the client stopped sending the request body")]
+    ClientAborted,
 }
 
 /// Who caused a [`ProxyError`]; decides 4xx against 5xx.
@@ -364,7 +404,9 @@ impl Side {
 impl ProxyError {
     pub(crate) fn side(&self) -> Side {
         match self {
-            ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } => Side::Downstream,
+            ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } | ProxyError::ClientAborted => {
+                Side::Downstream
+            }
             ProxyError::NoService { .. }
             | ProxyError::UnsupportedProtocol { .. }
             | ProxyError::UpstreamTlsUnavailable { .. }
@@ -372,12 +414,14 @@ impl ProxyError {
             ProxyError::NoPeer { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
-            | ProxyError::Upstream { .. } => Side::Upstream,
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamConnectIo { .. }
+            | ProxyError::UpstreamIo { .. } => Side::Upstream,
         }
     }
 
     /// Kong's status and body for the error.
-    fn response(&self) -> Response<ResponseBody> {
+    pub(crate) fn response(&self) -> Response<ResponseBody> {
         let (status, body) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, body::NO_ROUTE),
             ProxyError::NoService { .. } => (StatusCode::SERVICE_UNAVAILABLE, body::NO_SERVICE),
@@ -399,7 +443,10 @@ impl ProxyError {
             }
             ProxyError::UnsupportedProtocol { .. }
             | ProxyError::UpstreamConnect { .. }
-            | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, body::BAD_GATEWAY),
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamConnectIo { .. }
+            | ProxyError::UpstreamIo { .. } => (StatusCode::BAD_GATEWAY, body::BAD_GATEWAY),
+            ProxyError::ClientAborted => (StatusCode::BAD_REQUEST, body::BAD_REQUEST),
         };
         gateway_response(status, body)
     }
@@ -448,6 +495,7 @@ mod body {
         br#"{"message":"An invalid response was received from the upstream server"}"#;
     pub(super) const GATEWAY_TIMEOUT: &[u8] = br#"{"message":"The upstream server is timing out"}"#;
     pub(super) const INTERNAL: &[u8] = br#"{"message":"An unexpected error occurred"}"#;
+    pub(super) const BAD_REQUEST: &[u8] = br#"{"message":"Bad request"}"#;
     pub(super) const HTTPS_REQUIRED: &[u8] = br#"{"message":"Please use HTTPS protocol"}"#;
     pub(super) const HTTP2_REQUIRED: &[u8] = br#"{"message":"Please use HTTP2 protocol"}"#;
     pub(super) const NON_GRPC: &[u8] = br#"{"message":"Non-gRPC request matched gRPC route"}"#;
@@ -461,7 +509,7 @@ const JSON_UTF8: HeaderValue = HeaderValue::from_static("application/json; chars
 /// response.
 const VIA_HTTP_10: HeaderValue =
     HeaderValue::from_static(concat!("1.0 gatehouse/", env!("CARGO_PKG_VERSION")));
-const VIA_HTTP_11: HeaderValue =
+pub(crate) const VIA_HTTP_11: HeaderValue =
     HeaderValue::from_static(concat!("1.1 gatehouse/", env!("CARGO_PKG_VERSION")));
 const VIA_HTTP_2: HeaderValue =
     HeaderValue::from_static(concat!("2 gatehouse/", env!("CARGO_PKG_VERSION")));
@@ -501,15 +549,67 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// What the access log reports about a request.
 #[derive(Default)]
-struct Facts<'r> {
-    route: Option<&'r RouteTarget>,
-    service: Option<&'r ServiceTarget>,
+pub(crate) struct Facts<'r> {
+    pub(crate) route: Option<&'r RouteTarget>,
+    pub(crate) service: Option<&'r ServiceTarget>,
     /// The address the request went to.
-    peer: Option<Authority>,
+    pub(crate) peer: Option<Authority>,
     /// From the start of the request to sending it upstream.
-    proxy_latency: Option<Duration>,
+    pub(crate) proxy_latency: Option<Duration>,
     /// From sending the request upstream to its response head.
-    upstream_latency: Option<Duration>,
+    pub(crate) upstream_latency: Option<Duration>,
+}
+
+/// Kong's latency headers: proxy and upstream latency for a proxied
+/// request, response latency for an answer the gateway made.
+pub(crate) fn latency_headers(
+    facts: &Facts<'_>,
+    started: Instant,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let (first, second) = match (facts.proxy_latency, facts.upstream_latency) {
+        (Some(proxy), Some(upstream)) => (
+            (X_KONG_PROXY_LATENCY, millis(proxy)),
+            Some((X_KONG_UPSTREAM_LATENCY, millis(upstream))),
+        ),
+        _ => ((X_KONG_RESPONSE_LATENCY, millis(started.elapsed())), None),
+    };
+    std::iter::once(first).chain(second)
+}
+
+/// One line of the access log.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn log_access(
+    downstream: &Downstream,
+    runtime: &Runtime,
+    method: &str,
+    path: &str,
+    status: StatusCode,
+    facts: &Facts<'_>,
+    started: Instant,
+    error: Option<&ProxyError>,
+) {
+    let upstream = facts.service.and_then(|service| match &service.upstream {
+        Upstream::Http(http) => Some(http.authority.as_str()),
+        Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => None,
+    });
+    tracing::info!(
+        target: "gatehouse::access",
+        client_ip = %downstream.remote.ip(),
+        method,
+        sni = downstream.sni.as_deref(),
+        path,
+        status = status.as_u16(),
+        config_version = runtime.version,
+        route_id = facts.route.map(|route| &*route.id),
+        service_id = facts.service.map(|service| &*service.id),
+        upstream,
+        peer = facts.peer.as_ref().map(Authority::as_str),
+        latency_ms = started.elapsed().as_millis() as u64,
+        upstream_latency_ms = facts.upstream_latency.map(|latency| latency.as_millis() as u64),
+        fault = error.map(|error| error.side().as_str()),
+        error = error.map(|error| tracing::field::display(ErrorChain(error))),
+        "Request completed."
+    );
 }
 
 async fn handle(
@@ -547,81 +647,86 @@ async fn handle(
 
     if dp.cfg.latency_headers {
         let headers = response.headers_mut();
-        match (facts.proxy_latency, facts.upstream_latency) {
-            (Some(proxy), Some(upstream)) => {
-                headers.insert(X_KONG_PROXY_LATENCY, millis(proxy));
-                headers.insert(X_KONG_UPSTREAM_LATENCY, millis(upstream));
-            }
-            _ => {
-                headers.insert(X_KONG_RESPONSE_LATENCY, millis(started.elapsed()));
-            }
+        for (name, value) in latency_headers(&facts, started) {
+            headers.insert(name, value);
         }
     }
 
     if let Some((method, uri)) = logged {
-        let upstream = facts.service.and_then(|service| match &service.upstream {
-            Upstream::Http(http) => Some(http.authority.as_str()),
-            Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => None,
-        });
-        tracing::info!(
-            target: "gatehouse::access",
-            client_ip = %downstream.remote.ip(),
-            method = method.as_str(),
-            sni = downstream.sni.as_deref(),
-            path = uri.path(),
-            status = response.status().as_u16(),
-            config_version = runtime.version,
-            route_id = facts.route.map(|route| &*route.id),
-            service_id = facts.service.map(|service| &*service.id),
-            upstream,
-            peer = facts.peer.as_ref().map(Authority::as_str),
-            latency_ms = started.elapsed().as_millis() as u64,
-            upstream_latency_ms = facts.upstream_latency.map(|latency| latency.as_millis() as u64),
-            fault = error.as_ref().map(|error| error.side().as_str()),
-            error = error.as_ref().map(|error| tracing::field::display(ErrorChain(error))),
-            "Request completed."
+        log_access(
+            downstream,
+            &runtime,
+            method.as_str(),
+            uri.path(),
+            response.status(),
+            &facts,
+            started,
+            error.as_ref(),
         );
     }
     response
 }
 
-async fn forward<'r>(
+/// The parts of a request head that routing and rewriting read, whichever
+/// HTTP engine parsed it.
+pub(crate) struct RequestHead<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) version: Version,
+    /// The Host header, else the request target's authority (HTTP/2).
+    pub(crate) raw_host: Option<&'a [u8]>,
+    /// The path as sent, without the query; `/` when empty.
+    pub(crate) raw_path: &'a str,
+    pub(crate) query: Option<&'a str>,
+    /// The path and query as sent, for redirects.
+    pub(crate) target: &'a str,
+    /// The request's headers; may be empty when neither the router nor
+    /// any balancer reads headers (see [`Runtime::reads_headers`]).
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) content_length: Option<u64>,
+}
+
+/// A request routed to a service that can take it.
+pub(crate) struct Routed<'r> {
+    pub(crate) route: &'r RouteTarget,
+    pub(crate) service: &'r ServiceTarget,
+    pub(crate) upstream: &'r HttpUpstream,
+    pub(crate) found: RouteMatch,
+    /// The normalized path the router matched.
+    pub(crate) path: Vec<u8>,
+    /// nginx's `$host`: lower case, without the port.
+    pub(crate) host: String,
+}
+
+/// What routing decided: forward, or the gateway's own answer.
+pub(crate) enum Decision<'r> {
+    Forward(Routed<'r>),
+    Answer(Response<ResponseBody>),
+}
+
+/// Routes a request and applies Kong's checks before anything is sent.
+pub(crate) fn route_request<'r>(
     dp: &DataPlane,
     runtime: &'r Runtime,
     downstream: &Downstream,
-    request: Request<Incoming>,
-    started: Instant,
+    head: &RequestHead<'_>,
     facts: &mut Facts<'r>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let (mut parts, body) = request.into_parts();
-
-    // Everything read from the request before its headers change.
+) -> Result<Decision<'r>, ProxyError> {
     // Kong routes by the Host header as sent; nginx's `$host` (lower case,
     // no port) goes into X-Forwarded-Host and redirects.
-    let host_bytes = match parts.headers.get(header::HOST) {
-        Some(host) => Some(host.as_bytes()),
-        None => parts
-            .uri
-            .authority()
-            .map(|authority| authority.as_str().as_bytes()),
-    };
-    let raw_host = host_bytes
+    let raw_host = head
+        .raw_host
         .and_then(|host| std::str::from_utf8(host).ok())
         .unwrap_or("");
-    let host = request_host(raw_host);
-    let raw_path = match parts.uri.path() {
-        "" => "/",
-        path => path,
-    };
-    let path = normalize_path(raw_path);
+    let host = request_host(raw_host).into_owned();
+    let path = normalize_path(head.raw_path).into_owned();
     let found = runtime
         .router
         .find(&RequestView {
-            method: &parts.method,
-            host: host_bytes,
+            method: head.method,
+            host: head.raw_host,
             port: downstream.local_port,
             path: &path,
-            headers: &parts.headers,
+            headers: head.headers,
             https: downstream.tls,
             sni: downstream.sni.as_deref(),
         })
@@ -629,29 +734,29 @@ async fn forward<'r>(
     let route = &runtime.routes[found.route_idx];
     facts.route = Some(route);
     if let Some(status) = route.https_only.filter(|_| !downstream.tls) {
-        return Ok(https_required(status, &host, &parts.uri));
+        return Ok(Decision::Answer(https_required(status, &host, head.target)));
     }
     if let Some(grpc) = route.grpc {
         // Kong's checks for gRPC routes (`kong/runloop/handler.lua`).
-        if !is_grpc(&parts.headers) {
-            return Ok(gateway_response(
+        if !is_grpc(head.headers) {
+            return Ok(Decision::Answer(gateway_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 body::NON_GRPC,
-            ));
+            )));
         }
-        if parts.version != Version::HTTP_2 {
+        if head.version != Version::HTTP_2 {
             let mut response = gateway_response(StatusCode::UPGRADE_REQUIRED, body::HTTP2_REQUIRED);
             let headers = response.headers_mut();
             headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("HTTP/2"));
-            return Ok(response);
+            return Ok(Decision::Answer(response));
         }
         if !grpc.plaintext && !downstream.tls {
-            return Ok(grpc_response(
+            return Ok(Decision::Answer(grpc_response(
                 StatusCode::OK,
                 1,
                 "gRPC request matched gRPCs route",
-            ));
+            )));
         }
     }
     let service = route
@@ -676,26 +781,59 @@ async fn forward<'r>(
             })
         }
     };
-    let limit = dp.cfg.max_body_bytes;
-    if let Some(limit) = limit {
-        if content_length(&parts.headers).is_some_and(|length| length > limit) {
+    if let Some(limit) = dp.cfg.max_body_bytes {
+        if head.content_length.is_some_and(|length| length > limit) {
             return Err(ProxyError::BodyTooLarge { limit });
         }
     }
+    Ok(Decision::Forward(Routed {
+        route,
+        service,
+        upstream,
+        found,
+        path,
+        host,
+    }))
+}
 
-    let query = parts.uri.query();
+/// Where a routed request goes and the values Kong rewrites on the way.
+pub(crate) struct Prepared {
+    pub(crate) peer: Peer,
+    /// The upstream request target.
+    pub(crate) path_and_query: String,
+    pub(crate) host_header: HeaderValue,
+    pub(crate) forwarded_host: Option<HeaderValue>,
+    pub(crate) forwarded_path: Option<HeaderValue>,
+    pub(crate) forwarded_prefix: Option<HeaderValue>,
+    pub(crate) via: HeaderValue,
+}
+
+/// Picks the peer and computes the upstream path and Kong's headers.
+pub(crate) async fn prepare(
+    routed: &Routed<'_>,
+    downstream: &Downstream,
+    head: &RequestHead<'_>,
+) -> Result<Prepared, ProxyError> {
+    let Routed {
+        route,
+        service,
+        upstream,
+        found,
+        path,
+        host,
+    } = routed;
     let path_regex = found
         .path
         .and_then(|matched| route.path_regexes.get(matched.path_idx))
         .and_then(Option::as_ref);
-    let mut peer = upstream
+    let peer = upstream
         .peers
         .pick(&HashInput {
             client_ip: downstream.client_ip.as_bytes(),
-            headers: &parts.headers,
+            headers: head.headers,
             // A matched path is UTF-8: the router refuses other paths.
-            path: std::str::from_utf8(&path).unwrap_or_default(),
-            query,
+            path: std::str::from_utf8(path).unwrap_or_default(),
+            query: head.query,
             path_regex,
         })
         .await
@@ -703,25 +841,19 @@ async fn forward<'r>(
             service_id: service.id.clone(),
             source,
         })?;
-    facts.peer = Some(peer.authority.clone());
     let mut path_and_query = String::with_capacity(
-        service.path.len() + path.len() + query.map_or(0, |query| query.len() + 1),
+        service.path.len() + path.len() + head.query.map_or(0, |query| query.len() + 1),
     );
     push_upstream_path(
         &mut path_and_query,
         route.rewrite(service),
-        &path,
+        path,
         found.path.map(|matched| matched.len),
     );
-    if let Some(query) = query {
+    if let Some(query) = head.query {
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    let uri = upstream_uri(&upstream.scheme, &peer.authority, path_and_query)?;
-    let forwarded_path = HeaderValue::from_str(raw_path).ok();
-    let forwarded_host = (!host.is_empty())
-        .then(|| HeaderValue::from_str(&host).ok())
-        .flatten();
     // Kong sends the stripped prefix, unless it is "/"
     // (`kong/runloop/handler.lua`, `match_t.prefix ~= "/"`).
     let forwarded_prefix = match found.path {
@@ -736,18 +868,88 @@ async fn forward<'r>(
         _ => None,
     };
     let host_header = if route.preserve_host {
-        match parts.headers.get(header::HOST) {
-            Some(host) => host.clone(),
-            None => HeaderValue::from_str(raw_host).unwrap_or_else(|_| peer.host_header.clone()),
-        }
+        head.raw_host
+            .and_then(|host| HeaderValue::from_bytes(host).ok())
+            .unwrap_or_else(|| peer.host_header.clone())
     } else {
         peer.host_header.clone()
     };
-    let via = match parts.version {
+    let via = match head.version {
         Version::HTTP_10 | Version::HTTP_09 => VIA_HTTP_10,
         Version::HTTP_2 | Version::HTTP_3 => VIA_HTTP_2,
         _ => VIA_HTTP_11,
     };
+    Ok(Prepared {
+        peer,
+        path_and_query,
+        host_header,
+        forwarded_host: (!host.is_empty())
+            .then(|| HeaderValue::from_str(host).ok())
+            .flatten(),
+        forwarded_path: HeaderValue::from_str(head.raw_path).ok(),
+        forwarded_prefix,
+        via,
+    })
+}
+
+async fn forward<'r>(
+    dp: &DataPlane,
+    runtime: &'r Runtime,
+    downstream: &Downstream,
+    request: Request<Incoming>,
+    started: Instant,
+    facts: &mut Facts<'r>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let raw_host = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.as_bytes()),
+        None => parts
+            .uri
+            .authority()
+            .map(|authority| authority.as_str().as_bytes()),
+    };
+    let head = RequestHead {
+        method: &parts.method,
+        version: parts.version,
+        raw_host,
+        raw_path: match parts.uri.path() {
+            "" => "/",
+            path => path,
+        },
+        query: parts.uri.query(),
+        target: parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+        headers: &parts.headers,
+        content_length: content_length(&parts.headers),
+    };
+    let routed = match route_request(dp, runtime, downstream, &head, facts)? {
+        Decision::Forward(routed) => routed,
+        Decision::Answer(response) => return Ok(response),
+    };
+    let Prepared {
+        mut peer,
+        path_and_query,
+        host_header,
+        forwarded_host,
+        forwarded_path,
+        forwarded_prefix,
+        via,
+    } = prepare(&routed, downstream, &head).await?;
+    let Routed {
+        route,
+        service,
+        upstream,
+        found,
+        path,
+        ..
+    } = routed;
+    let query = head.query.map(str::to_owned);
+    facts.peer = Some(peer.authority.clone());
+    let limit = dp.cfg.max_body_bytes;
+    let path_regex = found
+        .path
+        .and_then(|matched| route.path_regexes.get(matched.path_idx))
+        .and_then(Option::as_ref);
+    let uri = upstream_uri(&upstream.scheme, &peer.authority, path_and_query)?;
 
     // An HTTP/1.1 protocol upgrade (WebSocket) keeps its Upgrade and
     // Connection headers; the connection becomes a tunnel after a 101.
@@ -759,12 +961,8 @@ async fn forward<'r>(
     } else {
         0
     };
-    let retry_target = (attempts_left > 0).then(|| {
-        (
-            String::from_utf8_lossy(&path).into_owned(),
-            query.map(str::to_owned),
-        )
-    });
+    let retry_target =
+        (attempts_left > 0).then(|| (String::from_utf8_lossy(&path).into_owned(), query));
     let upgrade = if upstream.h2 {
         None
     } else {
@@ -979,7 +1177,7 @@ fn upstream_uri(
 
 /// Kong's answer to a plaintext request on an https-only route: 426, or a
 /// redirect to the same URL over https.
-fn https_required(status: StatusCode, host: &str, uri: &Uri) -> Response<ResponseBody> {
+fn https_required(status: StatusCode, host: &str, target: &str) -> Response<ResponseBody> {
     if status == StatusCode::UPGRADE_REQUIRED {
         let mut response = gateway_response(status, body::HTTPS_REQUIRED);
         let headers = response.headers_mut();
@@ -990,8 +1188,7 @@ fn https_required(status: StatusCode, host: &str, uri: &Uri) -> Response<Respons
         );
         return response;
     }
-    let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let location = format!("https://{host}{path_and_query}");
+    let location = format!("https://{host}{target}");
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -1009,7 +1206,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
-fn is_gateway_json(response: &Response<ResponseBody>) -> bool {
+pub(crate) fn is_gateway_json(response: &Response<ResponseBody>) -> bool {
     matches!(response.body(), Either::Right(_))
         && response.headers().get(header::CONTENT_TYPE) == Some(&JSON_UTF8)
 }
@@ -1034,7 +1231,7 @@ fn grpc_response(
 /// Kong's answer to a gRPC client instead of a JSON error
 /// (`kong/pdk/response.lua`): the same HTTP status, no body, and the
 /// status's gRPC code and name in `grpc-status` and `grpc-message`.
-fn grpc_error(response: Response<ResponseBody>) -> Response<ResponseBody> {
+pub(crate) fn grpc_error(response: Response<ResponseBody>) -> Response<ResponseBody> {
     let status = response.status();
     let exact = match status.as_u16() {
         400 => Some(3),

@@ -55,6 +55,10 @@ pub(crate) struct Runtime {
     pub(crate) routes: Vec<RouteTarget>,
     /// Certificates by server name, read by TLS handshakes.
     pub(crate) certificates: CertificateIndex,
+    /// Whether routing or a balancer reads request headers (header rules,
+    /// gRPC routes, hashing on a header or cookie). When none does, the
+    /// HTTP/1.1 engine skips building a header map.
+    pub(crate) reads_headers: bool,
 }
 
 /// A route as the proxy uses it.
@@ -100,8 +104,14 @@ pub(crate) struct ServiceTarget {
     pub(crate) id: Box<str>,
     /// `/` when the service has no path.
     pub(crate) path: Box<str>,
-    /// Time from sending the request to receiving the response head.
+    /// Kong's `connect_timeout`.
+    pub(crate) connect_timeout: Duration,
+    /// Kong's `read_timeout`: between two reads from the upstream (the
+    /// HTTP/1.1 engine); the hyper client bounds the time to the response
+    /// head with it.
     pub(crate) read_timeout: Duration,
+    /// Kong's `write_timeout`: between two writes to the upstream.
+    pub(crate) write_timeout: Duration,
     /// Kong's `retries`: further attempts, on other peers, after a failure
     /// to connect or a timeout.
     pub(crate) retries: u32,
@@ -142,6 +152,7 @@ impl Runtime {
             router: Router::empty(),
             routes: Vec::new(),
             certificates: CertificateIndex::default(),
+            reads_headers: false,
         }
     }
 
@@ -216,9 +227,17 @@ impl Runtime {
         );
         client_lookup.publish();
         balancer_lookup.publish();
+        let reads_headers = router.reads_headers()
+            || targets.iter().any(|route| {
+                route.grpc.is_some()
+                    || route.service.as_deref().is_some_and(|service| {
+                        matches!(&service.upstream, Upstream::Http(http) if http.peers.reads_headers())
+                    })
+            });
         Ok(Runtime {
             version: snapshot.version,
             router,
+            reads_headers,
             routes: targets,
             certificates: build_certificates(&snis, &tls_sources),
         })
@@ -451,7 +470,9 @@ fn build_service(
     Ok(ServiceTarget {
         id: service.id.as_str().into(),
         path: path.into(),
+        connect_timeout: Duration::from_millis(service.connect_timeout),
         read_timeout: Duration::from_millis(service.read_timeout),
+        write_timeout: Duration::from_millis(service.write_timeout),
         retries: service.retries,
         upstream,
     })

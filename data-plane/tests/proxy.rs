@@ -1041,3 +1041,249 @@ async fn websocket_upgrades_become_tunnels() {
         "the upgrade upstream refuses plain requests"
     );
 }
+
+// ------------------------------------------------- HTTP/1.1 engine details
+
+/// An upstream speaking raw HTTP/1.1: `answer` gets each accepted
+/// connection and its number (from 1).
+async fn raw_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted += 1;
+            tokio::spawn(answer(stream, accepted));
+        }
+    });
+    addr
+}
+
+/// Reads one request head (and no body) from `stream`.
+async fn read_request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
+/// Sends raw request bytes on a new connection and reads until the proxy
+/// closes it or `expect` responses have fully arrived.
+async fn raw_exchange(addr: SocketAddr, request: &[u8], deadline: Duration) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("request");
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(deadline, stream.read_to_end(&mut received)).await;
+    received
+}
+
+fn one_route(upstream: SocketAddr, fields: Value) -> ConfigSnapshot {
+    snapshot(
+        1,
+        vec![service(SERVICE_ID, upstream.port(), fields)],
+        vec![route(1, Some(SERVICE_ID), json!({"paths": ["/"]}))],
+    )
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    let upstream = raw_upstream(move |mut stream, _| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            while read_request_head(&mut stream).await.is_some() {
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let gateway = Gateway::start(config(), Some(one_route(upstream, json!({})))).await;
+    for _ in 0..20 {
+        let reply = get(&gateway.url("/"), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(&reply.body[..], b"ok");
+    }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sequential requests share one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_replaced() {
+    // Each connection answers one request, announcing keep-alive, then
+    // closes shortly after, as an upstream with a short idle timeout does.
+    let upstream = raw_upstream(|mut stream, n| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_request_head(&mut stream).await.is_some() {
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{}", n % 10);
+            let _ = stream.write_all(answer.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let gateway = Gateway::start(config(), Some(one_route(upstream, json!({})))).await;
+    for _ in 0..3 {
+        let reply = get(&gateway.url("/"), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Without the pause the close may race the next request: the request
+    // goes again on a new connection rather than failing.
+    for _ in 0..5 {
+        let reply = get(&gateway.url("/"), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An upstream that sends a response head, then the body in `parts`, each
+/// after `gap`.
+async fn trickling_upstream(gap: Duration, parts: usize) -> SocketAddr {
+    raw_upstream(move |mut stream, _| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_request_head(&mut stream).await.is_none() {
+            return;
+        }
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {parts}\r\n\r\n");
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for _ in 0..parts {
+            tokio::time::sleep(gap).await;
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn read_timeout_bounds_each_read_not_the_whole_response() {
+    // Four gaps of 200 ms: 800 ms in all, over a 500 ms read_timeout.
+    let slow = trickling_upstream(Duration::from_millis(200), 4).await;
+    let gateway = Gateway::start(
+        config(),
+        Some(one_route(slow, json!({"read_timeout": 500}))),
+    )
+    .await;
+    let started = Instant::now();
+    let reply = get(&gateway.url("/"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(&reply.body[..], b"xxxx");
+    assert!(started.elapsed() >= Duration::from_millis(700));
+
+    // One gap longer than read_timeout: the response is cut there.
+    let stalled = trickling_upstream(Duration::from_millis(900), 2).await;
+    let gateway = Gateway::start(
+        config(),
+        Some(one_route(stalled, json!({"read_timeout": 300}))),
+    )
+    .await;
+    let received = raw_exchange(
+        gateway.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(!text.ends_with('x'), "the body was cut: {text}");
+
+    // No response head within read_timeout: Kong's 504.
+    let silent = raw_upstream(|mut stream, _| async move {
+        let _ = read_request_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+    let gateway = Gateway::start(
+        config(),
+        Some(one_route(silent, json!({"read_timeout": 300}))),
+    )
+    .await;
+    let reply = get(&gateway.url("/"), &[]).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["message"], "The upstream server is timing out");
+}
+
+#[tokio::test]
+async fn chunked_and_close_delimited_responses_pass_through() {
+    let upstream = raw_upstream(|mut stream, _| async move {
+        use tokio::io::AsyncWriteExt;
+        while let Some(head) = read_request_head(&mut stream).await {
+            if head.starts_with(b"GET /chunked") {
+                let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Checksum: 42\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            } else {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+                    .await;
+                return;
+            }
+        }
+    })
+    .await;
+    let gateway = Gateway::start(config(), Some(one_route(upstream, json!({})))).await;
+    for _ in 0..2 {
+        let reply = get(&gateway.url("/chunked"), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(&reply.body[..], b"hello, world");
+    }
+    let received = raw_exchange(
+        gateway.addr,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(
+        text.ends_with("0\r\nX-Checksum: 42\r\n\r\n"),
+        "trailers pass: {text}"
+    );
+
+    let reply = get(&gateway.url("/close"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(&reply.body[..], b"until the end");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let upstream = start_upstream().await;
+    let gateway = Gateway::start(config(), Some(echo_snapshot(1, upstream))).await;
+    let received = raw_exchange(
+        gateway.addr,
+        b"GET /echo/one HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo/two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&received);
+    let one = text.find(r#""path":"/one""#).expect("first answered");
+    let two = text.find(r#""path":"/two""#).expect("second answered");
+    let three = text.find("no Route matched").expect("third answered");
+    assert!(one < two && two < three, "{text}");
+    assert!(text.contains(r#""body_len":3"#), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 3, "{text}");
+}

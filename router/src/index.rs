@@ -139,6 +139,12 @@ impl Router {
         Builder::default().build(pending)
     }
 
+    /// Whether some route matches on headers: only then does
+    /// [`RequestView::headers`] need the request's headers.
+    pub fn reads_headers(&self) -> bool {
+        !self.header_fields.is_empty()
+    }
+
     /// The highest-priority route accepting `request`.
     pub fn find(&self, request: &RequestView<'_>) -> Option<RouteMatch> {
         let path = std::str::from_utf8(request.path).ok();

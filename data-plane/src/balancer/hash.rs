@@ -95,6 +95,13 @@ impl HashSpec {
     }
 
     /// Whether a route needs its path regexes kept for this upstream.
+    /// Whether a hash reads [`HashInput::headers`] (header or cookie).
+    pub(crate) fn reads_headers(&self) -> bool {
+        [&self.first, &self.fallback]
+            .iter()
+            .any(|on| matches!(on, HashOn::Header(_) | HashOn::Cookie { .. }))
+    }
+
     pub(crate) fn uses_uri_captures(&self) -> bool {
         matches!(self.first, HashOn::UriCapture(_))
             || matches!(self.fallback, HashOn::UriCapture(_))
