@@ -231,45 +231,63 @@ impl Reject {
 
 impl HeadScan {
     pub(crate) fn scan(&mut self, bytes: &[u8], limits: &Limits) -> (Scanned, usize) {
-        for (idx, &byte) in bytes.iter().enumerate() {
-            self.bytes += 1;
-            match byte {
-                b'\n' => {
-                    if self.line == 0 && self.lines > 0 {
-                        return (Scanned::Complete, idx + 1);
+        let mut at = 0;
+        while at < bytes.len() {
+            // A line at a time (memchr), rather than a byte at a time: heads
+            // are scanned on every request.
+            let rest = &bytes[at..];
+            let (segment, ends_line) = match memchr::memchr(b'\n', rest) {
+                Some(end) => (&rest[..end], true),
+                None => (rest, false),
+            };
+            // CRs do not count towards a line's length.
+            let content = segment.iter().filter(|&&byte| byte != b'\r').count();
+            if self.lines == 0 && self.line < self.first_line.len() {
+                let mut filled = self.line;
+                for &byte in segment {
+                    if byte == b'\r' {
+                        continue;
                     }
-                    if self.lines == 0 && self.line > 0 {
-                        let len = self.line.min(self.first_line.len());
-                        if self.first_line[..len] == *H2_PREFACE_LINE {
-                            return (Scanned::H2, idx + 1);
-                        }
+                    if filled >= self.first_line.len() {
+                        break;
                     }
-                    // Empty lines before the request line are skipped, as
-                    // RFC 9112 §2.2 allows.
-                    if self.line > 0 {
-                        self.lines += 1;
-                    }
-                    self.line = 0;
-                }
-                b'\r' => {}
-                _ => {
-                    if self.lines == 0 && self.line < self.first_line.len() {
-                        self.first_line[self.line] = byte;
-                    }
-                    self.line += 1;
-                    if self.line > limits.max_line {
-                        let reject = if self.lines == 0 {
-                            Reject::UriTooLong
-                        } else {
-                            Reject::HeaderTooLarge
-                        };
-                        return (Scanned::Reject(reject), idx + 1);
-                    }
+                    self.first_line[filled] = byte;
+                    filled += 1;
                 }
             }
+            if self.line + content > limits.max_line {
+                let reject = if self.lines == 0 {
+                    Reject::UriTooLong
+                } else {
+                    Reject::HeaderTooLarge
+                };
+                return (Scanned::Reject(reject), at + segment.len());
+            }
+            self.line += content;
+            let consumed = segment.len() + usize::from(ends_line);
+            self.bytes += consumed;
             if self.bytes > limits.max_head {
-                return (Scanned::Reject(Reject::HeaderTooLarge), idx + 1);
+                return (Scanned::Reject(Reject::HeaderTooLarge), at + consumed);
             }
+            at += consumed;
+            if !ends_line {
+                break;
+            }
+            if self.line == 0 && self.lines > 0 {
+                return (Scanned::Complete, at);
+            }
+            if self.lines == 0 && self.line > 0 {
+                let len = self.line.min(self.first_line.len());
+                if self.first_line[..len] == *H2_PREFACE_LINE {
+                    return (Scanned::H2, at);
+                }
+            }
+            // Empty lines before the request line are skipped, as RFC 9112
+            // §2.2 allows.
+            if self.line > 0 {
+                self.lines += 1;
+            }
+            self.line = 0;
         }
         (Scanned::Partial, bytes.len())
     }

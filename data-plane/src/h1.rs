@@ -19,6 +19,7 @@ mod chunked;
 mod pool;
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -57,6 +58,26 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_HEADERS: usize = 100;
 /// The largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Room for parsed header fields, left uninitialised: httparse writes
+/// only the fields it finds.
+fn uninit_fields<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+/// Runs `fut` with `timeout`, starting the timer only if the first poll
+/// does not finish it: most writes complete at once, and a timer costs a
+/// clock read and a timer-wheel entry.
+async fn timed<F: std::future::Future>(timeout: Duration, fut: F) -> io::Result<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(output) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+    {
+        return Ok(output);
+    }
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_elapsed| io::Error::from(io::ErrorKind::TimedOut))
+}
 
 /// How a connection left the engine.
 pub(crate) enum Ended<S> {
@@ -103,10 +124,15 @@ impl Engine<'_> {
         let mut out = Vec::with_capacity(4096);
         let clock = tokio::time::sleep(self.limits.header_timeout);
         tokio::pin!(clock);
+        // One drain future for the connection's life: it stays registered,
+        // rather than registering and leaving at every idle wait.
+        let mut drain = self.drain.clone();
+        let drained = drain.changed();
+        tokio::pin!(drained);
         let mut first = true;
         loop {
             let head_len = match self
-                .read_head(&mut io, &mut buf, first, clock.as_mut())
+                .read_head(&mut io, &mut buf, first, clock.as_mut(), drained.as_mut())
                 .await
             {
                 HeadRead::Complete(len) => len,
@@ -149,15 +175,17 @@ impl Engine<'_> {
     /// limits: `client_header_timeout` (from the accept for the first
     /// request, from the first byte for later ones), `keepalive_timeout`
     /// while idle, and the header buffer sizes.
-    async fn read_head<S>(
+    async fn read_head<S, D>(
         &mut self,
         io: &mut S,
         buf: &mut BytesMut,
         first: bool,
         mut clock: Pin<&mut Sleep>,
+        mut drained: Pin<&mut D>,
     ) -> HeadRead
     where
         S: AsyncRead + Unpin,
+        D: std::future::Future,
     {
         let mut scan = HeadScan::default();
         let mut scanned = 0;
@@ -169,12 +197,6 @@ impl Engine<'_> {
         }
         loop {
             if scanned < buf.len() {
-                if !started && !first {
-                    clock
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.limits.header_timeout);
-                }
-                started = true;
                 let (result, n) = scan.scan(&buf[scanned..], &self.limits);
                 scanned += n;
                 match result {
@@ -183,6 +205,15 @@ impl Engine<'_> {
                     Scanned::H2 => return HeadRead::HandOff,
                     Scanned::Reject(reject) => return HeadRead::Reject(reject),
                 }
+                // A head that did not arrive whole: from its first byte it
+                // has the header timeout (the first one has had it since
+                // the accept).
+                if !started && !first {
+                    clock
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.limits.header_timeout);
+                }
+                started = true;
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
@@ -202,7 +233,7 @@ impl Engine<'_> {
                         HeadRead::Closed
                     };
                 }
-                _ = self.drain.changed(), if !started => return HeadRead::Closed,
+                _ = drained.as_mut(), if !started => return HeadRead::Closed,
             }
         }
     }
@@ -220,9 +251,12 @@ impl Engine<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut fields);
-        if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        let mut fields = uninit_fields();
+        let mut request = httparse::Request::new(&mut []);
+        if !matches!(
+            request.parse_with_uninit_headers(head, &mut fields),
+            Ok(httparse::Status::Complete(_))
+        ) {
             return Next::HandOff;
         }
         let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
@@ -271,7 +305,8 @@ impl Engine<'_> {
             method: &method,
             path: raw_path,
             grpc: info.grpc,
-            close: info.close || *self.drain.borrow(),
+            close: info.close || self.drain.has_changed().unwrap_or(true),
+            sent: started,
             facts: Facts::default(),
         };
         let body_len = info.content_length.unwrap_or(0);
@@ -368,6 +403,8 @@ struct Exchange<'e, 'r> {
     grpc: bool,
     /// The connection closes after this response.
     close: bool,
+    /// When the request went upstream.
+    sent: Instant,
     facts: Facts<'r>,
 }
 
@@ -440,8 +477,8 @@ impl<'r> Exchange<'_, 'r> {
         io: &mut S,
         buf: &mut BytesMut,
         out: &mut Vec<u8>,
-        routed: &Routed<'r>,
-        prepared: Prepared,
+        routed: &Routed<'r, '_>,
+        prepared: Prepared<'_>,
         request: &httparse::Request<'_, '_>,
         info: &RequestInfo<'_>,
         body: &mut RequestBody,
@@ -468,14 +505,17 @@ impl<'r> Exchange<'_, 'r> {
         } = prepared;
         let downstream = self.engine.downstream;
         let rewrites = Rewrites {
-            forwarded_host: forwarded_host.as_ref(),
-            forwarded_path: forwarded_path.as_ref(),
+            forwarded_host,
+            forwarded_path,
             forwarded_prefix: forwarded_prefix.as_ref(),
             via: &via,
         };
-        let mut upstream_head = Vec::with_capacity(head_capacity(request));
+        // `out` holds the upstream request head until the response head
+        // replaces it.
+        out.clear();
+        out.reserve(head_capacity(request));
         push_upstream_head(
-            &mut upstream_head,
+            out,
             request,
             info,
             &path_and_query,
@@ -484,6 +524,7 @@ impl<'r> Exchange<'_, 'r> {
             &rewrites,
         );
         let sent = Instant::now();
+        self.sent = sent;
         self.facts.proxy_latency = Some(sent - self.started);
         let replayable = matches!(body, RequestBody::Buffered(_));
         let mut attempts_left = if replayable && upstream.peers.can_retry() {
@@ -493,10 +534,7 @@ impl<'r> Exchange<'_, 'r> {
         };
         let (mut conn, response) = loop {
             self.facts.peer = Some(peer.authority.clone());
-            let error = match self
-                .send(io, buf, &peer, routed, &upstream_head, body)
-                .await
-            {
+            let error = match self.send(io, buf, &peer, routed, out, body).await {
                 Ok(done) => break done,
                 Err(error) => error,
             };
@@ -547,7 +585,7 @@ impl<'r> Exchange<'_, 'r> {
                 .pick(&HashInput {
                     client_ip: downstream.client_ip.as_bytes(),
                     headers,
-                    path: std::str::from_utf8(path).unwrap_or_default(),
+                    path: std::str::from_utf8(&path[..]).unwrap_or_default(),
                     query: request
                         .path
                         .and_then(|target| target.split_once('?'))
@@ -569,9 +607,9 @@ impl<'r> Exchange<'_, 'r> {
             };
             if !route.preserve_host && peer.host_header != host_header {
                 host_header = peer.host_header.clone();
-                upstream_head.clear();
+                out.clear();
                 push_upstream_head(
-                    &mut upstream_head,
+                    out,
                     request,
                     info,
                     &path_and_query,
@@ -582,7 +620,8 @@ impl<'r> Exchange<'_, 'r> {
             }
         };
         peer.responded(response.status);
-        self.facts.upstream_latency = Some(sent.elapsed());
+        let responded_at = Instant::now();
+        self.facts.upstream_latency = Some(responded_at - sent);
 
         // The response head, rewritten.
         let has_body = self.method != Method::HEAD && response.framing != Framing::None;
@@ -616,7 +655,11 @@ impl<'r> Exchange<'_, 'r> {
         match relayed {
             Ok(()) => {
                 if response.keep_alive && response.framing != Framing::Close {
-                    pool::put(self.facts.peer.as_ref().map_or("", |p| p.as_str()), conn);
+                    pool::put(
+                        self.facts.peer.as_ref().map_or("", |p| p.as_str()),
+                        conn,
+                        responded_at,
+                    );
                 }
                 if self.close {
                     Next::Close
@@ -641,7 +684,7 @@ impl<'r> Exchange<'_, 'r> {
         io: &mut S,
         buf: &mut BytesMut,
         peer: &Peer,
-        routed: &Routed<'_>,
+        routed: &Routed<'_, '_>,
         head: &[u8],
         body: &mut RequestBody,
     ) -> Result<(UpstreamConn, ResponseHead), ProxyError>
@@ -655,7 +698,7 @@ impl<'r> Exchange<'_, 'r> {
         let mut pooled = if streamed {
             None
         } else {
-            pool::take(authority)
+            pool::take(authority, self.sent)
         };
         loop {
             let mut conn = match pooled.take() {
@@ -689,7 +732,7 @@ impl<'r> Exchange<'_, 'r> {
             };
             let written = match body {
                 RequestBody::Buffered(bytes) => {
-                    write_upstream(&mut conn, &[head, bytes], service.write_timeout).await
+                    write_upstream(&mut conn, [head, bytes], service.write_timeout).await
                 }
                 RequestBody::Streamed { remaining } => {
                     let result =
@@ -928,8 +971,8 @@ fn request_field(name: &[u8]) -> RequestField {
 
 /// The values Kong sets on the upstream request besides Host.
 struct Rewrites<'p> {
-    forwarded_host: Option<&'p HeaderValue>,
-    forwarded_path: Option<&'p HeaderValue>,
+    forwarded_host: Option<&'p str>,
+    forwarded_path: &'p str,
     forwarded_prefix: Option<&'p HeaderValue>,
     via: &'p HeaderValue,
 }
@@ -988,9 +1031,7 @@ fn push_upstream_head(
         b"X-Forwarded-Port",
         downstream.local_port_value.as_bytes(),
     );
-    if let Some(path) = rewrites.forwarded_path {
-        push_header(out, b"X-Forwarded-Path", path.as_bytes());
-    }
+    push_header(out, b"X-Forwarded-Path", rewrites.forwarded_path.as_bytes());
     if let Some(prefix) = rewrites.forwarded_prefix {
         push_header(out, b"X-Forwarded-Prefix", prefix.as_bytes());
     }
@@ -1004,10 +1045,14 @@ fn push_upstream_head(
 /// made. Ends without the blank line.
 fn push_response_head(out: &mut Vec<u8>, raw: &[u8], status: StatusCode, peer: &mut Peer) {
     push_status_line(out, status);
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
+    let mut fields = uninit_fields();
+    let mut response = httparse::Response::new(&mut []);
     // Parsed once already: this cannot fail.
-    let _ = response.parse(raw);
+    let _ = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        raw,
+        &mut fields,
+    );
     let mut listed: Vec<&[u8]> = Vec::new();
     for field in response.headers.iter() {
         if field.name.eq_ignore_ascii_case("connection") {
@@ -1122,27 +1167,23 @@ fn ready_bytes(body: ResponseBody) -> Bytes {
 }
 
 async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> io::Result<()> {
-    tokio::time::timeout(SEND_TIMEOUT, io.write_all(bytes))
-        .await
-        .map_err(|_elapsed| io::Error::from(io::ErrorKind::TimedOut))?
+    timed(SEND_TIMEOUT, io.write_all(bytes)).await?
 }
 
 /// Writes all of `parts` to the upstream, each write within `timeout`.
 async fn write_upstream(
     conn: &mut UpstreamConn,
-    parts: &[&[u8]],
+    parts: [&[u8]; 2],
     timeout: Duration,
 ) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice<'_>> = parts
-        .iter()
-        .filter(|part| !part.is_empty())
-        .map(|part| io::IoSlice::new(part))
-        .collect();
-    let mut slices = &mut slices[..];
-    while !slices.is_empty() {
-        let written = tokio::time::timeout(timeout, conn.stream.write_vectored(slices))
-            .await
-            .map_err(|_elapsed| io::Error::from(io::ErrorKind::TimedOut))??;
+    let mut slices = [io::IoSlice::new(parts[0]), io::IoSlice::new(parts[1])];
+    let mut slices = if parts[1].is_empty() {
+        &mut slices[..1]
+    } else {
+        &mut slices[..]
+    };
+    while slices.iter().any(|slice| !slice.is_empty()) {
+        let written = timed(timeout, conn.stream.write_vectored(slices)).await??;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -1163,7 +1204,7 @@ async fn stream_body<S: AsyncRead + Unpin>(
     let take = buf
         .len()
         .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-    write_upstream(conn, &[head, &buf[..take]], timeout)
+    write_upstream(conn, [head, &buf[..take]], timeout)
         .await
         .map_err(StreamError::Upstream)?;
     buf.advance(take);
@@ -1177,7 +1218,7 @@ async fn stream_body<S: AsyncRead + Unpin>(
         let take = buf
             .len()
             .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-        write_upstream(conn, &[&buf[..take]], timeout)
+        write_upstream(conn, [&buf[..take], &[]], timeout)
             .await
             .map_err(StreamError::Upstream)?;
         buf.advance(take);
@@ -1204,9 +1245,13 @@ async fn read_response_head(
 ) -> io::Result<ResponseHead> {
     loop {
         if !conn.buf.is_empty() {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut fields);
-            match response.parse(&conn.buf) {
+            let mut fields = uninit_fields();
+            let mut response = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                &conn.buf,
+                &mut fields,
+            ) {
                 Ok(httparse::Status::Complete(len)) => {
                     let code = response.code.unwrap_or(0);
                     if (100..200).contains(&code) {

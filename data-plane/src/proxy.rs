@@ -4,6 +4,7 @@
 //! through a pooled client, then streams the response back. Responses the
 //! gateway produces itself carry Kong's JSON bodies.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::io;
@@ -686,39 +687,39 @@ pub(crate) struct RequestHead<'a> {
 }
 
 /// A request routed to a service that can take it.
-pub(crate) struct Routed<'r> {
+pub(crate) struct Routed<'r, 'h> {
     pub(crate) route: &'r RouteTarget,
     pub(crate) service: &'r ServiceTarget,
     pub(crate) upstream: &'r HttpUpstream,
     pub(crate) found: RouteMatch,
     /// The normalized path the router matched.
-    pub(crate) path: Vec<u8>,
+    pub(crate) path: Cow<'h, [u8]>,
     /// nginx's `$host`: lower case, without the port.
-    pub(crate) host: String,
+    pub(crate) host: Cow<'h, str>,
 }
 
 /// What routing decided: forward, or the gateway's own answer.
-pub(crate) enum Decision<'r> {
-    Forward(Routed<'r>),
+pub(crate) enum Decision<'r, 'h> {
+    Forward(Routed<'r, 'h>),
     Answer(Response<ResponseBody>),
 }
 
 /// Routes a request and applies Kong's checks before anything is sent.
-pub(crate) fn route_request<'r>(
+pub(crate) fn route_request<'r, 'h>(
     dp: &DataPlane,
     runtime: &'r Runtime,
     downstream: &Downstream,
-    head: &RequestHead<'_>,
+    head: &RequestHead<'h>,
     facts: &mut Facts<'r>,
-) -> Result<Decision<'r>, ProxyError> {
+) -> Result<Decision<'r, 'h>, ProxyError> {
     // Kong routes by the Host header as sent; nginx's `$host` (lower case,
     // no port) goes into X-Forwarded-Host and redirects.
     let raw_host = head
         .raw_host
         .and_then(|host| std::str::from_utf8(host).ok())
         .unwrap_or("");
-    let host = request_host(raw_host).into_owned();
-    let path = normalize_path(head.raw_path).into_owned();
+    let host = request_host(raw_host);
+    let path = normalize_path(head.raw_path);
     let found = runtime
         .router
         .find(&RequestView {
@@ -797,23 +798,25 @@ pub(crate) fn route_request<'r>(
 }
 
 /// Where a routed request goes and the values Kong rewrites on the way.
-pub(crate) struct Prepared {
+pub(crate) struct Prepared<'h> {
     pub(crate) peer: Peer,
     /// The upstream request target.
     pub(crate) path_and_query: String,
     pub(crate) host_header: HeaderValue,
-    pub(crate) forwarded_host: Option<HeaderValue>,
-    pub(crate) forwarded_path: Option<HeaderValue>,
+    /// `X-Forwarded-Host`, when the request named a host.
+    pub(crate) forwarded_host: Option<&'h str>,
+    /// `X-Forwarded-Path`: the path as sent.
+    pub(crate) forwarded_path: &'h str,
     pub(crate) forwarded_prefix: Option<HeaderValue>,
     pub(crate) via: HeaderValue,
 }
 
 /// Picks the peer and computes the upstream path and Kong's headers.
-pub(crate) async fn prepare(
-    routed: &Routed<'_>,
+pub(crate) async fn prepare<'h>(
+    routed: &'h Routed<'_, 'h>,
     downstream: &Downstream,
-    head: &RequestHead<'_>,
-) -> Result<Prepared, ProxyError> {
+    head: &RequestHead<'h>,
+) -> Result<Prepared<'h>, ProxyError> {
     let Routed {
         route,
         service,
@@ -883,10 +886,8 @@ pub(crate) async fn prepare(
         peer,
         path_and_query,
         host_header,
-        forwarded_host: (!host.is_empty())
-            .then(|| HeaderValue::from_str(host).ok())
-            .flatten(),
-        forwarded_path: HeaderValue::from_str(head.raw_path).ok(),
+        forwarded_host: (!host.is_empty()).then_some(&**host),
+        forwarded_path: head.raw_path,
         forwarded_prefix,
         via,
     })
@@ -934,6 +935,8 @@ async fn forward<'r>(
         forwarded_prefix,
         via,
     } = prepare(&routed, downstream, &head).await?;
+    let forwarded_host = forwarded_host.and_then(|host| HeaderValue::from_str(host).ok());
+    let forwarded_path = HeaderValue::from_str(forwarded_path).ok();
     let Routed {
         route,
         service,
@@ -942,6 +945,7 @@ async fn forward<'r>(
         path,
         ..
     } = routed;
+    let path = path.into_owned();
     let query = head.query.map(str::to_owned);
     facts.peer = Some(peer.authority.clone());
     let limit = dp.cfg.max_body_bytes;

@@ -113,7 +113,12 @@ async fn run_origin(listener: TcpListener, name: &'static str, sick: Arc<AtomicB
                         .get("host")
                         .map(|host| String::from_utf8_lossy(host.as_bytes()).into_owned())
                         .unwrap_or_default();
+                    let body_len = match request.into_body().collect().await {
+                        Ok(body) => body.to_bytes().len(),
+                        Err(_) => 0,
+                    };
                     let mut response = Response::new(Full::new(Bytes::from(name)));
+                    response.headers_mut().insert("x-body-len", body_len.into());
                     if sick {
                         *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                     }
@@ -573,6 +578,35 @@ async fn retries_send_bodiless_requests_to_another_target() {
     let counts = gateway.spread(10, &[]).await;
     assert_eq!(counts.get("502"), Some(&5), "{counts:?}");
     assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
+}
+
+#[tokio::test]
+async fn retries_resend_buffered_request_bodies() {
+    let a = Origin::start("a").await;
+    let mut b = Origin::start("b").await;
+    b.kill();
+    let gateway = Gateway::start(&snapshot(
+        1,
+        json!({}),
+        &[(&a.target(), 100), (&b.target(), 100)],
+    ))
+    .await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    for _ in 0..10 {
+        let request = Request::post(format!("http://{}/", gateway.addr))
+            .body(Full::new(Bytes::from(vec![b'x'; 20_000])))
+            .expect("request");
+        let response = client.request(request).await.expect("the proxy answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-body-len"], "20000");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"a", "every attempt on b went on to a");
+    }
 }
 
 #[tokio::test]

@@ -18,8 +18,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use std::time::Instant;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 const MAX_IDLE_PER_ADDRESS: usize = 512;
 const MAX_REQUESTS: u32 = 10_000;
@@ -57,16 +57,16 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// A live idle connection to `authority`, if this thread has one.
-pub(crate) fn take(authority: &str) -> Option<UpstreamConn> {
+/// A live idle connection to `authority`, if this thread has one. `now`
+/// is a recent instant the caller already read.
+pub(crate) fn take(authority: &str, now: Instant) -> Option<UpstreamConn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.idle.get_mut(authority)?;
-        let now = Instant::now();
         // Most recently used first: it is the least likely to have been
         // closed by the upstream's own idle timeout.
         while let Some(Idle { mut conn, since }) = idle.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && is_quiet(&conn.stream) {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && is_quiet(&conn.stream) {
                 conn.requests += 1;
                 conn.reused = true;
                 return Some(conn);
@@ -76,21 +76,21 @@ pub(crate) fn take(authority: &str) -> Option<UpstreamConn> {
     })
 }
 
-/// Returns a connection whose last response was read completely.
-pub(crate) fn put(authority: &str, conn: UpstreamConn) {
+/// Returns a connection whose last response was read completely; `now` is
+/// a recent instant the caller already read.
+pub(crate) fn put(authority: &str, conn: UpstreamConn, now: Instant) {
     if conn.requests >= MAX_REQUESTS || !conn.buf.is_empty() {
         return;
     }
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let now = Instant::now();
         if pool
             .last_sweep
-            .is_none_or(|last| now.duration_since(last) >= SWEEP_EVERY)
+            .is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_EVERY)
         {
             pool.last_sweep = Some(now);
             pool.idle.retain(|_, idle| {
-                idle.retain(|entry| now.duration_since(entry.since) < IDLE_TIMEOUT);
+                idle.retain(|entry| now.saturating_duration_since(entry.since) < IDLE_TIMEOUT);
                 !idle.is_empty()
             });
         }
