@@ -755,3 +755,99 @@ fn set_service_field(snapshot: &mut ConfigSnapshot, field: &str, value: Value) {
     services[0][field] = value;
     snapshot.insert_values("services", services);
 }
+
+/// An origin that answers 200 (500 when `sick`) over TLS with a
+/// self-signed certificate for 127.0.0.1.
+async fn start_tls_origin(sick: Arc<AtomicBool>) -> SocketAddr {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let sick = Arc::clone(&sick);
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |_request: Request<Incoming>| {
+                    let status = if sick.load(Ordering::SeqCst) {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::OK
+                    };
+                    async move {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"tls")));
+                        *response.status_mut() = status;
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_active_checks_probe_over_tls() {
+    let sick = Arc::new(AtomicBool::new(false));
+    let origin = start_tls_origin(Arc::clone(&sick)).await;
+    let target = origin.to_string();
+    let https = |verify: bool| {
+        let mut checks = checks(true, false);
+        checks["healthchecks"]["active"]["type"] = json!("https");
+        checks["healthchecks"]["active"]["https_verify_certificate"] = json!(verify);
+        checks
+    };
+    // Not verifying: the self-signed origin is probed over TLS and healthy.
+    let gateway = Gateway::start(&snapshot(1, https(false), &[(&target, 100)])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gateway.target_health().get(&target), Some(&true));
+    // The probe reads the status over TLS: a 500 takes the target out.
+    sick.store(true, Ordering::SeqCst);
+    eventually("unhealthy on 500 over TLS", || async {
+        gateway.target_health().get(&target) == Some(&false)
+    })
+    .await;
+    sick.store(false, Ordering::SeqCst);
+    eventually("healthy again", || async {
+        gateway.target_health().get(&target) == Some(&true)
+    })
+    .await;
+
+    // Verifying: the self-signed certificate fails the handshake.
+    gateway
+        .dp
+        .apply(&snapshot(2, https(true), &[(&target, 100)]))
+        .expect("applies");
+    eventually("unhealthy when verification fails", || async {
+        gateway.target_health().get(&target) == Some(&false)
+    })
+    .await;
+
+    // A plain-HTTP probe of a TLS origin gets no status line either.
+    let gateway = Gateway::start(&snapshot(1, checks(true, false), &[(&target, 100)])).await;
+    eventually("unhealthy over plain HTTP", || async {
+        gateway.target_health().get(&target) == Some(&false)
+    })
+    .await;
+}

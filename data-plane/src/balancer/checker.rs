@@ -3,7 +3,8 @@
 //! `unhealthy.interval` (lua-resty-healthcheck's two timers), at most
 //! `concurrency` probes at a time. A probe connects (a failure is a TCP
 //! failure, running out of `timeout` a timeout); an `http` probe then sends
-//! `GET http_path` with `Connection: close` and judges the status line. The
+//! `GET http_path` with `Connection: close` and judges the status line, and
+//! an `https` probe does the same after a TLS handshake. The
 //! tasks read the ring the request path reads and never block it.
 
 use std::future::Future;
@@ -108,7 +109,7 @@ pub(super) enum Outcome {
 }
 
 pub(super) async fn probe(address: SocketAddr, active: &Active, host: &str) -> Outcome {
-    let mut stream = match timeout(active.timeout, TcpStream::connect(address)).await {
+    let stream = match timeout(active.timeout, TcpStream::connect(address)).await {
         Err(_) => return Outcome::Failed(Report::Timeout),
         Ok(Err(_)) => return Outcome::Failed(Report::TcpFailure),
         Ok(Ok(stream)) => stream,
@@ -116,6 +117,30 @@ pub(super) async fn probe(address: SocketAddr, active: &Active, host: &str) -> O
     if active.kind == ProbeKind::Tcp {
         return Outcome::Connected;
     }
+    let Some(tls) = &active.tls else {
+        return http_probe(stream, active, host).await;
+    };
+    // lua-resty-healthcheck counts a failed handshake as a TCP failure.
+    let Ok(tls) = tls else {
+        return Outcome::Failed(Report::TcpFailure);
+    };
+    let name = tls.sni.as_deref().unwrap_or(host);
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name.to_owned()) else {
+        return Outcome::Failed(Report::TcpFailure);
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+    match timeout(active.timeout, connector.connect(server_name, stream)).await {
+        Err(_) => Outcome::Failed(Report::Timeout),
+        Ok(Err(_)) => Outcome::Failed(Report::TcpFailure),
+        Ok(Ok(stream)) => http_probe(stream, active, host).await,
+    }
+}
+
+/// `GET http_path` on a connected stream, judged by the status line.
+async fn http_probe<S>(mut stream: S, active: &Active, host: &str) -> Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}\r\n",
         active.http_path, active.headers

@@ -11,7 +11,7 @@
 //! the balancer follows the checker's `healthy`/`unhealthy` events only.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use gatehouse_model::snapshot::Healthchecks;
@@ -288,14 +288,24 @@ impl Verdicts {
 pub(crate) enum ProbeKind {
     /// Connect, then close (`tcp`; also `grpc`/`grpcs` for now).
     Tcp,
-    /// `GET http_path`, judged by the status line (`http`; also `https`,
-    /// over plain TCP until the data plane has upstream TLS).
+    /// `GET http_path`, judged by the status line (`http`, and `https`
+    /// after a TLS handshake when [`Active::tls`] is set).
     Http,
+}
+
+/// The TLS side of `https` probes: `https_verify_certificate` against the
+/// bundled Mozilla roots, SNI from `https_sni` or the target's host name.
+pub(crate) struct ProbeTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) sni: Option<Box<str>>,
 }
 
 /// `healthchecks.active`, resolved for the checker.
 pub(crate) struct Active {
     pub(crate) kind: ProbeKind,
+    /// Set for `https` probes. `Err` when the client config did not build:
+    /// such probes fail.
+    pub(crate) tls: Option<Result<ProbeTls, Arc<crate::tls::TlsError>>>,
     pub(crate) timeout: Duration,
     pub(crate) concurrency: usize,
     pub(crate) http_path: Box<str>,
@@ -346,8 +356,21 @@ impl Checks {
                 headers.push_str("\r\n");
             }
         }
+        let tls = (active.kind == "https").then(|| {
+            let upstream_tls = crate::tls::UpstreamTls {
+                verify: active.https_verify_certificate,
+                ..crate::tls::UpstreamTls::default()
+            };
+            crate::tls::client_config(&upstream_tls)
+                .map(|config| ProbeTls {
+                    config: Arc::new(config),
+                    sni: active.https_sni.as_deref().map(Box::from),
+                })
+                .map_err(Arc::new)
+        });
         let active = (healthy_interval.is_some() || unhealthy_interval.is_some()).then(|| Active {
             kind,
+            tls,
             timeout: interval(active.timeout).unwrap_or(Duration::from_secs(1)),
             concurrency: usize::try_from(active.concurrency).unwrap_or(1).max(1),
             http_path: active.http_path.as_str().into(),
