@@ -39,8 +39,8 @@ use self::pool::UpstreamConn;
 use crate::balancer::{Failure, HashInput, Peer};
 use crate::downstream::{HeadScan, Limits, Reject, Scanned, LINGER_IDLE, LINGER_TOTAL};
 use crate::proxy::{
-    grpc_error, is_gateway_json, latency_headers, log_access, prepare, route_request, Decision,
-    Downstream, Facts, Prepared, ProxyError, RequestHead, ResponseBody, Routed,
+    grpc_error, is_gateway_json, log_access, prepare, route_request, Decision, Downstream, Facts,
+    Prepared, ProxyError, RequestHead, ResponseBody, Routed,
 };
 use crate::runtime::Runtime;
 use crate::DataPlane;
@@ -449,9 +449,7 @@ impl<'r> Exchange<'_, 'r> {
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if self.engine.dp.cfg.latency_headers {
-            for (name, value) in latency_headers(&self.facts, self.started) {
-                push_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
+            push_latency(out, &self.facts, self.started);
         }
         if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
             push_header(out, b"Content-Length", body.len().to_string().as_bytes());
@@ -631,9 +629,7 @@ impl<'r> Exchange<'_, 'r> {
         out.clear();
         push_response_head(out, &conn.buf[..response.len], response.status, &mut peer);
         if self.engine.dp.cfg.latency_headers {
-            for (name, value) in latency_headers(&self.facts, self.started) {
-                push_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
+            push_latency(out, &self.facts, self.started);
         }
         if response.framing == Framing::Chunked {
             push_header(out, b"Transfer-Encoding", b"chunked");
@@ -937,31 +933,29 @@ enum RequestField {
 }
 
 fn request_field(name: &[u8]) -> RequestField {
-    const DROPPED: [&[u8]; 16] = [
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-forwarded-port",
-        b"x-forwarded-path",
-        b"x-forwarded-prefix",
-        b"x-real-ip",
-    ];
-    if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-        RequestField::ForwardedFor
-    } else if name.eq_ignore_ascii_case(b"via") {
-        RequestField::Via
-    } else if DROPPED
+    // By length first: most fields (User-Agent, Accept, …) match none.
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        3 if name.eq_ignore_ascii_case(b"via") => return RequestField::Via,
+        4 => &[b"host"],
+        7 => &[b"trailer", b"upgrade"],
+        9 => &[b"x-real-ip"],
+        10 => &[b"connection", b"keep-alive"],
+        15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => return RequestField::ForwardedFor,
+        16 => &[
+            b"proxy-connection",
+            b"x-forwarded-host",
+            b"x-forwarded-port",
+            b"x-forwarded-path",
+        ],
+        17 => &[b"transfer-encoding", b"x-forwarded-proto"],
+        18 => &[b"proxy-authenticate", b"x-forwarded-prefix"],
+        19 => &[b"proxy-authorization"],
+        _ => &[],
+    };
+    if candidates
         .iter()
-        .any(|dropped| dropped.len() == name.len() && dropped.eq_ignore_ascii_case(name))
+        .any(|candidate| candidate.eq_ignore_ascii_case(name))
     {
         RequestField::Drop
     } else {
@@ -1104,6 +1098,38 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
+}
+
+/// Kong's latency headers (see `proxy::latency_headers`), written without
+/// building header values.
+fn push_latency(out: &mut Vec<u8>, facts: &Facts<'_>, started: Instant) {
+    let mut push = |name: &[u8], latency: Duration| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        push_decimal(out, u64::try_from(latency.as_millis()).unwrap_or(u64::MAX));
+        out.extend_from_slice(b"\r\n");
+    };
+    match (facts.proxy_latency, facts.upstream_latency) {
+        (Some(proxy), Some(upstream)) => {
+            push(b"X-Kong-Upstream-Latency", upstream);
+            push(b"X-Kong-Proxy-Latency", proxy);
+        }
+        _ => push(b"X-Kong-Response-Latency", started.elapsed()),
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 fn push_status_line(out: &mut Vec<u8>, status: StatusCode) {
@@ -1426,5 +1452,64 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals() {
+        for value in [0, 7, 10, 999, 1_000_000, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, value);
+            assert_eq!(out, value.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn request_fields_kong_replaces_or_drops() {
+        for name in [
+            "Host",
+            "te",
+            "Connection",
+            "KEEP-ALIVE",
+            "Proxy-Connection",
+            "Proxy-Authorization",
+            "Proxy-Authenticate",
+            "Transfer-Encoding",
+            "Trailer",
+            "Upgrade",
+            "X-Real-IP",
+            "X-Forwarded-Proto",
+            "X-Forwarded-Host",
+            "X-Forwarded-Port",
+            "X-Forwarded-Path",
+            "X-Forwarded-Prefix",
+        ] {
+            assert!(
+                matches!(request_field(name.as_bytes()), RequestField::Drop),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            request_field(b"X-Forwarded-For"),
+            RequestField::ForwardedFor
+        ));
+        assert!(matches!(request_field(b"VIA"), RequestField::Via));
+        for name in [
+            "User-Agent",
+            "Accept",
+            "Cookie",
+            "X-Forwarded-Fox",
+            "Hosts",
+            "tE2",
+        ] {
+            assert!(
+                matches!(request_field(name.as_bytes()), RequestField::Copy),
+                "{name}"
+            );
+        }
     }
 }
