@@ -3,11 +3,13 @@
 and N routes (one route per service) through Kong-style POSTs.
 
     bench/admin-load.py [--bin target/release/gatehouse] [--services 10000]
-                        [--database-url postgres://...]
+                        [--database-url postgres://...] [--restart]
 
 Starts `gatehouse standalone` on free loopback ports with a fresh prefix,
 uses one keep-alive connection (as decK and curl loops do), and prints one
-JSON document. Python 3 standard library only.
+JSON document. With --restart it then stops the gateway, starts it again
+on the same data and reports how long until the last route answers and the
+RSS of that fresh process. Python 3 standard library only.
 """
 
 import argparse
@@ -37,12 +39,30 @@ def rss_kib(pid):
     return None
 
 
+def wait_routed(proxy_port, path, limit):
+    """Seconds until `path` is routed (anything but 404) through the proxy."""
+    t = time.monotonic()
+    while True:
+        try:
+            p = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
+            p.request("GET", path)
+            if p.getresponse().status != 404:
+                return time.monotonic() - t
+        except OSError:
+            pass
+        if time.monotonic() - t > limit:
+            sys.exit("%s never reached the proxy" % path)
+        time.sleep(0.01)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", default="target/release/gatehouse")
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--timeout", type=float, default=600.0, help="hard limit for the load phase")
+    ap.add_argument("--restart", action="store_true",
+                    help="restart on the loaded data and measure the fresh process")
     args = ap.parse_args()
 
     prefix = tempfile.mkdtemp(prefix="gh-bench-")
@@ -97,19 +117,21 @@ def main():
         # Propagation: the last route must answer through the proxy (its
         # upstream port 9 is closed, so a routed request gets 502, an
         # unrouted one 404).
-        t2 = time.monotonic()
         last = "/r/%05d" % (args.services - 1)
-        while True:
-            p = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
-            p.request("GET", last)
-            st = p.getresponse().status
-            if st != 404:
-                break
-            if time.monotonic() - t2 > 60:
-                sys.exit("last route never reached the proxy")
-            time.sleep(0.01)
-        propagation_s = time.monotonic() - t2
+        propagation_s = wait_routed(proxy_port, last, 60)
         loaded_rss = rss_kib(proc.pid)
+        restart = {}
+        if args.restart:
+            proc.terminate()
+            proc.wait(30)
+            t3 = time.monotonic()
+            proc = subprocess.Popen([args.bin, "standalone"], env=env,
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=open(os.path.join(prefix, "log2"), "w"))
+            restart["restart_last_route_s"] = round(
+                (time.monotonic() - t3) + wait_routed(proxy_port, last, 300), 2)
+            time.sleep(1.0)
+            restart["restart_rss_kib"] = rss_kib(proc.pid)
         print(json.dumps({
             "services": args.services,
             "routes": args.services,
@@ -120,6 +142,7 @@ def main():
             "last_route_propagation_s": round(propagation_s, 3),
             "rss_after_load_kib": loaded_rss,
             "database": "postgres" if args.database_url else "sqlite",
+            **restart,
         }, indent=2))
     finally:
         proc.terminate()
