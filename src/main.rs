@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod config;
 mod standalone;
 mod tls;
@@ -37,6 +38,13 @@ enum Command {
     /// GATEHOUSE_NGINX_HTTP_CLIENT_MAX_BODY_SIZE (0), and the other keys of
     /// docs/configure.md.
     Standalone,
+    /// Run a control plane: the Admin API on PostgreSQL (database_url) and
+    /// the cluster listener (cluster_listen, 0.0.0.0:8005) that data planes
+    /// sync from.
+    Cp,
+    /// Run a data plane: the proxy, configured by the control plane at
+    /// cluster_control_plane (host:port), with no database.
+    Dp,
     /// Print the effective configuration and exit.
     Config,
 }
@@ -61,13 +69,20 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Standalone => match standalone::run(cfg) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("gatehouse: {}", error_chain(e.as_ref()));
-                ExitCode::FAILURE
+        Command::Standalone | Command::Cp | Command::Dp => {
+            let run = match cli.command {
+                Command::Cp => cluster::run_cp(cfg),
+                Command::Dp => cluster::run_dp(cfg),
+                _ => standalone::run(cfg),
+            };
+            match run {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gatehouse: {}", error_chain(e.as_ref()));
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 

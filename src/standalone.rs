@@ -18,7 +18,12 @@ use tracing::{error, info, warn};
 use crate::config::{parse_listen, Config};
 
 pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
-    init_tracing(&cfg);
+    runtime(&cfg)?.block_on(serve(cfg))
+}
+
+/// Tracing and the async runtime for `cfg`.
+pub(crate) fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    init_tracing(cfg);
     // With one worker the current-thread scheduler does the same work
     // without cross-thread wake-ups; builds still run on the blocking pool.
     let mut rt = match cfg.worker_threads {
@@ -29,8 +34,7 @@ pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(n) = cfg.worker_threads.filter(|n| *n > 1) {
         rt.worker_threads(n);
     }
-    let rt = rt.build().context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg))
+    rt.build().context("cannot start the async runtime")
 }
 
 fn init_tracing(cfg: &Config) {
@@ -46,18 +50,108 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.prefix)
-        .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+/// The data plane's settings from the process configuration.
+pub(crate) fn proxy_config(
+    cfg: &Config,
+    default_certificate: Option<gatehouse_data_plane::DefaultCertificate>,
+) -> ProxyConfig {
+    let buffers = &cfg.nginx_http_large_client_header_buffers;
+    ProxyConfig {
+        access_log: cfg.proxy_access_log != "off",
+        max_body_bytes: Some(cfg.nginx_http_client_max_body_size.bytes()).filter(|n| *n > 0),
+        header_read_timeout: cfg.nginx_http_client_header_timeout.duration(),
+        keepalive_timeout: cfg.nginx_http_keepalive_timeout.duration(),
+        max_header_line_bytes: usize::try_from(buffers.size.bytes()).unwrap_or(usize::MAX),
+        max_header_bytes: usize::try_from(buffers.total_bytes()).unwrap_or(usize::MAX),
+        max_connections: cfg.proxy_max_connections,
+        default_certificate,
+        latency_headers: true,
+    }
+}
 
-    // Bind every listener before touching the database, so a busy port
-    // fails fast with a clear message.
+/// Binds the proxy listeners (and loads the default certificate when one
+/// is `ssl`).
+pub(crate) async fn bind_proxies(
+    cfg: &Config,
+) -> anyhow::Result<(
+    Vec<(TcpListener, bool)>,
+    Option<gatehouse_data_plane::DefaultCertificate>,
+)> {
+    let proxy_listen = parse_listen("proxy_listen", &cfg.proxy_listen)?;
+    let default_certificate = if proxy_listen.iter().any(|l| l.ssl) {
+        Some(crate::tls::default_certificate(cfg)?)
+    } else {
+        None
+    };
+    let mut listeners = Vec::new();
+    for l in proxy_listen {
+        listeners.push((bind(l.addr, "proxy_listen").await?, l.ssl));
+    }
+    Ok((listeners, default_certificate))
+}
+
+/// Serves the proxy on `listeners` until `shutdown`.
+pub(crate) fn spawn_proxies(
+    tasks: &mut tokio::task::JoinSet<()>,
+    listeners: Vec<(TcpListener, bool)>,
+    dp: &Arc<DataPlane>,
+    shutdown: &watch::Receiver<()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    for (listener, ssl) in listeners {
+        info!(addr = %listener.local_addr()?, ssl, "Proxy listening.");
+        if ssl {
+            tasks.spawn(gatehouse_data_plane::serve_tls(
+                listener,
+                dp.clone(),
+                shutdown.clone(),
+                grace,
+            ));
+        } else {
+            tasks.spawn(gatehouse_data_plane::serve(
+                listener,
+                dp.clone(),
+                shutdown.clone(),
+                grace,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Serves the Admin API on `listeners` until `shutdown`.
+pub(crate) fn spawn_admin(
+    tasks: &mut tokio::task::JoinSet<()>,
+    listeners: Vec<TcpListener>,
+    state: &Arc<AdminState>,
+    shutdown: &watch::Receiver<()>,
+) -> anyhow::Result<()> {
+    for listener in listeners {
+        info!(addr = %listener.local_addr()?, "Admin API listening.");
+        let app = admin::router(state.clone());
+        let mut rx = shutdown.clone();
+        tasks.spawn(async move {
+            let res = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = res {
+                error!(error = %e, "Admin API server failed.");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Binds the Admin API listeners (TLS ones are skipped with a warning).
+pub(crate) async fn bind_admin(cfg: &Config) -> anyhow::Result<Vec<TcpListener>> {
     let mut admin_listeners = Vec::new();
     for l in parse_listen("admin_listen", &cfg.admin_listen)? {
         if l.ssl {
@@ -66,18 +160,35 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         admin_listeners.push(bind(l.addr, "admin_listen").await?);
     }
-    let proxy_listen = parse_listen("proxy_listen", &cfg.proxy_listen)?;
-    // Loaded (or generated) before binding: a certificate that does not
-    // load fails the start before any port is taken.
-    let default_certificate = if proxy_listen.iter().any(|l| l.ssl) {
-        Some(crate::tls::default_certificate(&cfg)?)
-    } else {
-        None
-    };
-    let mut proxy_listeners = Vec::new();
-    for l in proxy_listen {
-        proxy_listeners.push((bind(l.addr, "proxy_listen").await?, l.ssl));
+    Ok(admin_listeners)
+}
+
+/// Waits for SIGTERM or Ctrl-C, then for `tasks` to drain within `grace`.
+pub(crate) async fn run_until_signal(
+    mut tasks: tokio::task::JoinSet<()>,
+    shutdown_tx: watch::Sender<()>,
+    grace: Duration,
+) {
+    wait_for_signal().await;
+    info!("Shutting down: no new connections, draining in-flight requests.");
+    drop(shutdown_tx);
+    let drained = tokio::time::timeout(grace + Duration::from_secs(1), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("Grace period over; closing remaining connections.");
     }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.prefix)
+        .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+
+    // Bind every listener before touching the database, so a busy port
+    // fails fast with a clear message.
+    let admin_listeners = bind_admin(&cfg).await?;
+    let (proxy_listeners, default_certificate) = bind_proxies(&cfg).await?;
 
     let url = cfg.database_url();
     let backend = store::open(&url)
@@ -93,18 +204,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "Configuration loaded."
     );
 
-    let buffers = &cfg.nginx_http_large_client_header_buffers;
-    let dp = DataPlane::new(ProxyConfig {
-        access_log: cfg.proxy_access_log != "off",
-        max_body_bytes: Some(cfg.nginx_http_client_max_body_size.bytes()).filter(|n| *n > 0),
-        header_read_timeout: cfg.nginx_http_client_header_timeout.duration(),
-        keepalive_timeout: cfg.nginx_http_keepalive_timeout.duration(),
-        max_header_line_bytes: usize::try_from(buffers.size.bytes()).unwrap_or(usize::MAX),
-        max_header_bytes: usize::try_from(buffers.total_bytes()).unwrap_or(usize::MAX),
-        max_connections: cfg.proxy_max_connections,
-        default_certificate,
-        latency_headers: true,
-    });
+    let dp = DataPlane::new(proxy_config(&cfg, default_certificate));
     let first = dao.read(|s| s.snapshot());
     dp.apply(&first)
         .context("cannot build the proxy from the stored configuration")?;
@@ -135,50 +235,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.admin_access_log != "off",
         Some(Arc::new(DataPlaneHealth(dp.clone()))),
     );
-    for listener in admin_listeners {
-        info!(addr = %listener.local_addr()?, "Admin API listening.");
-        let app = admin::router(state.clone());
-        let mut rx = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let res = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = res {
-                error!(error = %e, "Admin API server failed.");
-            }
-        });
-    }
-    for (listener, ssl) in proxy_listeners {
-        info!(addr = %listener.local_addr()?, ssl, "Proxy listening.");
-        if ssl {
-            tasks.spawn(gatehouse_data_plane::serve_tls(
-                listener,
-                dp.clone(),
-                shutdown_rx.clone(),
-                grace,
-            ));
-        } else {
-            tasks.spawn(gatehouse_data_plane::serve(
-                listener,
-                dp.clone(),
-                shutdown_rx.clone(),
-                grace,
-            ));
-        }
-    }
-
-    wait_for_signal().await;
-    info!("Shutting down: no new connections, draining in-flight requests.");
-    drop(shutdown_tx);
-    let drained = tokio::time::timeout(grace + Duration::from_secs(1), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!("Grace period over; closing remaining connections.");
-    }
+    spawn_admin(&mut tasks, admin_listeners, &state, &shutdown_rx)?;
+    spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
+    run_until_signal(tasks, shutdown_tx, grace).await;
     let _ = std::fs::remove_file(pid_file);
     Ok(())
 }
@@ -235,7 +294,7 @@ impl HealthView for DataPlaneHealth {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -48,6 +48,8 @@ pub struct AdminState {
     pub access_log: bool,
     /// The health of this node's balancers, when it runs a data plane.
     pub health: Option<Arc<dyn HealthView>>,
+    /// The data planes this node controls, when it runs as a control plane.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     requests: AtomicU64,
 }
 
@@ -71,6 +73,25 @@ impl AdminState {
             node,
             access_log,
             health,
+            cluster: None,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// The Admin API of a control plane, which reports `cluster`'s data
+    /// planes at `/clustering/data-planes`.
+    pub fn with_cluster(
+        dao: Arc<Dao>,
+        node: NodeInfo,
+        access_log: bool,
+        cluster: Arc<crate::cluster::Cluster>,
+    ) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            dao,
+            node,
+            access_log,
+            health: None,
+            cluster: Some(cluster),
             requests: AtomicU64::new(0),
         })
     }
@@ -99,6 +120,7 @@ enum Endpoint {
     PluginSchema(String),
     PluginSchemaValidate,
     Tags(Option<String>),
+    DataPlanes,
     UpstreamHealth(String),
     TargetsAll(String),
     TargetHealth {
@@ -136,6 +158,7 @@ impl Endpoint {
             | Endpoint::NoSchema(_)
             | Endpoint::PluginSchema(_)
             | Endpoint::Tags(_)
+            | Endpoint::DataPlanes
             | Endpoint::UpstreamHealth(_)
             | Endpoint::TargetsAll(_) => M_ROOT,
             Endpoint::SchemaValidate(_) | Endpoint::PluginSchemaValidate => M_POST,
@@ -176,6 +199,7 @@ fn route(segs: &[String]) -> Option<Endpoint> {
             Some(e) => Endpoint::SchemaValidate(e),
             None => Endpoint::NoSchema((*name).to_owned()),
         },
+        ["clustering", "data-planes"] => Endpoint::DataPlanes,
         ["tags"] => Endpoint::Tags(None),
         ["tags", tag] => Endpoint::Tags(Some((*tag).to_owned())),
         ["upstreams", u, "health"] => Endpoint::UpstreamHealth((*u).to_owned()),
@@ -486,6 +510,14 @@ async fn dispatch(
             None => not_found(),
         },
         Endpoint::Tags(tag) => tags(st, tag.as_deref(), &query),
+        Endpoint::DataPlanes => match &st.cluster {
+            Some(cluster) => ok(cluster.data_planes()),
+            // Kong's answer outside hybrid mode.
+            None => message(
+                StatusCode::BAD_REQUEST,
+                "this endpoint is only available when Kong is configured to run as Control Plane for the cluster",
+            ),
+        },
         Endpoint::UpstreamHealth(u) => health::upstream_health(st, &u, &query),
         Endpoint::TargetsAll(u) => {
             let Some((_, parent)) = resolve_parent(st, "upstreams", &u, "upstream") else {

@@ -5,6 +5,7 @@
 mod abuse;
 mod admin;
 mod balancer;
+mod cluster;
 mod grpc;
 mod postgres;
 mod process;

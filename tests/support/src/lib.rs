@@ -65,6 +65,12 @@ impl Gatehouse {
 
     /// Start on an existing prefix (to test restarts).
     pub fn start_in(bin: &str, prefix: &Path, env: &[(&str, &str)]) -> Gatehouse {
+        Gatehouse::start_role(bin, "standalone", prefix, env)
+    }
+
+    /// Start `gatehouse <role>` (`standalone`, `cp` or `dp`) on `prefix`.
+    /// A data plane has no Admin API: it is ready when its proxy answers.
+    pub fn start_role(bin: &str, role: &str, prefix: &Path, env: &[(&str, &str)]) -> Gatehouse {
         std::fs::create_dir_all(prefix).expect("prefix dir");
         let admin_port = free_port();
         let proxy_port = free_port();
@@ -72,7 +78,7 @@ impl Gatehouse {
         let log = prefix.join(format!("test-{admin_port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(bin);
-        cmd.arg("standalone")
+        cmd.arg(role)
             .env("GATEHOUSE_PREFIX", prefix)
             .env("GATEHOUSE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env(
@@ -97,17 +103,20 @@ impl Gatehouse {
             _dir: None,
             log,
         };
-        g.wait_ready();
+        g.wait_ready(role == "dp");
         g
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, proxy_only: bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr: SocketAddr = self
-            .admin
-            .trim_start_matches("http://")
-            .parse()
-            .expect("addr");
+        let addr: SocketAddr = if proxy_only {
+            self.proxy_addr
+        } else {
+            self.admin
+                .trim_start_matches("http://")
+                .parse()
+                .expect("addr")
+        };
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -115,8 +124,10 @@ impl Gatehouse {
                     self.log_text()
                 );
             }
-            if let Ok((200, _)) = raw_request(addr, "GET", "/status", &[], b"") {
-                return;
+            match raw_request(addr, "GET", "/status", &[], b"") {
+                Ok((200, _)) => return,
+                Ok((status, _)) if proxy_only && status > 0 => return,
+                _ => {}
             }
             if Instant::now() > deadline {
                 panic!("gatehouse did not become ready:\n{}", self.log_text());

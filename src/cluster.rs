@@ -1,0 +1,356 @@
+//! `gatehouse cp` and `gatehouse dp`: the two roles of a cluster. The
+//! control plane owns the database and the Admin API and serves the sync
+//! stream on `cluster_listen`; a data plane has no database, connects to
+//! `cluster_control_plane`, applies what it receives off the request path,
+//! answers Ack or Nack, caches the last good configuration under its
+//! prefix, and starts from that cache when the control plane is away.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gatehouse_control_plane::admin::{AdminState, NodeInfo};
+use gatehouse_control_plane::cluster::{Cluster, SyncService, HEARTBEAT};
+use gatehouse_control_plane::{store, Dao};
+use gatehouse_data_plane::DataPlane;
+use gatehouse_model::snapshot::ConfigSnapshot;
+use gatehouse_proto::v1::config_sync_client::ConfigSyncClient;
+use gatehouse_proto::v1::config_sync_server::ConfigSyncServer;
+use gatehouse_proto::v1::{
+    cp_message, dp_message, Ack, CpMessage, DpMessage, Heartbeat, Hello, Nack,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tonic::codec::CompressionEncoding;
+use tracing::{info, warn};
+
+use crate::config::{parse_listen, Config};
+use crate::standalone::{
+    bind, bind_admin, bind_proxies, proxy_config, run_until_signal, spawn_admin, spawn_proxies,
+};
+
+/// Snapshots of large configurations exceed tonic's 4 MiB default.
+const MAX_MESSAGE: usize = 512 * 1024 * 1024;
+
+pub(crate) fn run_cp(cfg: Config) -> anyhow::Result<()> {
+    crate::standalone::runtime(&cfg)?.block_on(serve_cp(cfg))
+}
+
+pub(crate) fn run_dp(cfg: Config) -> anyhow::Result<()> {
+    crate::standalone::runtime(&cfg)?.block_on(serve_dp(cfg))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.prefix)
+        .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+    let admin_listeners = bind_admin(&cfg).await?;
+    let cluster_addr = parse_listen("cluster_listen", &cfg.cluster_listen)?
+        .first()
+        .map(|l| l.addr)
+        .context("cluster_listen is off: a control plane needs it")?;
+    let cluster_listener = bind(cluster_addr, "cluster_listen").await?;
+
+    let url = cfg.database_url();
+    let backend = store::open(&url)
+        .await
+        .with_context(|| format!("cannot open the database {}", store::redact(&url)))?;
+    let dao = Dao::load(backend)
+        .await
+        .context("cannot load the configuration")?;
+    info!(config_version = dao.version(), "Configuration loaded.");
+    let cluster = Cluster::new(&dao);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(());
+    let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(Arc::clone(&cluster).follow(dao.clone(), shutdown_rx.clone()));
+
+    let node = NodeInfo {
+        node_id: uuid::Uuid::new_v4().to_string(),
+        hostname: hostname(),
+        configuration: cfg.public_json(),
+    };
+    let state = AdminState::with_cluster(
+        dao.clone(),
+        node,
+        cfg.admin_access_log != "off",
+        Arc::clone(&cluster),
+    );
+    spawn_admin(&mut tasks, admin_listeners, &state, &shutdown_rx)?;
+
+    info!(addr = %cluster_listener.local_addr()?, "Cluster listener for data planes.");
+    let service = ConfigSyncServer::new(SyncService { cluster })
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let mut rx = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(HEARTBEAT))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.changed().await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "Cluster listener failed.");
+        }
+    });
+    run_until_signal(tasks, shutdown_tx, grace).await;
+    Ok(())
+}
+
+/// The configuration a data plane applied last, as cached under its prefix.
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    hash: String,
+    snapshot: ConfigSnapshot,
+}
+
+const CACHE_FILE: &str = "dp-config.json";
+
+fn load_cache(prefix: &Path) -> Option<Cached> {
+    let text = std::fs::read(prefix.join(CACHE_FILE)).ok()?;
+    match serde_json::from_slice::<Cached>(&text) {
+        Ok(cached) if cached.snapshot.hash() == cached.hash => Some(cached),
+        Ok(_) => {
+            warn!("The cached configuration does not match its hash; ignoring it.");
+            None
+        }
+        Err(error) => {
+            warn!(%error, "The cached configuration does not parse; ignoring it.");
+            None
+        }
+    }
+}
+
+/// Writes the cache atomically: a crash leaves the old file or the new one.
+fn write_cache(prefix: &Path, hash: &str, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
+    let tmp = prefix.join(format!("{CACHE_FILE}.tmp"));
+    let body = serde_json::to_vec(&serde_json::json!({"hash": hash, "snapshot": snapshot}))
+        .map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, prefix.join(CACHE_FILE))
+}
+
+/// The node id, kept under the prefix so that it survives restarts.
+fn node_id(prefix: &Path) -> anyhow::Result<String> {
+    let path = prefix.join("node_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if uuid::Uuid::parse_str(id).is_ok() {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
+    let control_plane = cfg.cluster_control_plane.clone().context(
+        "cluster_control_plane is not set: a data plane needs the control plane's host:port",
+    )?;
+    std::fs::create_dir_all(&cfg.prefix)
+        .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+    let (proxy_listeners, default_certificate) = bind_proxies(&cfg).await?;
+    let dp = DataPlane::new(proxy_config(&cfg, default_certificate));
+    let mut held = (0, String::new());
+    if let Some(cached) = load_cache(&cfg.prefix) {
+        match dp.apply(&cached.snapshot) {
+            Ok(()) => {
+                info!(
+                    config_version = cached.snapshot.version,
+                    "Serving the cached configuration."
+                );
+                held = (cached.snapshot.version, cached.hash);
+            }
+            Err(error) => warn!(%error, "The cached configuration does not build; starting empty."),
+        }
+    }
+    let id = node_id(&cfg.prefix)?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(());
+    let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
+    let sync = Sync {
+        endpoint: control_plane,
+        node_id: id,
+        prefix: cfg.prefix.clone(),
+        dp: Arc::clone(&dp),
+        held,
+    };
+    tasks.spawn(sync.run(shutdown_rx.clone()));
+    run_until_signal(tasks, shutdown_tx, grace).await;
+    Ok(())
+}
+
+struct Sync {
+    endpoint: String,
+    node_id: String,
+    prefix: PathBuf,
+    dp: Arc<DataPlane>,
+    /// The version and hash served now.
+    held: (u64, String),
+}
+
+impl Sync {
+    /// Keeps a stream to the control plane open, reconnecting with
+    /// jittered exponential backoff (0.5 s to 30 s) after any end.
+    async fn run(mut self, mut shutdown: watch::Receiver<()>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let started = std::time::Instant::now();
+            tokio::select! {
+                result = self.session() => match result {
+                    Ok(()) => info!("The control plane closed the sync stream; reconnecting."),
+                    Err(error) => warn!(error = %crate::error_chain(error.as_ref()), "Sync with the control plane failed; retrying."),
+                },
+                _ = shutdown.changed() => return,
+            }
+            // A stream that lived a while resets the backoff.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(500);
+            }
+            let jitter = rand_fraction();
+            let wait = backoff.mul_f64(0.5 + jitter);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// One stream: Hello, then apply what arrives and answer it.
+    async fn session(&mut self) -> anyhow::Result<()> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.endpoint))
+            .context("invalid cluster_control_plane")?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(HEARTBEAT)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the control plane at {}", self.endpoint))?;
+        let mut client = ConfigSyncClient::new(channel)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let (tx, rx) = mpsc::channel::<DpMessage>(8);
+        tx.send(DpMessage {
+            kind: Some(dp_message::Kind::Hello(Hello {
+                node_id: self.node_id.clone(),
+                hostname: hostname(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                plugins: gatehouse_model::plugins::names()
+                    .iter()
+                    .map(|name| (*name).to_owned())
+                    .collect(),
+                config_version: self.held.0,
+                config_hash: self.held.1.clone(),
+                labels: Default::default(),
+            })),
+        })
+        .await
+        .context("the outbound stream closed")?;
+        let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|message| (message, rx))
+        });
+        let mut inbound = client.sync(outbound).await?.into_inner();
+        info!(endpoint = %self.endpoint, "Connected to the control plane.");
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let Some(message) = message? else { return Ok(()) };
+                    if let Some(answer) = self.handle(message).await {
+                        tx.send(answer).await.context("the outbound stream closed")?;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let beat = DpMessage {
+                        kind: Some(dp_message::Kind::Heartbeat(Heartbeat {
+                            config_version: self.held.0,
+                            config_hash: self.held.1.clone(),
+                        })),
+                    };
+                    tx.send(beat).await.context("the outbound stream closed")?;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: CpMessage) -> Option<DpMessage> {
+        let cp_message::Kind::Snapshot(snapshot) = message.kind? else {
+            return None;
+        };
+        let nonce = snapshot.nonce.clone();
+        let version = snapshot.version;
+        let expected = snapshot.hash.clone();
+        let dp = Arc::clone(&self.dp);
+        let prefix = self.prefix.clone();
+        // Built off the request path; the runtime in use keeps serving.
+        let applied = tokio::task::spawn_blocking(move || {
+            let snapshot = gatehouse_proto::snapshot_from_message(snapshot);
+            let hash = snapshot.hash();
+            if hash != expected {
+                return Err(format!(
+                    "hash mismatch: received {expected}, computed {hash}"
+                ));
+            }
+            dp.apply(&snapshot)
+                .map_err(|error| crate::error_chain(&error))?;
+            if let Err(error) = write_cache(&prefix, &hash, &snapshot) {
+                warn!(%error, "Cannot write the configuration cache.");
+            }
+            Ok(hash)
+        })
+        .await
+        .unwrap_or_else(|error| Err(format!("the build task failed: {error}")));
+        Some(DpMessage {
+            kind: Some(match applied {
+                Ok(hash) => {
+                    info!(
+                        config_version = version,
+                        "Applied the configuration from the control plane."
+                    );
+                    self.held = (version, hash.clone());
+                    dp_message::Kind::Ack(Ack {
+                        nonce,
+                        version,
+                        hash,
+                    })
+                }
+                Err(error) => {
+                    warn!(config_version = version, %error, "Refused a configuration; the last good one keeps serving.");
+                    dp_message::Kind::Nack(Nack {
+                        nonce,
+                        version,
+                        error,
+                    })
+                }
+            }),
+        })
+    }
+}
+
+/// A fraction in [0, 1) for backoff jitter, from the clock's low bits (no
+/// need for a random number generator here).
+fn rand_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
