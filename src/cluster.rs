@@ -166,6 +166,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let (proxy_listeners, default_certificate) = bind_proxies(&cfg).await?;
     let dp = DataPlane::new(proxy_config(&cfg, default_certificate));
     let mut held = (0, String::new());
+    let mut current = None;
     if let Some(cached) = load_cache(&cfg.prefix) {
         match dp.apply(&cached.snapshot) {
             Ok(()) => {
@@ -174,6 +175,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
                     "Serving the cached configuration."
                 );
                 held = (cached.snapshot.version, cached.hash);
+                current = Some(Arc::new(cached.snapshot));
             }
             Err(error) => warn!(%error, "The cached configuration does not build; starting empty."),
         }
@@ -190,6 +192,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
         prefix: cfg.prefix.clone(),
         dp: Arc::clone(&dp),
         held,
+        current,
     };
     tasks.spawn(sync.run(shutdown_rx.clone()));
     run_until_signal(tasks, shutdown_tx, grace).await;
@@ -203,6 +206,8 @@ struct Sync {
     dp: Arc<DataPlane>,
     /// The version and hash served now.
     held: (u64, String),
+    /// The configuration served now, which deltas apply to.
+    current: Option<Arc<ConfigSnapshot>>,
 }
 
 impl Sync {
@@ -293,17 +298,46 @@ impl Sync {
     }
 
     async fn handle(&mut self, message: CpMessage) -> Option<DpMessage> {
-        let cp_message::Kind::Snapshot(snapshot) = message.kind? else {
-            return None;
+        enum Received {
+            Snapshot(gatehouse_proto::v1::Snapshot),
+            Delta(gatehouse_proto::v1::Delta),
+        }
+        let (received, nonce, version, expected) = match message.kind? {
+            cp_message::Kind::Snapshot(snapshot) => {
+                let head = (
+                    snapshot.nonce.clone(),
+                    snapshot.version,
+                    snapshot.hash.clone(),
+                );
+                (Received::Snapshot(snapshot), head.0, head.1, head.2)
+            }
+            cp_message::Kind::Delta(delta) => {
+                let head = (delta.nonce.clone(), delta.version, delta.hash.clone());
+                (Received::Delta(delta), head.0, head.1, head.2)
+            }
+            cp_message::Kind::Heartbeat(_) => return None,
         };
-        let nonce = snapshot.nonce.clone();
-        let version = snapshot.version;
-        let expected = snapshot.hash.clone();
+        let base = self.current.clone();
+        let held = self.held.clone();
         let dp = Arc::clone(&self.dp);
         let prefix = self.prefix.clone();
         // Built off the request path; the runtime in use keeps serving.
         let applied = tokio::task::spawn_blocking(move || {
-            let snapshot = gatehouse_proto::snapshot_from_message(snapshot);
+            let snapshot = match received {
+                Received::Snapshot(snapshot) => gatehouse_proto::snapshot_from_message(snapshot),
+                Received::Delta(delta) => {
+                    let base = base
+                        .filter(|_| held.0 == delta.from_version && held.1 == delta.from_hash)
+                        .ok_or_else(|| {
+                            format!(
+                                "delta from version {} does not apply to version {} held here",
+                                delta.from_version, held.0
+                            )
+                        })?;
+                    let version = delta.version;
+                    base.apply_delta(version, &gatehouse_proto::delta_from_message(delta))
+                }
+            };
             let hash = snapshot.hash();
             if hash != expected {
                 return Err(format!(
@@ -315,18 +349,19 @@ impl Sync {
             if let Err(error) = write_cache(&prefix, &hash, &snapshot) {
                 warn!(%error, "Cannot write the configuration cache.");
             }
-            Ok(hash)
+            Ok((hash, Arc::new(snapshot)))
         })
         .await
         .unwrap_or_else(|error| Err(format!("the build task failed: {error}")));
         Some(DpMessage {
             kind: Some(match applied {
-                Ok(hash) => {
+                Ok((hash, snapshot)) => {
                     info!(
                         config_version = version,
                         "Applied the configuration from the control plane."
                     );
                     self.held = (version, hash.clone());
+                    self.current = Some(snapshot);
                     dp_message::Kind::Ack(Ack {
                         nonce,
                         version,

@@ -5,14 +5,18 @@
 //! published version whenever it changes, so a slow data plane only delays
 //! itself, and intermediate versions are skipped rather than queued.
 //!
-//! This first version sends snapshots only; deltas come next.
+//! A data plane that holds the previous version gets a delta: the change
+//! from the version it holds, composed from a window of the last
+//! [`WINDOW`] deltas. One that holds nothing, fell out of the window, or
+//! refused something gets a snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gatehouse_model::snapshot::{ConfigSnapshot, SnapshotDelta};
 use gatehouse_proto::v1::config_sync_server::ConfigSync;
 use gatehouse_proto::v1::{cp_message, dp_message, CpMessage, DpMessage, Heartbeat};
 use serde_json::{json, Value};
@@ -23,6 +27,8 @@ use crate::dao::Dao;
 
 /// How often each side sends a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How many recent version-to-version deltas the control plane keeps.
+pub const WINDOW: usize = 64;
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,20 +56,34 @@ struct PlaneStatus {
     connected: bool,
     last_nack: Option<String>,
     propagation_ms: Option<f64>,
+    snapshots_sent: u64,
+    deltas_sent: u64,
+}
+
+/// The change from one published version to the next.
+struct DeltaEntry {
+    from_version: u64,
+    from_hash: String,
+    hash: String,
+    delta: SnapshotDelta,
 }
 
 /// Published versions and the data planes' status.
 pub struct Cluster {
     current: watch::Sender<Arc<Published>>,
+    /// The last [`WINDOW`] deltas, oldest first.
+    window: Mutex<VecDeque<Arc<DeltaEntry>>>,
     planes: Mutex<BTreeMap<String, PlaneStatus>>,
 }
 
 impl Cluster {
     /// Publishes the configuration `dao` holds now.
     pub fn new(dao: &Dao) -> Arc<Cluster> {
-        let (current, _) = watch::channel(Arc::new(publish(dao)));
+        let (published, _) = publish(dao);
+        let (current, _) = watch::channel(Arc::new(published));
         Arc::new(Cluster {
             current,
+            window: Mutex::new(VecDeque::with_capacity(WINDOW)),
             planes: Mutex::new(BTreeMap::new()),
         })
     }
@@ -72,23 +92,74 @@ impl Cluster {
     /// writes coalesce: a build always starts from the newest version.
     pub async fn follow(self: Arc<Self>, dao: Arc<Dao>, mut shutdown: watch::Receiver<()>) {
         let mut versions = dao.subscribe();
+        let mut last = Arc::new(dao.read(|state| state.snapshot()));
         loop {
             tokio::select! {
                 changed = versions.changed() => if changed.is_err() { return },
                 _ = shutdown.changed() => return,
             }
             let dao = Arc::clone(&dao);
-            match tokio::task::spawn_blocking(move || publish(&dao)).await {
-                Ok(published) => {
+            let previous = Arc::clone(&last);
+            let previous_hash = self.current().hash.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let (published, snapshot) = publish(&dao);
+                let delta = previous.diff(&snapshot);
+                (published, snapshot, delta)
+            })
+            .await;
+            match built {
+                Ok((published, snapshot, delta)) => {
+                    if published.hash == previous_hash {
+                        continue;
+                    }
                     tracing::debug!(
                         config_version = published.version,
                         "Configuration published to data planes."
                     );
+                    let entry = Arc::new(DeltaEntry {
+                        from_version: last.version,
+                        from_hash: previous_hash,
+                        hash: published.hash.clone(),
+                        delta,
+                    });
+                    if let Ok(mut window) = self.window.lock() {
+                        if window.len() == WINDOW {
+                            window.pop_front();
+                        }
+                        window.push_back(entry);
+                    }
+                    last = Arc::new(snapshot);
                     self.current.send_replace(Arc::new(published));
                 }
                 Err(error) => tracing::error!(%error, "Publishing a configuration failed."),
             }
         }
+    }
+
+    /// The change from `from_hash` to `to`, composed from the window; `None`
+    /// when the window does not reach back to `from_hash`.
+    fn delta_since(&self, from_hash: &str, to: &Published) -> Option<(u64, SnapshotDelta)> {
+        if from_hash.is_empty() {
+            return None;
+        }
+        let window = self.window.lock().ok()?;
+        let start = window
+            .iter()
+            .position(|entry| entry.from_hash == from_hash)?;
+        let chain: Vec<&Arc<DeltaEntry>> = window.iter().skip(start).collect();
+        if chain.last()?.hash != to.hash {
+            return None;
+        }
+        let from_version = chain.first()?.from_version;
+        let mut delta = SnapshotDelta::default();
+        for entry in chain {
+            delta = if delta.is_empty() {
+                entry.delta.clone()
+            } else {
+                delta.then(&entry.delta)
+            };
+        }
+        Some((from_version, delta))
     }
 
     pub fn current(&self) -> Arc<Published> {
@@ -121,6 +192,8 @@ impl Cluster {
                     "connected": plane.connected,
                     "last_nack_error": plane.last_nack,
                     "last_propagation_ms": plane.propagation_ms,
+                    "snapshots_sent": plane.snapshots_sent,
+                    "deltas_sent": plane.deltas_sent,
                 })
             })
             .collect();
@@ -137,16 +210,17 @@ impl Cluster {
     }
 }
 
-fn publish(dao: &Dao) -> Published {
+fn publish(dao: &Dao) -> (Published, ConfigSnapshot) {
     let snapshot = dao.read(|state| state.snapshot());
     let hash = snapshot.hash();
     let message = gatehouse_proto::snapshot_message(&snapshot, &hash, String::new());
-    Published {
+    let published = Published {
         version: snapshot.version,
         hash,
         message,
         at: Instant::now(),
-    }
+    };
+    (published, snapshot)
 }
 
 fn now_secs() -> u64 {
@@ -204,6 +278,8 @@ impl ConfigSync for SyncService {
                     connected: true,
                     last_nack: None,
                     propagation_ms: None,
+                    snapshots_sent: 0,
+                    deltas_sent: 0,
                 },
             );
         }
@@ -242,16 +318,32 @@ async fn serve_plane(
         let current = Arc::clone(&versions.borrow_and_update());
         if current.hash != sent_hash {
             nonce += 1;
-            let mut message = current.message.clone();
-            message.nonce = nonce.to_string();
-            let sent = outbound
-                .send(CpMessage {
-                    kind: Some(cp_message::Kind::Snapshot(message)),
-                })
-                .await;
-            if sent.is_err() {
+            let kind = match cluster.delta_since(&sent_hash, &current) {
+                Some((from_version, delta)) => {
+                    cp_message::Kind::Delta(gatehouse_proto::delta_message(
+                        (from_version, &sent_hash),
+                        (current.version, &current.hash),
+                        &delta,
+                        nonce.to_string(),
+                    ))
+                }
+                None => {
+                    let mut message = current.message.clone();
+                    message.nonce = nonce.to_string();
+                    cp_message::Kind::Snapshot(message)
+                }
+            };
+            let is_delta = matches!(kind, cp_message::Kind::Delta(_));
+            if outbound.send(CpMessage { kind: Some(kind) }).await.is_err() {
                 break;
             }
+            cluster.update(&id, |plane| {
+                if is_delta {
+                    plane.deltas_sent += 1;
+                } else {
+                    plane.snapshots_sent += 1;
+                }
+            });
             sent_hash.clone_from(&current.hash);
         }
         tokio::select! {
@@ -268,7 +360,13 @@ async fn serve_plane(
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(message)) => record(&cluster, &id, message, &current),
+                Ok(Some(message)) => {
+                    if record(&cluster, &id, message, &current) {
+                        // A refused delta or snapshot: send the whole
+                        // current configuration.
+                        sent_hash.clear();
+                    }
+                }
                 Ok(None) | Err(_) => break,
             },
         }
@@ -277,7 +375,10 @@ async fn serve_plane(
     tracing::info!(node_id = %id, "Data plane disconnected.");
 }
 
-fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) {
+/// Records what a data plane reports; true when it refused a
+/// configuration.
+fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) -> bool {
+    let nacked = matches!(message.kind, Some(dp_message::Kind::Nack(_)));
     match message.kind {
         Some(dp_message::Kind::Ack(ack)) => cluster.update(id, |plane| {
             plane.config_hash = ack.hash.clone();
@@ -297,4 +398,5 @@ fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) 
         }),
         Some(dp_message::Kind::Hello(_)) | None => {}
     }
+    nacked
 }

@@ -128,7 +128,13 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
-        let doc: EntityDoc = Arc::from(Value::Object(e).to_string());
+        // Canonical text (keys sorted at every level): the document a write
+        // produced and the one a reload reads back (PostgreSQL's jsonb
+        // reorders keys) are the same bytes, so configuration hashes do
+        // not change when the control plane restarts.
+        let mut doc = Value::Object(e);
+        sort_keys(&mut doc);
+        let doc: EntityDoc = Arc::from(doc.to_string());
         let row = Row {
             doc,
             fks,
@@ -187,6 +193,19 @@ impl State {
             version: self.version,
             entities,
         }
+    }
+}
+
+fn sort_keys(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.sort_keys();
+            for nested in map.values_mut() {
+                sort_keys(nested);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
     }
 }
 

@@ -98,6 +98,127 @@ struct IdOnly {
     id: String,
 }
 
+/// The `id` of an entity document.
+pub fn doc_id(doc: &str) -> Option<String> {
+    serde_json::from_str::<IdOnly>(doc).ok().map(|only| only.id)
+}
+
+/// What changed between two snapshots: documents created or replaced, by
+/// entity name (each list in id order), and `(entity, id)` of those removed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SnapshotDelta {
+    pub upserted: BTreeMap<String, Vec<EntityDoc>>,
+    pub deleted: Vec<(String, String)>,
+}
+
+impl SnapshotDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upserted.values().all(Vec::is_empty) && self.deleted.is_empty()
+    }
+
+    /// This delta followed by `next`, as one delta.
+    pub fn then(&self, next: &SnapshotDelta) -> SnapshotDelta {
+        let mut changes: BTreeMap<(String, String), Option<EntityDoc>> = BTreeMap::new();
+        for delta in [self, next] {
+            for (entity, docs) in &delta.upserted {
+                for doc in docs {
+                    if let Some(id) = doc_id(doc) {
+                        changes.insert((entity.clone(), id), Some(Arc::clone(doc)));
+                    }
+                }
+            }
+            for key in &delta.deleted {
+                changes.insert(key.clone(), None);
+            }
+        }
+        let mut out = SnapshotDelta::default();
+        for ((entity, id), doc) in changes {
+            match doc {
+                Some(doc) => out.upserted.entry(entity).or_default().push(doc),
+                None => out.deleted.push((entity, id)),
+            }
+        }
+        out
+    }
+}
+
+/// Where the document with `id` is, or would be, in an id-ordered list.
+fn position(list: &[EntityDoc], id: &str) -> Result<usize, usize> {
+    list.binary_search_by(|doc| doc_id(doc).unwrap_or_default().as_str().cmp(id))
+}
+
+impl ConfigSnapshot {
+    /// The changes that turn `self` into `newer`. Documents the two share
+    /// (the same allocation, as consecutive snapshots of one control plane
+    /// do for unchanged entities) are not parsed, so the cost is in the
+    /// size of the change, plus one pass over the pointers.
+    pub fn diff(&self, newer: &ConfigSnapshot) -> SnapshotDelta {
+        use std::collections::HashSet;
+        let empty = Vec::new();
+        let mut delta = SnapshotDelta::default();
+        let names: std::collections::BTreeSet<&String> =
+            self.entities.keys().chain(newer.entities.keys()).collect();
+        for name in names {
+            let old = self.entities.get(name).unwrap_or(&empty);
+            let new = newer.entities.get(name).unwrap_or(&empty);
+            let old_ptrs: HashSet<*const u8> = old.iter().map(|doc| doc.as_ptr()).collect();
+            let new_ptrs: HashSet<*const u8> = new.iter().map(|doc| doc.as_ptr()).collect();
+            let upserted: Vec<EntityDoc> = new
+                .iter()
+                .filter(|doc| !old_ptrs.contains(&doc.as_ptr()) && !contains_text(old, doc))
+                .cloned()
+                .collect();
+            let upserted_ids: HashSet<String> =
+                upserted.iter().filter_map(|doc| doc_id(doc)).collect();
+            for doc in old.iter().filter(|doc| !new_ptrs.contains(&doc.as_ptr())) {
+                if let Some(id) = doc_id(doc) {
+                    if !upserted_ids.contains(&id) && position(new, &id).is_err() {
+                        delta.deleted.push((name.clone(), id));
+                    }
+                }
+            }
+            if !upserted.is_empty() {
+                delta.upserted.insert(name.clone(), upserted);
+            }
+        }
+        delta
+    }
+
+    /// The snapshot at `version` that `delta` makes of `self`; lists stay
+    /// in id order. Costs a binary search (parsing a few ids) per change.
+    pub fn apply_delta(&self, version: u64, delta: &SnapshotDelta) -> ConfigSnapshot {
+        let mut next = self.clone();
+        next.version = version;
+        for (entity, id) in &delta.deleted {
+            if let Some(list) = next.entities.get_mut(entity) {
+                if let Ok(at) = position(list, id) {
+                    list.remove(at);
+                }
+            }
+        }
+        for (entity, docs) in &delta.upserted {
+            let list = next.entities.entry(entity.clone()).or_default();
+            for doc in docs {
+                let Some(id) = doc_id(doc) else { continue };
+                match position(list, &id) {
+                    Ok(at) => list[at] = Arc::clone(doc),
+                    Err(at) => list.insert(at, Arc::clone(doc)),
+                }
+            }
+        }
+        next
+    }
+}
+
+/// Whether `list` holds a document with exactly this text (an unchanged
+/// entity in a new allocation, as after a reload).
+fn contains_text(list: &[EntityDoc], doc: &str) -> bool {
+    match doc_id(doc) {
+        Some(id) => position(list, &id).is_ok_and(|at| *list[at] == *doc),
+        None => false,
+    }
+}
+
 /// The content hash of a configuration, fed list by list (in entity-name
 /// order) and entity by entity (in id order), so that holders of the same
 /// configuration in other shapes compute the same value without building a
@@ -473,5 +594,57 @@ mod tests {
         assert_eq!(checks.passive, PassiveChecks::default());
         assert_eq!(checks.active.unhealthy, ActiveUnhealthy::default());
         assert_eq!(upstream.use_srv_name, Some(true));
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn snapshot(version: u64, services: &[(&str, &str)]) -> ConfigSnapshot {
+        let mut entities = BTreeMap::new();
+        entities.insert(
+            "services".to_owned(),
+            services
+                .iter()
+                .map(|(id, name)| json!({"id": id, "name": name}))
+                .collect(),
+        );
+        entities.insert("routes".to_owned(), Vec::new());
+        ConfigSnapshot::from_values(version, entities)
+    }
+
+    #[test]
+    fn diff_then_apply_reproduces_the_newer_snapshot() {
+        let old = snapshot(1, &[("a", "one"), ("b", "two"), ("c", "three")]);
+        let new = snapshot(2, &[("a", "one"), ("b", "TWO"), ("d", "four")]);
+        let delta = old.diff(&new);
+        assert_eq!(delta.deleted, vec![("services".to_owned(), "c".to_owned())]);
+        let upserted: Vec<&str> = delta.upserted["services"].iter().map(|d| &**d).collect();
+        assert_eq!(
+            upserted,
+            vec![r#"{"id":"b","name":"TWO"}"#, r#"{"id":"d","name":"four"}"#]
+        );
+        let applied = old.apply_delta(2, &delta);
+        assert_eq!(applied, new);
+        assert_eq!(applied.hash(), new.hash());
+    }
+
+    #[test]
+    fn shared_documents_are_not_changes_and_deltas_compose() {
+        let one = snapshot(1, &[("a", "one"), ("b", "two")]);
+        // The next version shares the unchanged document's allocation.
+        let mut two = one.clone();
+        two.version = 2;
+        two.entities.get_mut("services").expect("services")[1] =
+            Arc::from(r#"{"id":"b","name":"2"}"#);
+        let first = one.diff(&two);
+        assert_eq!(first.upserted["services"].len(), 1);
+        let three = snapshot(3, &[("b", "2"), ("e", "five")]);
+        let second = two.diff(&three);
+        let both = first.then(&second);
+        assert_eq!(one.apply_delta(3, &both), three);
+        assert!(three.diff(&three).is_empty());
     }
 }

@@ -145,5 +145,17 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         body["data"][0]["id"] == node_id.as_str()
     })
     .await;
+    // It already holds the control plane's configuration (same hash from
+    // its cache): nothing is sent again.
+    let body: Value = client()
+        .get(&listed)
+        .send()
+        .await
+        .expect("data planes")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["data"][0]["snapshots_sent"], 0, "{body}");
+    assert_eq!(body["data"][0]["deltas_sent"], 0, "{body}");
     dp.terminate();
 }
