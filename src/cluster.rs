@@ -55,6 +55,7 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
         .first()
         .map(|l| l.addr)
         .context("cluster_listen is off: a control plane needs it")?;
+    let tls = crate::cluster_tls::load(&cfg, None)?;
     let cluster_listener = bind(cluster_addr, "cluster_listen").await?;
 
     let url = cfg.database_url();
@@ -92,9 +93,12 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let mut rx = shutdown_rx.clone();
+    let incoming = tls_incoming(
+        cluster_listener,
+        Arc::clone(&tls.server),
+        shutdown_rx.clone(),
+    );
     tasks.spawn(async move {
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HEARTBEAT))
             .add_service(service)
@@ -108,6 +112,55 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
     });
     run_until_signal(tasks, shutdown_tx, grace).await;
     Ok(())
+}
+
+/// Accepted cluster connections after their mutual TLS handshake. Each
+/// handshake runs on its own task (bounded by a timeout), so a slow or
+/// refused peer never holds up the others.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<()>,
+) -> impl futures_util::Stream<
+    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.changed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "Cannot accept a cluster connection.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => {
+                        warn!(%remote, %error, "Refused a cluster connection: TLS handshake failed.");
+                    }
+                    Err(_) => {
+                        warn!(%remote, "Refused a cluster connection: TLS handshake timed out.")
+                    }
+                }
+            });
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// The configuration a data plane applied last, as cached under its prefix.
@@ -181,12 +234,14 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let id = node_id(&cfg.prefix)?;
+    let tls = crate::cluster_tls::load(&cfg, Some(&control_plane))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let mut tasks = tokio::task::JoinSet::new();
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
     let sync = Sync {
+        tls,
         endpoint: control_plane,
         node_id: id,
         prefix: cfg.prefix.clone(),
@@ -200,6 +255,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
 }
 
 struct Sync {
+    tls: crate::cluster_tls::ClusterTls,
     endpoint: String,
     node_id: String,
     prefix: PathBuf,
@@ -240,12 +296,27 @@ impl Sync {
 
     /// One stream: Hello, then apply what arrives and answer it.
     async fn session(&mut self) -> anyhow::Result<()> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = AlwaysTls(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*self.tls.client).clone())
+                .https_only()
+                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                    self.tls.server_name.clone(),
+                ))
+                .enable_http2()
+                .wrap_connector(http),
+        );
+        // tonic refuses an https URI without its own TLS settings; the
+        // connector does the (mutual) TLS whatever the URI says.
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.endpoint))
             .context("invalid cluster_control_plane")?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(HEARTBEAT)
-            .connect()
+            .connect_with_connector(connector)
             .await
             .with_context(|| format!("cannot connect to the control plane at {}", self.endpoint))?;
         let mut client = ConfigSyncClient::new(channel)
@@ -378,6 +449,32 @@ impl Sync {
                 }
             }),
         })
+    }
+}
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The cluster connector: TLS on every connection.
+#[derive(Clone)]
+struct AlwaysTls(Https);
+
+impl tower::Service<http::Uri> for AlwaysTls {
+    type Response = <Https as tower::Service<http::Uri>>::Response;
+    type Error = <Https as tower::Service<http::Uri>>::Error;
+    type Future = <Https as tower::Service<http::Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let mut parts = uri.clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTPS);
+        let uri = http::Uri::from_parts(parts).unwrap_or(uri);
+        self.0.call(uri)
     }
 }
 

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod cluster_tls;
 mod config;
 mod standalone;
 mod tls;
@@ -45,8 +46,29 @@ enum Command {
     /// Run a data plane: the proxy, configured by the control plane at
     /// cluster_control_plane (host:port), with no database.
     Dp,
+    /// Cluster utilities.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+    },
     /// Print the effective configuration and exit.
     Config,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Write a self-signed certificate and key for cluster_mtls = shared:
+    /// give the same pair to the control plane and every data plane
+    /// (cluster_cert, cluster_cert_key).
+    GenCert {
+        #[arg(long, value_name = "PATH")]
+        cert: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3 * 365)]
+        days: u32,
+    },
 }
 
 /// Exit status for bad configuration (EX_USAGE), as sysexits.h.
@@ -61,7 +83,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Cluster {
+        action: ClusterCommand::GenCert { cert, key, days },
+    } = &cli.command
+    {
+        return match cluster_tls::gen_cert(cert, key, *days) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatehouse: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        };
+    }
     match cli.command {
+        Command::Cluster { .. } => ExitCode::SUCCESS,
         Command::Config => {
             println!(
                 "{}",

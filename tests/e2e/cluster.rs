@@ -38,26 +38,62 @@ async fn status_of(url: &str) -> u16 {
     }
 }
 
+/// `gatehouse cluster gen-cert` into `dir`: (cert, key) paths.
+fn gen_cert(dir: &std::path::Path, name: &str) -> (String, String) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let status = std::process::Command::new(BIN)
+        .args(["cluster", "gen-cert", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .status()
+        .expect("gen-cert runs");
+    assert!(status.success());
+    (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    )
+}
+
 #[tokio::test]
 async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     let pg = Postgres::shared();
     let url = pg.fresh_database("gh_e2e_cluster");
     let cluster_port = free_port();
     let cluster_listen = format!("127.0.0.1:{cluster_port}");
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = gen_cert(certs.path(), "cluster");
+    let cp_env = [
+        ("GATEHOUSE_DATABASE_URL", url.as_str()),
+        ("GATEHOUSE_CLUSTER_LISTEN", cluster_listen.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT", cert.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT_KEY", key.as_str()),
+    ];
     let cp_dir = tempfile::tempdir().expect("temp dir");
-    let mut cp = Gatehouse::start_role(
-        BIN,
-        "cp",
-        &cp_dir.path().join("cp"),
-        &[
-            ("GATEHOUSE_DATABASE_URL", url.as_str()),
-            ("GATEHOUSE_CLUSTER_LISTEN", cluster_listen.as_str()),
-        ],
-    );
+    let mut cp = Gatehouse::start_role(BIN, "cp", &cp_dir.path().join("cp"), &cp_env);
     let dp_dir = tempfile::tempdir().expect("temp dir");
     let dp_prefix = dp_dir.path().join("dp");
-    let dp_env = [("GATEHOUSE_CLUSTER_CONTROL_PLANE", cluster_listen.as_str())];
+    let dp_env = [
+        ("GATEHOUSE_CLUSTER_CONTROL_PLANE", cluster_listen.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT", cert.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT_KEY", key.as_str()),
+    ];
     let mut dp = Gatehouse::start_role(BIN, "dp", &dp_prefix, &dp_env);
+
+    // A data plane with another certificate is refused.
+    let (other_cert, other_key) = gen_cert(certs.path(), "other");
+    let intruder_dir = tempfile::tempdir().expect("temp dir");
+    let intruder = Gatehouse::start_role(
+        BIN,
+        "dp",
+        &intruder_dir.path().join("dp"),
+        &[
+            ("GATEHOUSE_CLUSTER_CONTROL_PLANE", cluster_listen.as_str()),
+            ("GATEHOUSE_CLUSTER_CERT", other_cert.as_str()),
+            ("GATEHOUSE_CLUSTER_CERT_KEY", other_key.as_str()),
+        ],
+    );
 
     // Before any configuration: 404 for everything.
     assert_eq!(status_of(&format!("{}/echo", dp.proxy)).await, 404);
@@ -101,6 +137,11 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     );
     let node_id = plane["id"].as_str().expect("id").to_owned();
     assert!(plane["last_propagation_ms"].is_number(), "{plane}");
+    // The intruder got nothing, and is not listed.
+    assert_eq!(status_of(&format!("{}/echo/x", intruder.proxy)).await, 404);
+    assert!(intruder
+        .log_text()
+        .contains("Sync with the control plane failed"));
 
     // A change reaches the data plane without a restart.
     post(
@@ -127,15 +168,7 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
 
     // The control plane comes back on the same port: the data plane
     // reconnects by itself and reports the same node id.
-    let cp = Gatehouse::start_role(
-        BIN,
-        "cp",
-        &cp_dir.path().join("cp"),
-        &[
-            ("GATEHOUSE_DATABASE_URL", url.as_str()),
-            ("GATEHOUSE_CLUSTER_LISTEN", cluster_listen.as_str()),
-        ],
-    );
+    let cp = Gatehouse::start_role(BIN, "cp", &cp_dir.path().join("cp"), &cp_env);
     let listed = format!("{}/clustering/data-planes", cp.admin);
     eventually("the data plane reconnects", || async {
         let Ok(response) = client().get(&listed).send().await else {
