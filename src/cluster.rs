@@ -241,6 +241,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
     let sync = Sync {
+        plugins: cfg.enabled_plugins(),
         tls,
         endpoint: control_plane,
         node_id: id,
@@ -255,6 +256,8 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
 }
 
 struct Sync {
+    /// The plugins this data plane runs (Kong's `plugins` setting).
+    plugins: Vec<String>,
     tls: crate::cluster_tls::ClusterTls,
     endpoint: String,
     node_id: String,
@@ -330,10 +333,7 @@ impl Sync {
                 node_id: self.node_id.clone(),
                 hostname: hostname(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                plugins: gatehouse_model::plugins::names()
-                    .iter()
-                    .map(|name| (*name).to_owned())
-                    .collect(),
+                plugins: self.plugins.clone(),
                 config_version: self.held.0,
                 config_hash: self.held.1.clone(),
                 labels: Default::default(),
@@ -390,6 +390,7 @@ impl Sync {
         };
         let base = self.current.clone();
         let held = self.held.clone();
+        let plugins = self.plugins.clone();
         let dp = Arc::clone(&self.dp);
         let prefix = self.prefix.clone();
         // Built off the request path; the runtime in use keeps serving.
@@ -397,12 +398,14 @@ impl Sync {
             let snapshot = match received {
                 Received::Snapshot(snapshot) => gatehouse_proto::snapshot_from_message(snapshot),
                 Received::Delta(delta) => {
+                    // The content hash names the base; a version number
+                    // can differ for the same content.
                     let base = base
-                        .filter(|_| held.0 == delta.from_version && held.1 == delta.from_hash)
+                        .filter(|_| held.1 == delta.from_hash)
                         .ok_or_else(|| {
                             format!(
-                                "delta from version {} does not apply to version {} held here",
-                                delta.from_version, held.0
+                                "delta from version {} ({}) does not apply to version {} ({}) held here",
+                                delta.from_version, delta.from_hash, held.0, held.1
                             )
                         })?;
                     let version = delta.version;
@@ -414,6 +417,19 @@ impl Sync {
                 return Err(format!(
                     "hash mismatch: received {expected}, computed {hash}"
                 ));
+            }
+            // Kong's plugin_set_incompatible: a plugin this node does not
+            // run would silently not apply.
+            for doc in snapshot.docs("plugins") {
+                let name = serde_json::from_str::<serde_json::Value>(doc)
+                    .ok()
+                    .and_then(|v| v["name"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                if !plugins.contains(&name) {
+                    return Err(format!(
+                        "plugin {name:?} is not enabled on this data plane (plugins setting)"
+                    ));
+                }
             }
             dp.apply(&snapshot)
                 .map_err(|error| crate::error_chain(&error))?;

@@ -40,6 +40,7 @@ const KEYS: &[&str] = &[
     "nginx_http_keepalive_timeout",
     "nginx_http_large_client_header_buffers",
     "proxy_max_connections",
+    "plugins",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +96,10 @@ pub(crate) struct Config {
     /// Most proxy connections open at once; more wait in the listen
     /// backlog. Default 16384.
     pub proxy_max_connections: usize,
+    /// Kong's `plugins`: `bundled` (every plugin Gatehouse has), `off`, or
+    /// a comma-separated list of names. A data plane refuses (Nacks) a
+    /// configuration that uses a plugin outside it. Default `bundled`.
+    pub plugins: String,
 }
 
 impl Default for Config {
@@ -125,6 +130,7 @@ impl Default for Config {
             nginx_http_large_client_header_buffers: HeaderBuffers::parse("4 8k")
                 .expect("4 8k is a valid buffer setting"),
             proxy_max_connections: 16384,
+            plugins: "bundled".into(),
         }
     }
 }
@@ -245,6 +251,30 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.prefix.join("gatehouse.db").display()))
+    }
+
+    /// The plugin names the `plugins` setting enables.
+    pub(crate) fn enabled_plugins(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for item in self
+            .plugins
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            match item {
+                "bundled" => names.extend(
+                    gatehouse_model::plugins::names()
+                        .into_iter()
+                        .map(str::to_owned),
+                ),
+                "off" => {}
+                name => names.push(name.to_owned()),
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The configuration as `GET /` shows it, secrets removed.

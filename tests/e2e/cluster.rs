@@ -56,6 +56,32 @@ fn gen_cert(dir: &std::path::Path, name: &str) -> (String, String) {
     )
 }
 
+async fn data_planes(admin: &str) -> Vec<Value> {
+    let body: Value = client()
+        .get(format!("{admin}/clustering/data-planes"))
+        .send()
+        .await
+        .expect("data planes")
+        .json()
+        .await
+        .expect("json");
+    body["data"].as_array().expect("data array").clone()
+}
+
+fn plane<'a>(planes: &'a [Value], id: &str) -> &'a Value {
+    planes
+        .iter()
+        .find(|plane| plane["id"] == id)
+        .unwrap_or_else(|| panic!("no data plane {id} in {planes:?}"))
+}
+
+fn node_id(dp: &Gatehouse) -> String {
+    std::fs::read_to_string(dp.prefix.join("node_id"))
+        .expect("node id file")
+        .trim()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     let pg = Postgres::shared();
@@ -72,14 +98,23 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     ];
     let cp_dir = tempfile::tempdir().expect("temp dir");
     let mut cp = Gatehouse::start_role(BIN, "cp", &cp_dir.path().join("cp"), &cp_env);
-    let dp_dir = tempfile::tempdir().expect("temp dir");
-    let dp_prefix = dp_dir.path().join("dp");
     let dp_env = [
         ("GATEHOUSE_CLUSTER_CONTROL_PLANE", cluster_listen.as_str()),
         ("GATEHOUSE_CLUSTER_CERT", cert.as_str()),
         ("GATEHOUSE_CLUSTER_CERT_KEY", key.as_str()),
     ];
-    let mut dp = Gatehouse::start_role(BIN, "dp", &dp_prefix, &dp_env);
+    // Three data planes; the third runs only key-auth (Kong's `plugins`).
+    let dp_dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let prefixes: Vec<_> = dp_dirs.iter().map(|d| d.path().join("dp")).collect();
+    let mut limited_env = dp_env.to_vec();
+    limited_env.push(("GATEHOUSE_PLUGINS", "key-auth"));
+    let mut dps = vec![
+        Gatehouse::start_role(BIN, "dp", &prefixes[0], &dp_env),
+        Gatehouse::start_role(BIN, "dp", &prefixes[1], &dp_env),
+        Gatehouse::start_role(BIN, "dp", &prefixes[2], &limited_env),
+    ];
 
     // A data plane with another certificate is refused.
     let (other_cert, other_key) = gen_cert(certs.path(), "other");
@@ -96,8 +131,11 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     );
 
     // Before any configuration: 404 for everything.
-    assert_eq!(status_of(&format!("{}/echo", dp.proxy)).await, 404);
+    for dp in &dps {
+        assert_eq!(status_of(&format!("{}/echo", dp.proxy)).await, 404);
+    }
 
+    // A route created on the control plane is served by every data plane.
     let up = EchoUpstream::start();
     let a = cp.admin.clone();
     post(
@@ -110,85 +148,153 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         json!({"paths": ["/echo"]}),
     )
     .await;
-    let proxied = format!("{}/echo/x", dp.proxy);
-    eventually("the data plane serves the new route", || async {
-        status_of(&proxied).await == 200
-    })
+    let doomed = post(
+        format!("{a}/services/echo/routes"),
+        json!({"paths": ["/doomed"]}),
+    )
     .await;
-
-    // The control plane lists the data plane with the hash it serves.
-    let planes: Value = client()
-        .get(format!("{a}/clustering/data-planes"))
-        .send()
-        .await
-        .expect("data planes")
-        .json()
-        .await
-        .expect("json");
-    let list = planes["data"].as_array().expect("data array");
-    assert_eq!(list.len(), 1, "{planes}");
-    let plane = &list[0];
-    assert_eq!(plane["ip"], "127.0.0.1");
-    assert_eq!(plane["sync_status"], "normal");
-    assert_eq!(
-        plane["config_hash"].as_str().map(str::len),
-        Some(32),
-        "{plane}"
-    );
-    let node_id = plane["id"].as_str().expect("id").to_owned();
-    assert!(plane["last_propagation_ms"].is_number(), "{plane}");
-    // The intruder got nothing, and is not listed.
+    for dp in &dps {
+        let url = format!("{}/doomed", dp.proxy);
+        eventually("every data plane serves the routes", || async {
+            status_of(&url).await == 200
+        })
+        .await;
+    }
+    let planes = data_planes(&a).await;
+    assert_eq!(planes.len(), 3, "only the three data planes: {planes:?}");
+    for dp in &dps {
+        let plane = plane(&planes, &node_id(dp));
+        assert_eq!(plane["ip"], "127.0.0.1");
+        assert_eq!(plane["sync_status"], "normal");
+        assert_eq!(
+            plane["config_hash"].as_str().map(str::len),
+            Some(32),
+            "{plane}"
+        );
+        assert!(plane["last_propagation_ms"].is_number(), "{plane}");
+        assert_eq!(plane["snapshots_sent"], 1, "{plane}");
+    }
+    // The intruder got nothing.
     assert_eq!(status_of(&format!("{}/echo/x", intruder.proxy)).await, 404);
     assert!(intruder
         .log_text()
         .contains("Sync with the control plane failed"));
 
-    // A change reaches the data plane without a restart.
-    post(
-        format!("{a}/services/echo/routes"),
-        json!({"paths": ["/second"]}),
-    )
-    .await;
-    let second = format!("{}/second", dp.proxy);
-    eventually("the second route", || async {
-        status_of(&second).await == 200
-    })
-    .await;
-
-    // The control plane goes away: the data plane keeps serving, and a
-    // restarted data plane serves from its cache, with the same node id.
-    cp.terminate();
-    assert_eq!(status_of(&second).await, 200);
-    dp.terminate();
-    let mut dp = Gatehouse::start_role(BIN, "dp", &dp_prefix, &dp_env);
-    eventually("the cached configuration serves", || async {
-        status_of(&format!("{}/second", dp.proxy)).await == 200
-    })
-    .await;
-
-    // The control plane comes back on the same port: the data plane
-    // reconnects by itself and reports the same node id.
-    let cp = Gatehouse::start_role(BIN, "cp", &cp_dir.path().join("cp"), &cp_env);
-    let listed = format!("{}/clustering/data-planes", cp.admin);
-    eventually("the data plane reconnects", || async {
-        let Ok(response) = client().get(&listed).send().await else {
-            return false;
-        };
-        let body: Value = response.json().await.unwrap_or_default();
-        body["data"][0]["id"] == node_id.as_str()
-    })
-    .await;
-    // It already holds the control plane's configuration (same hash from
-    // its cache): nothing is sent again.
-    let body: Value = client()
-        .get(&listed)
+    // A delete stops being served everywhere, carried by a delta.
+    let deleted = client()
+        .delete(format!("{a}/routes/{}", doomed["id"].as_str().expect("id")))
         .send()
         .await
-        .expect("data planes")
-        .json()
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    for dp in &dps {
+        let url = format!("{}/doomed", dp.proxy);
+        eventually("the deleted route is gone", || async {
+            status_of(&url).await == 404
+        })
+        .await;
+    }
+    for dp in &dps {
+        let planes = data_planes(&a).await;
+        let plane = plane(&planes, &node_id(dp));
+        assert!(plane["deltas_sent"].as_u64() >= Some(1), "{plane}");
+    }
+
+    // A plugin the third data plane does not run: it refuses the version,
+    // says why, and keeps serving the last good one.
+    let plugin = post(format!("{a}/plugins"), json!({"name": "correlation-id"})).await;
+    let limited = node_id(&dps[2]);
+    eventually("the refusal is reported", || async {
+        let planes = data_planes(&a).await;
+        plane(&planes, &limited)["last_nack_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("correlation-id"))
+    })
+    .await;
+    assert_eq!(status_of(&format!("{}/echo/x", dps[2].proxy)).await, 200);
+    // Without the plugin it catches up.
+    let removed = client()
+        .delete(format!(
+            "{a}/plugins/{}",
+            plugin["id"].as_str().expect("id")
+        ))
+        .send()
         .await
-        .expect("json");
-    assert_eq!(body["data"][0]["snapshots_sent"], 0, "{body}");
-    assert_eq!(body["data"][0]["deltas_sent"], 0, "{body}");
-    dp.terminate();
+        .expect("delete plugin");
+    assert_eq!(removed.status(), 204);
+    eventually("the limited data plane catches up", || async {
+        let planes = data_planes(&a).await;
+        let first = plane(&planes, &node_id(&dps[0]))["config_hash"].clone();
+        let third = plane(&planes, &limited);
+        third["config_hash"] == first && third["last_nack_error"].is_null()
+    })
+    .await;
+
+    // A data plane that misses a change while the control plane stays up
+    // catches up by delta when it comes back.
+    dps[1].terminate();
+    post(
+        format!("{a}/services/echo/routes"),
+        json!({"paths": ["/while-away"]}),
+    )
+    .await;
+    let returning = node_id(&dps[1]);
+    dps[1] = Gatehouse::start_role(BIN, "dp", &prefixes[1], &dp_env);
+    let away = format!("{}/while-away", dps[1].proxy);
+    eventually("the returning data plane catches up", || async {
+        status_of(&away).await == 200
+    })
+    .await;
+    let planes = data_planes(&a).await;
+    let back = plane(&planes, &returning);
+    assert_eq!(back["snapshots_sent"], 0, "{back}\n{}", dps[1].log_text());
+    assert_eq!(back["deltas_sent"], 1, "{back}");
+
+    // The control plane dies while traffic flows: not one request fails.
+    let probe = format!("{}/echo/x", dps[0].proxy);
+    let traffic = tokio::spawn({
+        let probe = probe.clone();
+        async move {
+            let mut failures = 0;
+            for _ in 0..100 {
+                if status_of(&probe).await != 200 {
+                    failures += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            failures
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cp.terminate();
+    assert_eq!(traffic.await.expect("traffic task"), 0);
+
+    // A data plane restarted while the control plane is down serves its
+    // cache, with the same node id.
+    let first_id = node_id(&dps[0]);
+    dps[0].terminate();
+    dps[0] = Gatehouse::start_role(BIN, "dp", &prefixes[0], &dp_env);
+    assert_eq!(node_id(&dps[0]), first_id);
+    let cached = format!("{}/while-away", dps[0].proxy);
+    eventually("the cached configuration serves", || async {
+        status_of(&cached).await == 200
+    })
+    .await;
+
+    // The control plane comes back on the same port: every data plane
+    // reconnects by itself; holding the current hash, none is sent
+    // anything.
+    let cp = Gatehouse::start_role(BIN, "cp", &cp_dir.path().join("cp"), &cp_env);
+    eventually("the data planes reconnect", || async {
+        let planes = data_planes(&cp.admin).await;
+        planes.len() == 3 && planes.iter().all(|plane| plane["connected"] == true)
+    })
+    .await;
+    for plane in data_planes(&cp.admin).await {
+        assert_eq!(plane["snapshots_sent"], 0, "{plane}");
+        assert_eq!(plane["deltas_sent"], 0, "{plane}");
+    }
+    for dp in &mut dps {
+        dp.terminate();
+    }
 }
