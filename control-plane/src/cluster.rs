@@ -58,6 +58,9 @@ struct PlaneStatus {
     propagation_ms: Option<f64>,
     snapshots_sent: u64,
     deltas_sent: u64,
+    /// Set when the control plane refuses the data plane (Kong's
+    /// `sync_status` values).
+    refused: Option<&'static str>,
 }
 
 /// The change from one published version to the next.
@@ -177,7 +180,11 @@ impl Cluster {
                     "hostname": plane.hostname,
                     "ip": plane.ip,
                     "version": plane.version,
-                    "sync_status": if plane.config_hash.is_empty() { "unknown" } else { "normal" },
+                    "sync_status": match plane.refused {
+                        Some(status) => status,
+                        None if plane.config_hash.is_empty() => "unknown",
+                        None => "normal",
+                    },
                     "config_hash": if plane.config_hash.is_empty() {
                         "00000000000000000000000000000000".to_owned()
                     } else {
@@ -223,6 +230,21 @@ fn publish(dao: &Dao) -> (Published, ConfigSnapshot) {
     (published, snapshot)
 }
 
+/// Kong's rule (`kong/clustering/compat`): same major version, and a data
+/// plane's minor version no newer than the control plane's.
+pub fn version_compatible(dp: &str, cp: &str) -> bool {
+    let major_minor = |version: &str| -> Option<(u64, u64)> {
+        let mut parts = version.split(['.', '-', '+']);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    match (major_minor(dp), major_minor(cp)) {
+        (Some((dp_major, dp_minor)), Some((cp_major, cp_minor))) => {
+            dp_major == cp_major && dp_minor <= cp_minor
+        }
+        _ => false,
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -262,7 +284,9 @@ impl ConfigSync for SyncService {
             return Err(Status::invalid_argument("Hello without node_id"));
         }
         let id = hello.node_id.clone();
-        tracing::info!(node_id = %id, hostname = %hello.hostname, %ip, "Data plane connected.");
+        let refused = (!version_compatible(&hello.version, env!("CARGO_PKG_VERSION")))
+            .then_some("kong_version_incompatible");
+        tracing::info!(node_id = %id, hostname = %hello.hostname, %ip, version = %hello.version, "Data plane connected.");
         if let Ok(mut planes) = self.cluster.planes.lock() {
             planes.insert(
                 id.clone(),
@@ -280,8 +304,17 @@ impl ConfigSync for SyncService {
                     propagation_ms: None,
                     snapshots_sent: 0,
                     deltas_sent: 0,
+                    refused,
                 },
             );
+        }
+        if refused.is_some() {
+            tracing::warn!(node_id = %id, version = %hello.version, "Refusing a data plane whose version this control plane does not serve.");
+            return Err(Status::failed_precondition(format!(
+                "data plane version {} is incompatible with control plane version {}: the major versions must match and the data plane's minor version must not be newer",
+                hello.version,
+                env!("CARGO_PKG_VERSION")
+            )));
         }
         let (outbound, stream) = mpsc::channel(4);
         let cluster = Arc::clone(&self.cluster);
@@ -399,4 +432,19 @@ fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) 
         Some(dp_message::Kind::Hello(_)) | None => {}
     }
     nacked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_compatible;
+
+    #[test]
+    fn versions_follow_kongs_rule() {
+        assert!(version_compatible("0.1.0", "0.1.0"));
+        assert!(version_compatible("3.4.2", "3.9.0"));
+        assert!(version_compatible("3.9.1-rc1", "3.9.0"));
+        assert!(!version_compatible("3.10.0", "3.9.0"));
+        assert!(!version_compatible("2.8.0", "3.0.0"));
+        assert!(!version_compatible("garbage", "3.0.0"));
+    }
 }
