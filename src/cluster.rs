@@ -72,6 +72,7 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(Arc::clone(&cluster).follow(dao.clone(), shutdown_rx.clone()));
+    tasks.spawn(Arc::clone(&cluster).persist(dao.clone(), shutdown_rx.clone()));
 
     let node = NodeInfo {
         node_id: uuid::Uuid::new_v4().to_string(),

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -71,13 +72,79 @@ struct DeltaEntry {
     delta: SnapshotDelta,
 }
 
+impl PlaneStatus {
+    /// Kong's fields, plus ours.
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "hostname": self.hostname,
+            "ip": self.ip,
+            "version": self.version,
+            "sync_status": match self.refused {
+                Some(status) => status,
+                None if self.config_hash.is_empty() => "unknown",
+                None => "normal",
+            },
+            "config_hash": if self.config_hash.is_empty() {
+                "00000000000000000000000000000000".to_owned()
+            } else {
+                self.config_hash.clone()
+            },
+            "last_seen": self.last_seen,
+            "labels": self.labels,
+            "created_at": self.last_seen,
+            "updated_at": self.last_seen,
+            "ttl": PURGE_AFTER_SECS,
+            "config_version": self.config_version,
+            "connected": self.connected,
+            "last_nack_error": self.last_nack,
+            "last_propagation_ms": self.propagation_ms,
+            "snapshots_sent": self.snapshots_sent,
+            "deltas_sent": self.deltas_sent,
+        })
+    }
+
+    /// A saved record, as a data plane that is not connected (yet).
+    fn from_json(value: &Value) -> Option<PlaneStatus> {
+        let text = |key: &str| value[key].as_str().unwrap_or_default().to_owned();
+        Some(PlaneStatus {
+            id: value["id"].as_str()?.to_owned(),
+            hostname: text("hostname"),
+            ip: text("ip"),
+            version: text("version"),
+            labels: serde_json::from_value(value["labels"].clone()).unwrap_or_default(),
+            config_hash: match value["config_hash"].as_str() {
+                Some("00000000000000000000000000000000") | None => String::new(),
+                Some(hash) => hash.to_owned(),
+            },
+            config_version: value["config_version"].as_u64().unwrap_or(0),
+            last_seen: value["last_seen"].as_u64().unwrap_or(0),
+            connected: false,
+            last_nack: value["last_nack_error"].as_str().map(str::to_owned),
+            propagation_ms: value["last_propagation_ms"].as_f64(),
+            snapshots_sent: 0,
+            deltas_sent: 0,
+            refused: None,
+        })
+    }
+}
+
 /// Published versions and the data planes' status.
 pub struct Cluster {
     current: watch::Sender<Arc<Published>>,
     /// The last [`WINDOW`] deltas, oldest first.
     window: Mutex<VecDeque<Arc<DeltaEntry>>>,
     planes: Mutex<BTreeMap<String, PlaneStatus>>,
+    /// Some status changed since the last save to the database.
+    dirty: AtomicBool,
 }
+
+/// How often changed data-plane status is written to the database, in one
+/// transaction for all of them.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(5);
+/// Kong's `cluster_data_plane_purge_delay`: data planes not seen for this
+/// long are forgotten.
+const PURGE_AFTER_SECS: u64 = 14 * 24 * 3600;
 
 impl Cluster {
     /// Publishes the configuration `dao` holds now.
@@ -88,7 +155,63 @@ impl Cluster {
             current,
             window: Mutex::new(VecDeque::with_capacity(WINDOW)),
             planes: Mutex::new(BTreeMap::new()),
+            dirty: AtomicBool::new(false),
         })
+    }
+
+    /// Loads the data planes a previous run saw (shown as disconnected
+    /// until they reconnect), then saves changed status every
+    /// [`PERSIST_EVERY`] in one transaction, and once more at shutdown.
+    pub async fn persist(self: Arc<Self>, dao: Arc<Dao>, mut shutdown: watch::Receiver<()>) {
+        let since = now_secs().saturating_sub(PURGE_AFTER_SECS);
+        match dao
+            .load_data_planes(i64::try_from(since).unwrap_or(0))
+            .await
+        {
+            Ok(rows) => {
+                if let Ok(mut planes) = self.planes.lock() {
+                    for (id, body) in rows {
+                        let parsed = serde_json::from_str::<Value>(&body)
+                            .ok()
+                            .and_then(|value| PlaneStatus::from_json(&value));
+                        if let Some(plane) = parsed {
+                            planes.entry(id).or_insert(plane);
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Cannot load the known data planes."),
+        }
+        let mut tick = tokio::time::interval(PERSIST_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.changed() => true,
+            };
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                let rows: Vec<(String, String, i64)> = match self.planes.lock() {
+                    Ok(planes) => planes
+                        .values()
+                        .map(|plane| {
+                            (
+                                plane.id.clone(),
+                                plane.to_json().to_string(),
+                                i64::try_from(plane.last_seen).unwrap_or(i64::MAX),
+                            )
+                        })
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                if let Err(error) = dao.save_data_planes(&rows).await {
+                    tracing::warn!(%error, "Cannot save data-plane status; retrying later.");
+                    self.dirty.store(true, Ordering::Release);
+                }
+            }
+            if stop {
+                return;
+            }
+        }
     }
 
     /// Publishes every new version until `shutdown` changes. Bursts of
@@ -172,38 +295,7 @@ impl Cluster {
     /// `GET /clustering/data-planes`: Kong's fields, plus ours.
     pub fn data_planes(&self) -> Value {
         let planes = self.planes.lock().map(|p| p.clone()).unwrap_or_default();
-        let data: Vec<Value> = planes
-            .values()
-            .map(|plane| {
-                json!({
-                    "id": plane.id,
-                    "hostname": plane.hostname,
-                    "ip": plane.ip,
-                    "version": plane.version,
-                    "sync_status": match plane.refused {
-                        Some(status) => status,
-                        None if plane.config_hash.is_empty() => "unknown",
-                        None => "normal",
-                    },
-                    "config_hash": if plane.config_hash.is_empty() {
-                        "00000000000000000000000000000000".to_owned()
-                    } else {
-                        plane.config_hash.clone()
-                    },
-                    "last_seen": plane.last_seen,
-                    "labels": plane.labels,
-                    "created_at": plane.last_seen,
-                    "updated_at": plane.last_seen,
-                    "ttl": 1_209_600,
-                    "config_version": plane.config_version,
-                    "connected": plane.connected,
-                    "last_nack_error": plane.last_nack,
-                    "last_propagation_ms": plane.propagation_ms,
-                    "snapshots_sent": plane.snapshots_sent,
-                    "deltas_sent": plane.deltas_sent,
-                })
-            })
-            .collect();
+        let data: Vec<Value> = planes.values().map(PlaneStatus::to_json).collect();
         json!({ "data": data, "next": null })
     }
 
@@ -212,6 +304,7 @@ impl Cluster {
             if let Some(plane) = planes.get_mut(id) {
                 plane.last_seen = now_secs();
                 f(plane);
+                self.dirty.store(true, Ordering::Release);
             }
         }
     }
@@ -307,6 +400,7 @@ impl ConfigSync for SyncService {
                     refused,
                 },
             );
+            self.cluster.dirty.store(true, Ordering::Release);
         }
         if refused.is_some() {
             tracing::warn!(node_id = %id, version = %hello.version, "Refusing a data plane whose version this control plane does not serve.");

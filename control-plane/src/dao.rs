@@ -300,6 +300,19 @@ impl Dao {
         }))
     }
 
+    /// Saves data-plane records in one transaction (see `cluster`).
+    pub async fn save_data_planes(
+        &self,
+        planes: &[(String, String, i64)],
+    ) -> Result<(), StoreError> {
+        self.backend.save_data_planes(planes).await
+    }
+
+    /// Data-plane records seen since `since` (unix seconds).
+    pub async fn load_data_planes(&self, since: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.backend.load_data_planes(since).await
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version_tx.subscribe()
     }

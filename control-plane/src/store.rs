@@ -72,6 +72,11 @@ pub trait Backend: Send + Sync {
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64>;
     /// Whether the database answers.
     fn ping(&self) -> BoxFut<'_, ()>;
+    /// Upserts data-plane records `(id, JSON body, last_seen)` in one
+    /// transaction.
+    fn save_data_planes<'a>(&'a self, planes: &'a [(String, String, i64)]) -> BoxFut<'a, ()>;
+    /// Data-plane records seen since `since` (unix seconds).
+    fn load_data_planes(&self, since: i64) -> BoxFut<'_, Vec<(String, String)>>;
     fn kind(&self) -> &'static str;
 }
 
@@ -102,6 +107,8 @@ struct Sql {
     log_upsert: &'static str,
     delete_entity: &'static str,
     log_delete: &'static str,
+    upsert_plane: &'static str,
+    select_planes: &'static str,
 }
 
 const SQLITE_SQL: Sql = Sql {
@@ -114,6 +121,9 @@ const SQLITE_SQL: Sql = Sql {
     delete_entity: "DELETE FROM entities WHERE entity = ?1 AND id = ?2",
     log_delete: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
                  VALUES (?1, ?2, ?3, ?4, 'delete', NULL, ?5)",
+    upsert_plane: "INSERT INTO data_planes (id, body, last_seen) VALUES (?1, ?2, ?3) \
+                   ON CONFLICT (id) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen",
+    select_planes: "SELECT id, body FROM data_planes WHERE last_seen >= ?1 ORDER BY id",
 };
 
 const POSTGRES_SQL: Sql = Sql {
@@ -126,6 +136,9 @@ const POSTGRES_SQL: Sql = Sql {
     delete_entity: "DELETE FROM entities WHERE entity = $1 AND id = $2::uuid",
     log_delete: "INSERT INTO change_log (version, seq, entity, id, op, body, created_at) \
                  VALUES ($1, $2, $3, $4::uuid, 'delete', NULL, $5)",
+    upsert_plane: "INSERT INTO data_planes (id, body, last_seen) VALUES ($1, $2::jsonb, $3) \
+                   ON CONFLICT (id) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen",
+    select_planes: "SELECT id, body::text FROM data_planes WHERE last_seen >= $1 ORDER BY id",
 };
 
 /// One write as one transaction: bump the version (the row lock on
@@ -215,6 +228,37 @@ macro_rules! load_all {
     };
 }
 
+/// Data-plane records in one transaction.
+macro_rules! save_planes {
+    ($pool:expr, $planes:expr, $sql:expr) => {
+        Box::pin(async move {
+            let mut tx = $pool.begin().await?;
+            for (id, body, last_seen) in $planes {
+                sqlx::query($sql.upsert_plane)
+                    .bind(id)
+                    .bind(body)
+                    .bind(*last_seen)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    };
+}
+
+macro_rules! load_planes {
+    ($pool:expr, $since:expr, $sql:expr) => {
+        Box::pin(async move {
+            let rows = sqlx::query($sql.select_planes)
+                .bind($since)
+                .fetch_all(&$pool)
+                .await?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    };
+}
+
 pub struct Sqlite {
     pool: SqlitePool,
 }
@@ -250,6 +294,14 @@ impl Backend for Sqlite {
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
         commit_changes!(self.pool, changes, SQLITE_SQL)
+    }
+
+    fn save_data_planes<'a>(&'a self, planes: &'a [(String, String, i64)]) -> BoxFut<'a, ()> {
+        save_planes!(self.pool, planes, SQLITE_SQL)
+    }
+
+    fn load_data_planes(&self, since: i64) -> BoxFut<'_, Vec<(String, String)>> {
+        load_planes!(self.pool, since, SQLITE_SQL)
     }
 
     fn ping(&self) -> BoxFut<'_, ()> {
@@ -307,6 +359,14 @@ impl Backend for Postgres {
 
     fn commit<'a>(&'a self, changes: &'a [Change]) -> BoxFut<'a, u64> {
         commit_changes!(self.pool, changes, POSTGRES_SQL)
+    }
+
+    fn save_data_planes<'a>(&'a self, planes: &'a [(String, String, i64)]) -> BoxFut<'a, ()> {
+        save_planes!(self.pool, planes, POSTGRES_SQL)
+    }
+
+    fn load_data_planes(&self, since: i64) -> BoxFut<'_, Vec<(String, String)>> {
+        load_planes!(self.pool, since, POSTGRES_SQL)
     }
 
     fn ping(&self) -> BoxFut<'_, ()> {

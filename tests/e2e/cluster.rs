@@ -268,6 +268,13 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     cp.terminate();
     assert_eq!(traffic.await.expect("traffic task"), 0);
+    // The control plane saved the data planes' status (in batches, and
+    // once more as it stopped).
+    let saved = pg.psql(
+        "gh_e2e_cluster",
+        "SELECT count(*) FROM data_planes WHERE body->>'config_hash' <> ''",
+    );
+    assert_eq!(saved.trim(), "3", "{saved}");
 
     // A data plane restarted while the control plane is down serves its
     // cache, with the same node id.
