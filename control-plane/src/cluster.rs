@@ -30,6 +30,9 @@ use crate::dao::Dao;
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How many recent version-to-version deltas the control plane keeps.
 pub const WINDOW: usize = 64;
+/// How long a data plane may take to answer a configuration before its
+/// stream is closed (it reconnects and resyncs).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -439,11 +442,19 @@ async fn serve_plane(
     let mut versions = cluster.current.subscribe();
     let mut nonce = 0u64;
     let mut sent_hash = held_hash;
+    // Sending is paced by answers: while the data plane applies one
+    // version, newer ones wait here and go as one delta to the newest,
+    // rather than queueing a rebuild per version on the data plane.
+    let mut awaiting: Option<Instant> = None;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if awaiting.is_some_and(|since| since.elapsed() > ANSWER_TIMEOUT) {
+            tracing::warn!(node_id = %id, "Data plane did not answer a configuration; closing its stream.");
+            break;
+        }
         let current = Arc::clone(&versions.borrow_and_update());
-        if current.hash != sent_hash {
+        if awaiting.is_none() && current.hash != sent_hash {
             nonce += 1;
             let kind = match cluster.delta_since(&sent_hash, &current) {
                 Some((from_version, delta)) => {
@@ -472,6 +483,7 @@ async fn serve_plane(
                 }
             });
             sent_hash.clone_from(&current.hash);
+            awaiting = Some(Instant::now());
         }
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { break },
@@ -488,7 +500,11 @@ async fn serve_plane(
             }
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
-                    if record(&cluster, &id, message, &current) {
+                    let answer = record(&cluster, &id, message, &current);
+                    if answer.is_some() {
+                        awaiting = None;
+                    }
+                    if answer == Some(false) {
                         // A refused delta or snapshot: send the whole
                         // current configuration.
                         sent_hash.clear();
@@ -502,10 +518,14 @@ async fn serve_plane(
     tracing::info!(node_id = %id, "Data plane disconnected.");
 }
 
-/// Records what a data plane reports; true when it refused a
-/// configuration.
-fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) -> bool {
-    let nacked = matches!(message.kind, Some(dp_message::Kind::Nack(_)));
+/// Records what a data plane reports: `Some(true)` for an Ack,
+/// `Some(false)` for a Nack, `None` for anything else.
+fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) -> Option<bool> {
+    let answer = match message.kind {
+        Some(dp_message::Kind::Ack(_)) => Some(true),
+        Some(dp_message::Kind::Nack(_)) => Some(false),
+        _ => None,
+    };
     match message.kind {
         Some(dp_message::Kind::Ack(ack)) => cluster.update(id, |plane| {
             plane.config_hash = ack.hash.clone();
@@ -525,7 +545,7 @@ fn record(cluster: &Cluster, id: &str, message: DpMessage, current: &Published) 
         }),
         Some(dp_message::Kind::Hello(_)) | None => {}
     }
-    nacked
+    answer
 }
 
 #[cfg(test)]
