@@ -242,6 +242,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
     let sync = Sync {
+        labels: cfg.dp_labels()?.into_iter().collect(),
         plugins: cfg.enabled_plugins(),
         tls,
         endpoint: control_plane,
@@ -257,6 +258,8 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
 }
 
 struct Sync {
+    /// `cluster_dp_labels`, reported in Hello.
+    labels: std::collections::HashMap<String, String>,
     /// The plugins this data plane runs (Kong's `plugins` setting).
     plugins: Vec<String>,
     tls: crate::cluster_tls::ClusterTls,
@@ -337,7 +340,7 @@ impl Sync {
                 plugins: self.plugins.clone(),
                 config_version: self.held.0,
                 config_hash: self.held.1.clone(),
-                labels: Default::default(),
+                labels: self.labels.clone(),
             })),
         })
         .await

@@ -41,6 +41,7 @@ const KEYS: &[&str] = &[
     "nginx_http_large_client_header_buffers",
     "proxy_max_connections",
     "plugins",
+    "cluster_dp_labels",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +101,9 @@ pub(crate) struct Config {
     /// a comma-separated list of names. A data plane refuses (Nacks) a
     /// configuration that uses a plugin outside it. Default `bundled`.
     pub plugins: String,
+    /// Kong's `cluster_dp_labels`: `key:value` pairs, comma-separated, that
+    /// a data plane reports to the control plane. Default none.
+    pub cluster_dp_labels: String,
 }
 
 impl Default for Config {
@@ -131,6 +135,7 @@ impl Default for Config {
                 .expect("4 8k is a valid buffer setting"),
             proxy_max_connections: 16384,
             plugins: "bundled".into(),
+            cluster_dp_labels: String::new(),
         }
     }
 }
@@ -179,6 +184,7 @@ impl Config {
         parse_listen("proxy_listen", &self.proxy_listen)?;
         parse_listen("status_listen", &self.status_listen)?;
         parse_listen("cluster_listen", &self.cluster_listen)?;
+        self.dp_labels()?;
         if !matches!(self.log_format.as_str(), "human" | "json") {
             return Err(ConfigError::Invalid {
                 key: "log_format",
@@ -251,6 +257,39 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.prefix.join("gatehouse.db").display()))
+    }
+
+    /// `cluster_dp_labels` as pairs. Kong's rule: keys and values of 1 to
+    /// 63 characters from letters, digits, `.`, `-`, `_`, `~`, and `:`
+    /// only as the separator.
+    pub(crate) fn dp_labels(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let valid = |part: &str| {
+            (1..=63).contains(&part.len())
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '~'))
+        };
+        let mut labels = Vec::new();
+        for item in self
+            .cluster_dp_labels
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            match item.split_once(':') {
+                Some((key, value)) if valid(key) && valid(value) => {
+                    labels.push((key.to_owned(), value.to_owned()));
+                }
+                _ => return Err(ConfigError::Invalid {
+                    key: "cluster_dp_labels",
+                    value: item.to_owned(),
+                    reason:
+                        "expected key:value, each 1 to 63 of letters, digits, '.', '-', '_', '~'"
+                            .into(),
+                }),
+            }
+        }
+        Ok(labels)
     }
 
     /// The plugin names the `plugins` setting enables.
@@ -374,6 +413,27 @@ mod tests {
             assert!(err.to_string().contains("admin_listen"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn data_plane_labels_follow_kongs_rules() {
+        let with = |labels: &str| Config {
+            cluster_dp_labels: labels.into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            with("region:eu-west, tier:edge")
+                .dp_labels()
+                .expect("valid"),
+            vec![
+                ("region".to_owned(), "eu-west".to_owned()),
+                ("tier".to_owned(), "edge".to_owned())
+            ]
+        );
+        assert!(with("").dp_labels().expect("none").is_empty());
+        for bad in ["region", "region:", ":x", "a b:c", "k:v:w"] {
+            assert!(with(bad).dp_labels().is_err(), "{bad}");
+        }
     }
 
     #[test]

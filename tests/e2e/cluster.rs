@@ -110,6 +110,7 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     let prefixes: Vec<_> = dp_dirs.iter().map(|d| d.path().join("dp")).collect();
     let mut limited_env = dp_env.to_vec();
     limited_env.push(("GATEHOUSE_PLUGINS", "key-auth"));
+    limited_env.push(("GATEHOUSE_CLUSTER_DP_LABELS", "region:eu-west,tier:edge"));
     let mut dps = vec![
         Gatehouse::start_role(BIN, "dp", &prefixes[0], &dp_env),
         Gatehouse::start_role(BIN, "dp", &prefixes[1], &dp_env),
@@ -174,6 +175,10 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         assert!(plane["last_propagation_ms"].is_number(), "{plane}");
         assert_eq!(plane["snapshots_sent"], 1, "{plane}");
     }
+    assert_eq!(
+        plane(&planes, &node_id(&dps[2]))["labels"],
+        json!({"region": "eu-west", "tier": "edge"})
+    );
     // The intruder got nothing.
     assert_eq!(status_of(&format!("{}/echo/x", intruder.proxy)).await, 404);
     assert!(intruder
