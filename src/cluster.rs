@@ -41,7 +41,8 @@ pub(crate) fn run_dp(cfg: Config) -> anyhow::Result<()> {
     crate::standalone::runtime(&cfg)?.block_on(serve_dp(cfg))
 }
 
-fn hostname() -> String {
+/// This machine's name, for `GET /` and data planes' Hello.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned())
@@ -291,7 +292,7 @@ impl Sync {
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(500);
             }
-            let jitter = rand_fraction();
+            let jitter: f64 = rand::random();
             let wait = backoff.mul_f64(0.5 + jitter);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -496,13 +497,4 @@ impl tower::Service<http::Uri> for AlwaysTls {
         let uri = http::Uri::from_parts(parts).unwrap_or(uri);
         self.0.call(uri)
     }
-}
-
-/// A fraction in [0, 1) for backoff jitter, from the clock's low bits (no
-/// need for a random number generator here).
-fn rand_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
 }

@@ -224,9 +224,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let node = NodeInfo {
         node_id: uuid::Uuid::new_v4().to_string(),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".to_owned()),
+        hostname: crate::cluster::hostname(),
         configuration: cfg.public_json(),
     };
     let state = AdminState::with_health(

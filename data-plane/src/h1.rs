@@ -1083,21 +1083,12 @@ fn push_response_head(out: &mut Vec<u8>, raw: &[u8], status: StatusCode, peer: &
     }
 }
 
+/// One of the hop-by-hop fields the hyper path strips too
+/// (`proxy::HOP_BY_HOP`); header names there are lower case.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP_BY_HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    HOP_BY_HOP
+    crate::proxy::HOP_BY_HOP
         .iter()
-        .any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
+        .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Kong's latency headers (see `proxy::latency_headers`), written without

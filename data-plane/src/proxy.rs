@@ -536,7 +536,7 @@ const X_KONG_RESPONSE_LATENCY: HeaderName = HeaderName::from_static("x-kong-resp
 /// RFC 9110 §7.6.1 connection-specific headers, plus the non-standard
 /// `Keep-Alive` and `Proxy-Connection`, and the `Proxy-*` credentials meant
 /// for this hop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
