@@ -20,7 +20,7 @@ use gatehouse_proto::v1::config_sync_server::ConfigSyncServer;
 use gatehouse_proto::v1::{
     cp_message, dp_message, Ack, CpMessage, DpMessage, Heartbeat, Hello, Nack,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tonic::codec::CompressionEncoding;
 use tracing::{info, warn};
@@ -30,7 +30,8 @@ use crate::standalone::{
     bind, bind_admin, bind_proxies, proxy_config, run_until_signal, spawn_admin, spawn_proxies,
 };
 
-/// Snapshots of large configurations exceed tonic's 4 MiB default.
+/// Snapshots travel in parts of about 1 MiB, but a delta is one message,
+/// and one change can be a whole declarative file: over tonic's 4 MiB default.
 const MAX_MESSAGE: usize = 512 * 1024 * 1024;
 
 pub(crate) fn run_cp(cfg: Config) -> anyhow::Result<()> {
@@ -166,7 +167,6 @@ fn tls_incoming(
 }
 
 /// The configuration a data plane applied last, as cached under its prefix.
-#[derive(Serialize, Deserialize)]
 struct Cached {
     hash: String,
     snapshot: ConfigSnapshot,
@@ -174,26 +174,115 @@ struct Cached {
 
 const CACHE_FILE: &str = "dp-config.json";
 
+/// The cache file: `{"hash": …, "version": …, "entities": {name: [document,
+/// …]}}`, documents embedded as they are (no escaping on write, no
+/// re-serializing on read), so their text, which the hash covers, survives.
+#[derive(Deserialize)]
+struct CacheFile<'a> {
+    hash: String,
+    version: u64,
+    #[serde(borrow)]
+    entities: std::collections::BTreeMap<String, Vec<&'a serde_json::value::RawValue>>,
+}
+
 fn load_cache(prefix: &Path) -> Option<Cached> {
     let text = std::fs::read(prefix.join(CACHE_FILE)).ok()?;
-    match serde_json::from_slice::<Cached>(&text) {
-        Ok(cached) if cached.snapshot.hash() == cached.hash => Some(cached),
-        Ok(_) => {
-            warn!("The cached configuration does not match its hash; ignoring it.");
-            None
-        }
+    let file = match serde_json::from_slice::<CacheFile<'_>>(&text) {
+        Ok(file) => file,
         Err(error) => {
             warn!(%error, "The cached configuration does not parse; ignoring it.");
-            None
+            return None;
+        }
+    };
+    let entities = file
+        .entities
+        .into_iter()
+        .map(|(name, docs)| {
+            (
+                name,
+                docs.into_iter().map(|doc| Arc::from(doc.get())).collect(),
+            )
+        })
+        .collect();
+    let snapshot = ConfigSnapshot::new(file.version, entities);
+    if snapshot.hash() != file.hash {
+        warn!("The cached configuration does not match its hash; ignoring it.");
+        return None;
+    }
+    Some(Cached {
+        hash: file.hash,
+        snapshot,
+    })
+}
+
+/// Kong's `plugin_set_incompatible`: a configuration using a plugin this
+/// node does not run would silently not apply it, so it is refused.
+fn check_plugins(
+    enabled: &[String],
+    docs: &[gatehouse_model::snapshot::EntityDoc],
+) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Name<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+    }
+    for doc in docs {
+        let name = serde_json::from_str::<Name<'_>>(doc)
+            .map(|n| n.name)
+            .unwrap_or_default();
+        if !enabled.iter().any(|e| *e == name) {
+            return Err(format!(
+                "plugin {name:?} is not enabled on this data plane (plugins setting)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the newest applied configuration to the cache, after the Ack
+/// went out: serializing 30,000 entities is not on the propagation path.
+/// Versions that arrive during a write are coalesced into the next one.
+async fn write_caches(
+    prefix: PathBuf,
+    mut applied: watch::Receiver<Option<(String, Arc<ConfigSnapshot>)>>,
+) {
+    while applied.changed().await.is_ok() {
+        let Some((hash, snapshot)) = applied.borrow_and_update().clone() else {
+            continue;
+        };
+        let prefix = prefix.clone();
+        let written =
+            tokio::task::spawn_blocking(move || write_cache(&prefix, &hash, &snapshot)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "Cannot write the configuration cache."),
+            Err(error) => warn!(%error, "The cache writer failed."),
         }
     }
 }
 
 /// Writes the cache atomically: a crash leaves the old file or the new one.
 fn write_cache(prefix: &Path, hash: &str, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
+    let mut body = Vec::with_capacity(1 << 20);
+    body.extend_from_slice(b"{\"hash\":");
+    serde_json::to_writer(&mut body, hash).map_err(std::io::Error::other)?;
+    body.extend_from_slice(format!(",\"version\":{},\"entities\":{{", snapshot.version).as_bytes());
+    for (i, (name, docs)) in snapshot.entities().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        serde_json::to_writer(&mut body, name).map_err(std::io::Error::other)?;
+        body.extend_from_slice(b":[");
+        for (j, doc) in docs.iter().enumerate() {
+            if j > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(doc.as_bytes());
+        }
+        body.push(b']');
+    }
+    body.extend_from_slice(b"}}");
     let tmp = prefix.join(format!("{CACHE_FILE}.tmp"));
-    let body = serde_json::to_vec(&serde_json::json!({"hash": hash, "snapshot": snapshot}))
-        .map_err(std::io::Error::other)?;
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, prefix.join(CACHE_FILE))
 }
@@ -222,8 +311,13 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let dp = DataPlane::new(proxy_config(&cfg, default_certificate));
     let mut held = (0, String::new());
     let mut current = None;
+    let plugins = cfg.enabled_plugins();
     if let Some(cached) = load_cache(&cfg.prefix) {
-        match dp.apply(&cached.snapshot) {
+        let applied = check_plugins(&plugins, cached.snapshot.docs("plugins")).and_then(|()| {
+            dp.apply(&cached.snapshot)
+                .map_err(|e| crate::error_chain(&e))
+        });
+        match applied {
             Ok(()) => {
                 info!(
                     config_version = cached.snapshot.version,
@@ -232,7 +326,9 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
                 held = (cached.snapshot.version, cached.hash);
                 current = Some(Arc::new(cached.snapshot));
             }
-            Err(error) => warn!(%error, "The cached configuration does not build; starting empty."),
+            Err(error) => {
+                warn!(%error, "The cached configuration does not apply here; starting empty.")
+            }
         }
     }
     let id = node_id(&cfg.prefix)?;
@@ -242,20 +338,75 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let mut tasks = tokio::task::JoinSet::new();
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
+    // Ends after writing the last version, once the sync task drops its
+    // sender at shutdown.
+    let (cache_tx, cache_rx) = watch::channel(None);
+    tasks.spawn(write_caches(cfg.prefix.clone(), cache_rx));
     let sync = Sync {
         labels: cfg.dp_labels()?.into_iter().collect(),
-        plugins: cfg.enabled_plugins(),
+        plugins,
         tls,
         endpoint: control_plane,
         node_id: id,
-        prefix: cfg.prefix.clone(),
-        dp: Arc::clone(&dp),
+        applier: Applier::Proxy {
+            dp: Arc::clone(&dp),
+            cache: cache_tx,
+        },
         held,
         current,
+        parts: Vec::new(),
     };
     tasks.spawn(sync.run(shutdown_rx.clone()));
     run_until_signal(tasks, shutdown_tx, grace).await;
     Ok(())
+}
+
+/// What a stream client does with a configuration it verified.
+enum Applier {
+    /// A data plane: builds the runtime and swaps it in, then has the
+    /// configuration cached.
+    Proxy {
+        dp: Arc<DataPlane>,
+        /// To the cache writer: the configuration applied last.
+        cache: watch::Sender<Option<(String, Arc<ConfigSnapshot>)>>,
+    },
+    /// One of `bench/sync`'s light clients: holds and verifies the
+    /// configuration (hash, plugins) as a data plane does, builds no
+    /// proxy, and reports each Ack on stdout.
+    Light { index: usize },
+}
+
+/// `gatehouse cluster bench-clients`: `count` light stream clients in this
+/// process, for `bench/sync`'s many-data-plane case. Each has its own node
+/// id and stream and does all a data plane does with a configuration but
+/// build a proxy; one line per Ack on stdout: `ack <client> <version>
+/// <unix time in ns>`. Runs until SIGTERM.
+pub(crate) fn run_bench_clients(cfg: Config, count: usize) -> anyhow::Result<()> {
+    crate::standalone::runtime(&cfg)?.block_on(async move {
+        let control_plane = cfg
+            .cluster_control_plane
+            .clone()
+            .context("cluster_control_plane is not set")?;
+        let tls = crate::cluster_tls::load(&cfg, Some(&control_plane))?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(());
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..count {
+            let sync = Sync {
+                labels: Default::default(),
+                plugins: cfg.enabled_plugins(),
+                tls: tls.clone(),
+                endpoint: control_plane.clone(),
+                node_id: uuid::Uuid::new_v4().to_string(),
+                applier: Applier::Light { index },
+                held: (0, String::new()),
+                current: None,
+                parts: Vec::new(),
+            };
+            tasks.spawn(sync.run(shutdown_rx.clone()));
+        }
+        run_until_signal(tasks, shutdown_tx, Duration::from_secs(1)).await;
+        Ok(())
+    })
 }
 
 struct Sync {
@@ -266,12 +417,13 @@ struct Sync {
     tls: crate::cluster_tls::ClusterTls,
     endpoint: String,
     node_id: String,
-    prefix: PathBuf,
-    dp: Arc<DataPlane>,
+    applier: Applier,
     /// The version and hash served now.
     held: (u64, String),
     /// The configuration served now, which deltas apply to.
     current: Option<Arc<ConfigSnapshot>>,
+    /// The parts of a snapshot received so far.
+    parts: Vec<gatehouse_proto::v1::Snapshot>,
 }
 
 impl Sync {
@@ -304,6 +456,7 @@ impl Sync {
 
     /// One stream: Hello, then apply what arrives and answer it.
     async fn session(&mut self) -> anyhow::Result<()> {
+        self.parts.clear();
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -375,17 +528,28 @@ impl Sync {
 
     async fn handle(&mut self, message: CpMessage) -> Option<DpMessage> {
         enum Received {
-            Snapshot(gatehouse_proto::v1::Snapshot),
+            Snapshot(Vec<gatehouse_proto::v1::Snapshot>),
             Delta(gatehouse_proto::v1::Delta),
         }
         let (received, nonce, version, expected) = match message.kind? {
-            cp_message::Kind::Snapshot(snapshot) => {
-                let head = (
-                    snapshot.nonce.clone(),
-                    snapshot.version,
-                    snapshot.hash.clone(),
-                );
-                (Received::Snapshot(snapshot), head.0, head.1, head.2)
+            cp_message::Kind::Snapshot(part) => {
+                // A part of another snapshot than the one being gathered
+                // (the control plane gave up on that one) starts anew.
+                if self
+                    .parts
+                    .first()
+                    .is_some_and(|first| first.nonce != part.nonce)
+                {
+                    self.parts.clear();
+                }
+                let more = part.more;
+                let head = (part.nonce.clone(), part.version, part.hash.clone());
+                self.parts.push(part);
+                if more {
+                    return None;
+                }
+                let parts = std::mem::take(&mut self.parts);
+                (Received::Snapshot(parts), head.0, head.1, head.2)
             }
             cp_message::Kind::Delta(delta) => {
                 let head = (delta.nonce.clone(), delta.version, delta.hash.clone());
@@ -396,25 +560,28 @@ impl Sync {
         let base = self.current.clone();
         let held = self.held.clone();
         let plugins = self.plugins.clone();
-        let dp = Arc::clone(&self.dp);
-        let prefix = self.prefix.clone();
+        let dp = match &self.applier {
+            Applier::Proxy { dp, .. } => Some(Arc::clone(dp)),
+            Applier::Light { .. } => None,
+        };
         // Built off the request path; the runtime in use keeps serving.
         let applied = tokio::task::spawn_blocking(move || {
+            // `Some` for a delta: its plugin documents.
+            let mut new_plugins = None;
             let snapshot = match received {
-                Received::Snapshot(snapshot) => gatehouse_proto::snapshot_from_message(snapshot),
-                Received::Delta(delta) => {
+                Received::Snapshot(parts) => gatehouse_proto::snapshot_from_parts(parts),
+                Received::Delta(message) => {
                     // The content hash names the base; a version number
                     // can differ for the same content.
-                    let base = base
-                        .filter(|_| held.1 == delta.from_hash)
-                        .ok_or_else(|| {
-                            format!(
-                                "delta from version {} ({}) does not apply to version {} ({}) held here",
-                                delta.from_version, delta.from_hash, held.0, held.1
-                            )
-                        })?;
-                    let version = delta.version;
-                    base.apply_delta(version, &gatehouse_proto::delta_from_message(delta))
+                    let base = base.filter(|_| held.1 == message.from_hash).ok_or_else(|| {
+                        format!(
+                            "delta from version {} ({}) does not apply to version {} ({}) held here",
+                            message.from_version, message.from_hash, held.0, held.1
+                        )
+                    })?;
+                    let delta = gatehouse_proto::delta_from_message(message);
+                    new_plugins = Some(delta.upserted.get("plugins").cloned().unwrap_or_default());
+                    base.apply_delta(version, &delta)
                 }
             };
             let hash = snapshot.hash();
@@ -423,23 +590,15 @@ impl Sync {
                     "hash mismatch: received {expected}, computed {hash}"
                 ));
             }
-            // Kong's plugin_set_incompatible: a plugin this node does not
-            // run would silently not apply.
-            for doc in snapshot.docs("plugins") {
-                let name = serde_json::from_str::<serde_json::Value>(doc)
-                    .ok()
-                    .and_then(|v| v["name"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                if !plugins.contains(&name) {
-                    return Err(format!(
-                        "plugin {name:?} is not enabled on this data plane (plugins setting)"
-                    ));
-                }
+            // The held configuration passed this check: a delta's new
+            // plugin documents are all there is to look at.
+            match &new_plugins {
+                Some(docs) => check_plugins(&plugins, docs)?,
+                None => check_plugins(&plugins, snapshot.docs("plugins"))?,
             }
-            dp.apply(&snapshot)
-                .map_err(|error| crate::error_chain(&error))?;
-            if let Err(error) = write_cache(&prefix, &hash, &snapshot) {
-                warn!(%error, "Cannot write the configuration cache.");
+            if let Some(dp) = dp {
+                dp.apply(&snapshot)
+                    .map_err(|error| crate::error_chain(&error))?;
             }
             Ok((hash, Arc::new(snapshot)))
         })
@@ -453,6 +612,18 @@ impl Sync {
                         "Applied the configuration from the control plane."
                     );
                     self.held = (version, hash.clone());
+                    match &self.applier {
+                        Applier::Proxy { cache, .. } => {
+                            cache.send_replace(Some((hash.clone(), Arc::clone(&snapshot))));
+                        }
+                        Applier::Light { index } => {
+                            let at = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .as_nanos();
+                            println!("ack {index} {version} {at}");
+                        }
+                    }
                     self.current = Some(snapshot);
                     dp_message::Kind::Ack(Ack {
                         nonce,

@@ -25,6 +25,7 @@ use crate::config::Config;
 /// The name a `shared` certificate carries, as Kong's.
 pub(crate) const SHARED_NAME: &str = "kong_clustering";
 
+#[derive(Clone)]
 pub(crate) struct ClusterTls {
     pub(crate) server: Arc<ServerConfig>,
     pub(crate) client: Arc<ClientConfig>,

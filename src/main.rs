@@ -69,6 +69,12 @@ enum ClusterCommand {
         #[arg(long, default_value_t = 3 * 365)]
         days: u32,
     },
+    /// bench/sync's light stream clients (see docs/benchmarks.md).
+    #[command(hide = true)]
+    BenchClients {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
 }
 
 /// Exit status for bad configuration (EX_USAGE), as sysexits.h.
@@ -96,6 +102,15 @@ fn main() -> ExitCode {
         };
     }
     match cli.command {
+        Command::Cluster {
+            action: ClusterCommand::BenchClients { count },
+        } => match cluster::run_bench_clients(cfg, count) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatehouse: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        },
         Command::Cluster { .. } => ExitCode::SUCCESS,
         Command::Config => {
             println!(

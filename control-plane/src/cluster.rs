@@ -40,8 +40,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Published {
     pub version: u64,
     pub hash: String,
-    /// The wire form, nonce left empty; built once per version.
-    message: gatehouse_proto::v1::Snapshot,
+    /// Shares its documents with the store; the wire form is made only
+    /// for a stream that needs a whole snapshot, which is rare, rather than
+    /// for every version.
+    snapshot: Arc<ConfigSnapshot>,
     at: Instant,
 }
 
@@ -140,7 +142,13 @@ pub struct Cluster {
     planes: Mutex<BTreeMap<String, PlaneStatus>>,
     /// Some status changed since the last save to the database.
     dirty: AtomicBool,
+    /// Snapshots being sent and not yet answered, at most
+    /// [`SNAPSHOTS_AT_ONCE`].
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many data planes receive a whole snapshot at the same time.
+const SNAPSHOTS_AT_ONCE: usize = 4;
 
 /// How often changed data-plane status is written to the database, in one
 /// transaction for all of them.
@@ -152,13 +160,14 @@ const PURGE_AFTER_SECS: u64 = 14 * 24 * 3600;
 impl Cluster {
     /// Publishes the configuration `dao` holds now.
     pub fn new(dao: &Dao) -> Arc<Cluster> {
-        let (published, _) = publish(dao);
+        let published = publish(dao);
         let (current, _) = watch::channel(Arc::new(published));
         Arc::new(Cluster {
             current,
             window: Mutex::new(VecDeque::with_capacity(WINDOW)),
             planes: Mutex::new(BTreeMap::new()),
             dirty: AtomicBool::new(false),
+            snapshot_slots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_AT_ONCE)),
         })
     }
 
@@ -221,7 +230,7 @@ impl Cluster {
     /// writes coalesce: a build always starts from the newest version.
     pub async fn follow(self: Arc<Self>, dao: Arc<Dao>, mut shutdown: watch::Receiver<()>) {
         let mut versions = dao.subscribe();
-        let mut last = Arc::new(dao.read(|state| state.snapshot()));
+        let mut last = Arc::clone(&self.current().snapshot);
         loop {
             tokio::select! {
                 changed = versions.changed() => if changed.is_err() { return },
@@ -231,13 +240,13 @@ impl Cluster {
             let previous = Arc::clone(&last);
             let previous_hash = self.current().hash.clone();
             let built = tokio::task::spawn_blocking(move || {
-                let (published, snapshot) = publish(&dao);
-                let delta = previous.diff(&snapshot);
-                (published, snapshot, delta)
+                let published = publish(&dao);
+                let delta = previous.diff(&published.snapshot);
+                (published, delta)
             })
             .await;
             match built {
-                Ok((published, snapshot, delta)) => {
+                Ok((published, delta)) => {
                     if published.hash == previous_hash {
                         continue;
                     }
@@ -257,7 +266,7 @@ impl Cluster {
                         }
                         window.push_back(entry);
                     }
-                    last = Arc::new(snapshot);
+                    last = Arc::clone(&published.snapshot);
                     self.current.send_replace(Arc::new(published));
                 }
                 Err(error) => tracing::error!(%error, "Publishing a configuration failed."),
@@ -313,17 +322,16 @@ impl Cluster {
     }
 }
 
-fn publish(dao: &Dao) -> (Published, ConfigSnapshot) {
+/// The store's configuration now; its hash is kept by the store, so this
+/// copies pointers and nothing else.
+fn publish(dao: &Dao) -> Published {
     let snapshot = dao.read(|state| state.snapshot());
-    let hash = snapshot.hash();
-    let message = gatehouse_proto::snapshot_message(&snapshot, &hash, String::new());
-    let published = Published {
+    Published {
         version: snapshot.version,
-        hash,
-        message,
+        hash: snapshot.hash(),
+        snapshot: Arc::new(snapshot),
         at: Instant::now(),
-    };
-    (published, snapshot)
+    }
 }
 
 /// Kong's rule (`kong/clustering/compat`): same major version, and a data
@@ -446,6 +454,8 @@ async fn serve_plane(
     // version, newer ones wait here and go as one delta to the newest,
     // rather than queueing a rebuild per version on the data plane.
     let mut awaiting: Option<Instant> = None;
+    // Held from building a snapshot until the data plane answers it.
+    let mut snapshot_slot: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -456,23 +466,56 @@ async fn serve_plane(
         let current = Arc::clone(&versions.borrow_and_update());
         if awaiting.is_none() && current.hash != sent_hash {
             nonce += 1;
-            let kind = match cluster.delta_since(&sent_hash, &current) {
+            let messages = match cluster.delta_since(&sent_hash, &current) {
                 Some((from_version, delta)) => {
-                    cp_message::Kind::Delta(gatehouse_proto::delta_message(
+                    vec![cp_message::Kind::Delta(gatehouse_proto::delta_message(
                         (from_version, &sent_hash),
                         (current.version, &current.hash),
                         &delta,
                         nonce.to_string(),
-                    ))
+                    ))]
                 }
                 None => {
-                    let mut message = current.message.clone();
-                    message.nonce = nonce.to_string();
-                    cp_message::Kind::Snapshot(message)
+                    // Until a snapshot's parts are encoded and sent, they
+                    // are a copy of the whole configuration: a hundred
+                    // data planes connecting at once take turns rather
+                    // than hold a hundred copies.
+                    match Arc::clone(&cluster.snapshot_slots).acquire_owned().await {
+                        Ok(permit) => drop(snapshot_slot.replace(permit)),
+                        Err(_) => break,
+                    }
+                    // Copying every document is a few milliseconds at
+                    // 30,000 entities: not on a runtime worker that serves
+                    // other streams.
+                    let (snapshot, hash, nonce) = (
+                        Arc::clone(&current.snapshot),
+                        current.hash.clone(),
+                        nonce.to_string(),
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        gatehouse_proto::snapshot_parts(
+                            &snapshot,
+                            &hash,
+                            &nonce,
+                            gatehouse_proto::SNAPSHOT_PART_BYTES,
+                        )
+                    })
+                    .await
+                    {
+                        Ok(parts) => parts.into_iter().map(cp_message::Kind::Snapshot).collect(),
+                        Err(_) => break,
+                    }
                 }
             };
-            let is_delta = matches!(kind, cp_message::Kind::Delta(_));
-            if outbound.send(CpMessage { kind: Some(kind) }).await.is_err() {
+            let is_delta = matches!(messages.first(), Some(cp_message::Kind::Delta(_)));
+            let mut sent = true;
+            for kind in messages {
+                if outbound.send(CpMessage { kind: Some(kind) }).await.is_err() {
+                    sent = false;
+                    break;
+                }
+            }
+            if !sent {
                 break;
             }
             cluster.update(&id, |plane| {
@@ -503,6 +546,7 @@ async fn serve_plane(
                     let answer = record(&cluster, &id, message, &current);
                     if answer.is_some() {
                         awaiting = None;
+                        drop(snapshot_slot.take());
                     }
                     if answer == Some(false) {
                         // A refused delta or snapshot: send the whole

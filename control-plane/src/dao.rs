@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use base64::Engine;
 use gatehouse_model::entities::{self, ENTITIES};
 use gatehouse_model::schema::{is_uuid, Context, EntitySchema, Errors, FieldType, OnDelete};
-use gatehouse_model::snapshot::{ConfigSnapshot, EntityDoc};
+use gatehouse_model::snapshot::{ConfigSnapshot, ContentHash, EntityDoc};
 use gatehouse_model::DbError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Mutex};
@@ -56,6 +56,8 @@ pub struct State {
     /// `(entity, unique field)` → value key → id. Cache keys are indexed
     /// under the field name `#cache_key`.
     unique: HashMap<(&'static str, &'static str), HashMap<String, String>>,
+    /// The content hash of every row, kept as rows come and go.
+    content: ContentHash,
 }
 
 const CACHE_KEY: &str = "#cache_key";
@@ -135,6 +137,7 @@ impl State {
         let mut doc = Value::Object(e);
         sort_keys(&mut doc);
         let doc: EntityDoc = Arc::from(doc.to_string());
+        self.content.add(schema.name, &doc);
         let row = Row {
             doc,
             fks,
@@ -148,6 +151,7 @@ impl State {
         let Some(old) = self.tables.get_mut(schema.name).and_then(|t| t.remove(id)) else {
             return;
         };
+        self.content.remove(schema.name, &old.doc);
         for (field, key) in old.index_keys {
             if let Some(idx) = self.unique.get_mut(&(schema.name, field)) {
                 if idx.get(&key).is_some_and(|owner| owner == id) {
@@ -169,16 +173,7 @@ impl State {
     /// The content hash of the configuration, equal to the hash of its
     /// snapshot.
     pub fn hash(&self) -> String {
-        let mut names: Vec<&'static str> = ENTITIES.iter().map(|e| e.name).collect();
-        names.sort_unstable();
-        let mut h = gatehouse_model::snapshot::ContentHasher::default();
-        for name in names {
-            h.list(name);
-            for (_, row) in self.rows(name) {
-                h.doc(&row.doc);
-            }
-        }
-        h.finish()
+        self.content.to_string()
     }
 
     /// The configuration as a snapshot for data planes; documents are
@@ -189,10 +184,7 @@ impl State {
             let list: Vec<EntityDoc> = self.rows(schema.name).map(|(_, r)| r.doc.clone()).collect();
             entities.insert(schema.name.to_owned(), list);
         }
-        ConfigSnapshot {
-            version: self.version,
-            entities,
-        }
+        ConfigSnapshot::with_hash(self.version, entities, self.content)
     }
 }
 

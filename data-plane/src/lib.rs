@@ -52,7 +52,7 @@ pub use runtime::BuildError;
 pub use tls::{DefaultCertificate, TlsError};
 
 use balancer::Balancers;
-use runtime::{ClientCache, Runtime};
+use runtime::{ClientCache, ParseCache, Runtime};
 
 /// Process-level proxy settings (not entity configuration).
 #[derive(Clone, Debug)]
@@ -112,6 +112,9 @@ pub struct DataPlane {
     runtime: ArcSwap<Runtime>,
     clients: ClientCache,
     balancers: Balancers,
+    /// Taken by `apply` for the build and put back after; a concurrent
+    /// `apply` would find none and parse everything, which is only slower.
+    parsed: arc_swap::ArcSwapOption<ParseCache>,
     connections: Arc<Semaphore>,
     cfg: ProxyConfig,
 }
@@ -127,6 +130,7 @@ impl DataPlane {
                 cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS),
             )),
             balancers: Balancers::default(),
+            parsed: arc_swap::ArcSwapOption::empty(),
             cfg,
         })
     }
@@ -137,7 +141,14 @@ impl DataPlane {
     /// it from `spawn_blocking` for large configurations. Callers apply
     /// snapshots one at a time, in version order.
     pub fn apply(&self, snapshot: &ConfigSnapshot) -> Result<(), BuildError> {
-        let runtime = Runtime::build(snapshot, &self.clients, &self.balancers)?;
+        let mut parsed = self
+            .parsed
+            .swap(None)
+            .and_then(|cache| Arc::try_unwrap(cache).ok())
+            .unwrap_or_default();
+        let built = Runtime::build(snapshot, &self.clients, &self.balancers, &mut parsed);
+        self.parsed.store(Some(Arc::new(parsed)));
+        let runtime = built?;
         let n_snis = runtime.certificates.len();
         self.runtime.store(Arc::new(runtime));
         tracing::info!(

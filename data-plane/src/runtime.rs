@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use gatehouse_model::snapshot::{ConfigSnapshot, Route, Service, SnapshotError};
+use gatehouse_model::snapshot::{
+    parse_doc, ConfigSnapshot, EntityDoc, Route, Service, SnapshotError,
+};
 use gatehouse_router::{Rewrite, RouteSpec, Router};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, StatusCode};
@@ -160,17 +162,18 @@ impl Runtime {
         snapshot: &ConfigSnapshot,
         clients: &ClientCache,
         balancers: &Balancers,
+        parsed: &mut ParseCache,
     ) -> Result<Runtime, BuildError> {
-        let services: Vec<Service> = snapshot.typed("services")?;
-        let routes: Vec<Route> = snapshot.typed("routes")?;
+        let services = parsed.services.typed(snapshot, "services")?;
+        let routes = parsed.routes.typed(snapshot, "routes")?;
         let certificates: Vec<CertificateEntity> = snapshot.typed("certificates")?;
         let snis: Vec<SniEntity> = snapshot.typed("snis")?;
         let ca_certificates: Vec<CaCertificateEntity> = snapshot.typed("ca_certificates")?;
-        let service_tls: Vec<ServiceTlsFields> = snapshot.typed("services")?;
+        let service_tls = parsed.service_tls.typed(snapshot, "services")?;
         let tls_sources = TlsSources {
             certificates: certificates.iter().map(|c| (c.id.as_str(), c)).collect(),
             ca_certificates: ca_certificates.iter().map(|c| (c.id.as_str(), c)).collect(),
-            services: service_tls.iter().map(|s| (s.id.as_str(), s)).collect(),
+            services: service_tls.iter().map(|s| (s.id.as_str(), &**s)).collect(),
         };
 
         let mut client_lookup = ClientLookup::new(clients);
@@ -243,6 +246,56 @@ impl Runtime {
         })
     }
 }
+/// Typed entities of the last build by document. Consecutive snapshots
+/// share the allocations of unchanged documents, so a one-entity delta
+/// parses one document here instead of every service and route.
+#[derive(Default)]
+pub(crate) struct ParseCache {
+    services: Parsed<Service>,
+    service_tls: Parsed<ServiceTlsFields>,
+    routes: Parsed<Route>,
+}
+
+/// Keyed by the document's address; the entry holds the document, so the
+/// address cannot be reused by another one while it is cached.
+struct Parsed<T> {
+    by_doc: HashMap<usize, (EntityDoc, Arc<T>)>,
+}
+
+impl<T> Default for Parsed<T> {
+    fn default() -> Self {
+        Parsed {
+            by_doc: HashMap::new(),
+        }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Parsed<T> {
+    /// The entities of kind `entity`, parsing only documents the last
+    /// call did not see; entries for documents gone from the snapshot are
+    /// dropped. On error the cache keeps its previous content.
+    fn typed(
+        &mut self,
+        snapshot: &ConfigSnapshot,
+        entity: &str,
+    ) -> Result<Vec<Arc<T>>, SnapshotError> {
+        let docs = snapshot.docs(entity);
+        let mut next = HashMap::with_capacity(docs.len());
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let key = doc.as_ptr() as usize;
+            let typed = match self.by_doc.get(&key) {
+                Some((_, typed)) => Arc::clone(typed),
+                None => Arc::new(parse_doc(entity, doc)?),
+            };
+            next.insert(key, (Arc::clone(doc), Arc::clone(&typed)));
+            out.push(typed);
+        }
+        self.by_doc = next;
+        Ok(out)
+    }
+}
+
 /// The TLS entities of a snapshot by id.
 struct TlsSources<'s> {
     certificates: HashMap<&'s str, &'s CertificateEntity>,

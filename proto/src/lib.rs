@@ -21,37 +21,62 @@ pub mod v1 {
     include!("generated/gatehouse.sync.v1.rs");
 }
 
-/// The wire form of a whole configuration.
-pub fn snapshot_message(snapshot: &ConfigSnapshot, hash: &str, nonce: String) -> v1::Snapshot {
-    v1::Snapshot {
-        nonce,
+/// Documents per snapshot part, in bytes (a document is never split).
+pub const SNAPSHOT_PART_BYTES: usize = 1 << 20;
+
+/// The wire form of a whole configuration: parts of at most `part_bytes`
+/// of documents (or one document, when larger), the last with `more`
+/// unset. An empty configuration is one part.
+pub fn snapshot_parts(
+    snapshot: &ConfigSnapshot,
+    hash: &str,
+    nonce: &str,
+    part_bytes: usize,
+) -> Vec<v1::Snapshot> {
+    let empty_part = || v1::Snapshot {
+        nonce: nonce.to_owned(),
         version: snapshot.version,
         hash: hash.to_owned(),
-        entities: snapshot
-            .entities
-            .iter()
-            .map(|(entity, docs)| v1::EntityDocs {
-                entity: entity.clone(),
-                documents: docs.iter().map(|doc| doc.to_string()).collect(),
-            })
-            .collect(),
+        entities: Vec::new(),
+        more: true,
+    };
+    let mut parts = vec![empty_part()];
+    let mut size = 0;
+    for (entity, docs) in snapshot.entities() {
+        for doc in docs {
+            if size > 0 && size + doc.len() > part_bytes {
+                parts.push(empty_part());
+                size = 0;
+            }
+            size += doc.len();
+            let part = parts.last_mut().expect("one part at least");
+            match part.entities.last_mut() {
+                Some(set) if set.entity == entity => set.documents.push(doc.to_string()),
+                _ => part.entities.push(v1::EntityDocs {
+                    entity: entity.to_owned(),
+                    documents: vec![doc.to_string()],
+                }),
+            }
+        }
     }
+    if let Some(last) = parts.last_mut() {
+        last.more = false;
+    }
+    parts
 }
 
-/// A received snapshot as the data plane holds it. The caller verifies its
-/// hash.
-pub fn snapshot_from_message(message: v1::Snapshot) -> ConfigSnapshot {
-    let mut entities = BTreeMap::new();
-    for set in message.entities {
-        entities.insert(
-            set.entity,
-            set.documents.into_iter().map(Arc::<str>::from).collect(),
-        );
+/// A received snapshot, from all its parts in order, as the data plane
+/// holds it. The caller verifies its hash.
+pub fn snapshot_from_parts(parts: Vec<v1::Snapshot>) -> ConfigSnapshot {
+    let version = parts.first().map_or(0, |part| part.version);
+    let mut entities: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+    for set in parts.into_iter().flat_map(|part| part.entities) {
+        entities
+            .entry(set.entity)
+            .or_default()
+            .extend(set.documents.into_iter().map(Arc::<str>::from));
     }
-    ConfigSnapshot {
-        version: message.version,
-        entities,
-    }
+    ConfigSnapshot::new(version, entities)
 }
 
 /// The wire form of the change from (`from_version`, `from_hash`) to
@@ -112,11 +137,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn snapshots_round_trip_with_their_hash() {
+    fn snapshots_round_trip_in_parts_with_their_hash() {
         let mut entities = BTreeMap::new();
         entities.insert(
             "services".to_owned(),
-            vec![json!({"id": "a", "name": "x", "port": 80})],
+            (0..10)
+                .map(|i| json!({"id": format!("s{i}"), "name": "x", "port": 80}))
+                .collect(),
         );
         entities.insert(
             "routes".to_owned(),
@@ -124,10 +151,21 @@ mod tests {
         );
         let snapshot = ConfigSnapshot::from_values(7, entities);
         let hash = snapshot.hash();
-        let message = snapshot_message(&snapshot, &hash, "n1".to_owned());
-        let back = snapshot_from_message(message);
+        // Two or three documents a part: services span parts.
+        let parts = snapshot_parts(&snapshot, &hash, "n1", 70);
+        assert!(parts.len() > 3, "{}", parts.len());
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.more));
+        assert!(!parts[parts.len() - 1].more);
+        assert!(parts.iter().all(|p| p.nonce == "n1" && p.hash == hash));
+        let back = snapshot_from_parts(parts);
         assert_eq!(back.version, 7);
         assert_eq!(back.hash(), hash);
-        assert_eq!(back.list("services"), snapshot.list("services"));
+        assert_eq!(back, snapshot);
+
+        let empty = ConfigSnapshot::new(3, BTreeMap::new());
+        let parts = snapshot_parts(&empty, &empty.hash(), "n2", 70);
+        assert_eq!(parts.len(), 1);
+        assert!(!parts[0].more);
+        assert_eq!(snapshot_from_parts(parts), empty);
     }
 }

@@ -75,6 +75,12 @@ pub struct EntityKey {
     #[prost(string, tag = "2")]
     pub id: ::prost::alloc::string::String,
 }
+/// A snapshot travels in parts of about 1 MiB of documents, all with the
+/// same nonce, version and hash; every part but the last has `more` set. The
+/// DP applies (and answers) the snapshot once the last part arrived; the
+/// documents of one entity name may span parts, in order. Parts keep the
+/// buffers both ends hold per stream small whatever the configuration's
+/// size.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Snapshot {
     #[prost(string, tag = "1")]
@@ -85,6 +91,8 @@ pub struct Snapshot {
     pub hash: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "4")]
     pub entities: ::prost::alloc::vec::Vec<EntityDocs>,
+    #[prost(bool, tag = "5")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Delta {
