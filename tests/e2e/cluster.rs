@@ -255,6 +255,35 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     assert_eq!(back["snapshots_sent"], 0, "{back}\n{}", dps[1].log_text());
     assert_eq!(back["deltas_sent"], 1, "{back}");
 
+    // One that misses more versions than the control plane's window of
+    // deltas holds (64) catches up with a snapshot.
+    dps[1].terminate();
+    for i in 0..65 {
+        post(
+            format!("{a}/services/echo/routes"),
+            json!({"paths": [format!("/far-{i}")]}),
+        )
+        .await;
+        // Served before the next write: each write is its own version
+        // (a burst of writes would be published as one).
+        let url = format!("{}/far-{i}", dps[0].proxy);
+        eventually("a data plane serves the change", || async {
+            status_of(&url).await == 200
+        })
+        .await;
+    }
+    dps[1] = Gatehouse::start_role(BIN, "dp", &prefixes[1], &dp_env);
+    let far = format!("{}/far-64", dps[1].proxy);
+    eventually("the far-behind data plane catches up", || async {
+        status_of(&far).await == 200
+    })
+    .await;
+    assert_eq!(status_of(&format!("{}/far-0", dps[1].proxy)).await, 200);
+    let planes = data_planes(&a).await;
+    let back = plane(&planes, &returning);
+    assert_eq!(back["snapshots_sent"], 1, "{back}\n{}", dps[1].log_text());
+    assert_eq!(back["deltas_sent"], 0, "{back}");
+
     // The control plane dies while traffic flows: not one request fails.
     let probe = format!("{}/echo/x", dps[0].proxy);
     let traffic = tokio::spawn({
