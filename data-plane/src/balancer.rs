@@ -898,6 +898,20 @@ impl<'b> BalancerLookup<'b> {
         }
     }
 
+    /// Keeps what `peers`, built by the previous runtime, resolve through;
+    /// false when that is gone (the service must be built anew). Every
+    /// upstream's balancer is kept by [`BalancerLookup::new`] already.
+    pub(crate) fn keep(&mut self, peers: &Peers) -> bool {
+        match peers {
+            Peers::Fixed { .. } => true,
+            Peers::Name { name, .. } => self.names.keep(name),
+            Peers::Balancer { balancer, .. } => self
+                .by_name
+                .get(&balancer.spec.name)
+                .is_some_and(|current| Arc::ptr_eq(current, balancer)),
+        }
+    }
+
     pub(crate) fn publish(self) {
         let runtime = tokio::runtime::Handle::try_current().ok();
         for (id, balancer) in &self.used {

@@ -53,8 +53,9 @@ pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBo
 pub(crate) struct Runtime {
     pub(crate) version: u64,
     pub(crate) router: Router,
-    /// Indexed by the router's `route_idx`.
-    pub(crate) routes: Vec<RouteTarget>,
+    /// Indexed by the router's `route_idx`; shared with the next runtime
+    /// when neither the route nor its service changed.
+    pub(crate) routes: Vec<Arc<RouteTarget>>,
     /// Certificates by server name, read by TLS handshakes.
     pub(crate) certificates: CertificateIndex,
     /// Whether routing or a balancer reads request headers (header rules,
@@ -178,17 +179,51 @@ impl Runtime {
 
         let mut client_lookup = ClientLookup::new(clients);
         let mut balancer_lookup = BalancerLookup::new(balancers, snapshot)?;
+        // A service's target depends on its document and on these; when
+        // none changed, the targets built last time are reused.
+        let context: Vec<usize> = ["upstreams", "targets", "certificates", "ca_certificates"]
+            .into_iter()
+            .flat_map(|entity| snapshot.docs(entity))
+            .map(|doc| doc.as_ptr() as usize)
+            .collect();
+        let mut built = std::mem::take(&mut parsed.built);
+        if built.context != context {
+            built = Built::default();
+        }
+        let mut next = Built {
+            context,
+            services: HashMap::with_capacity(services.len()),
+            routes: HashMap::with_capacity(routes.len()),
+        };
         // `None` for disabled services: Kong leaves their routes out.
         let mut services_by_id: HashMap<&str, Option<Arc<ServiceTarget>>> =
             HashMap::with_capacity(services.len());
-        for service in &services {
+        for (doc, service) in snapshot.docs("services").iter().zip(&services) {
             let target = if service.enabled {
-                Some(Arc::new(build_service(
-                    service,
-                    &tls_sources,
-                    &mut client_lookup,
-                    &mut balancer_lookup,
-                )?))
+                let key = doc.as_ptr() as usize;
+                let reused = built
+                    .services
+                    .remove(&key)
+                    .filter(|previous| previous.keep(&mut client_lookup, &mut balancer_lookup));
+                let entry = match reused {
+                    Some(previous) => previous,
+                    None => {
+                        let (target, client) = build_service(
+                            service,
+                            &tls_sources,
+                            &mut client_lookup,
+                            &mut balancer_lookup,
+                        )?;
+                        BuiltService {
+                            _doc: Arc::clone(doc),
+                            target: Arc::new(target),
+                            client,
+                        }
+                    }
+                };
+                let target = Arc::clone(&entry.target);
+                next.services.insert(key, entry);
+                Some(target)
             } else {
                 None
             };
@@ -197,7 +232,7 @@ impl Runtime {
 
         let mut targets = Vec::with_capacity(routes.len());
         let mut routable = Vec::with_capacity(routes.len());
-        for route in &routes {
+        for (doc, route) in snapshot.docs("routes").iter().zip(&routes) {
             let service = match &route.service {
                 None => None,
                 Some(reference) => match services_by_id.get(reference.id.as_str()) {
@@ -220,9 +255,26 @@ impl Runtime {
             {
                 continue;
             }
-            routable.push((targets.len(), route));
-            targets.push(build_route(route, service));
+            // A route's target depends on its document and its service's.
+            let key = doc.as_ptr() as usize;
+            let target = match built.routes.remove(&key) {
+                Some((_, previous))
+                    if match (&previous.service, &service) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    } =>
+                {
+                    previous
+                }
+                _ => Arc::new(build_route(route, service)),
+            };
+            next.routes
+                .insert(key, (Arc::clone(doc), Arc::clone(&target)));
+            routable.push((targets.len(), &**route));
+            targets.push(target);
         }
+        parsed.built = next;
         let router = Router::build(
             routable
                 .into_iter()
@@ -254,6 +306,41 @@ pub(crate) struct ParseCache {
     services: Parsed<Service>,
     service_tls: Parsed<ServiceTlsFields>,
     routes: Parsed<Route>,
+    built: Built,
+}
+
+/// Service and route targets of the last build by document address, with
+/// the `context` (addresses of the upstream, target and certificate
+/// documents) they were built in.
+#[derive(Default)]
+struct Built {
+    context: Vec<usize>,
+    services: HashMap<usize, BuiltService>,
+    routes: HashMap<usize, (EntityDoc, Arc<RouteTarget>)>,
+}
+
+struct BuiltService {
+    /// Holds the address the entry is keyed by.
+    _doc: EntityDoc,
+    target: Arc<ServiceTarget>,
+    /// The key of the upstream client, for `http`-family services.
+    client: Option<ClientKey>,
+}
+
+impl BuiltService {
+    /// Marks what the target uses as in use by the new runtime; false
+    /// when something is gone and the service must be built anew.
+    fn keep(&self, clients: &mut ClientLookup<'_>, balancers: &mut BalancerLookup<'_>) -> bool {
+        if let Some(key) = &self.client {
+            if clients.get(key.clone()).is_err() {
+                return false;
+            }
+        }
+        match &self.target.upstream {
+            Upstream::Http(http) => balancers.keep(&http.peers),
+            Upstream::Unsupported { .. } | Upstream::TlsUnavailable { .. } => true,
+        }
+    }
 }
 
 /// Keyed by the document's address; the entry holds the document, so the
@@ -443,12 +530,13 @@ fn build_route(route: &Route, service: Option<Arc<ServiceTarget>>) -> RouteTarge
     }
 }
 
+/// The service's target, and the key of the upstream client it uses.
 fn build_service(
     service: &Service,
     tls_sources: &TlsSources<'_>,
     clients: &mut ClientLookup<'_>,
     balancers: &mut BalancerLookup<'_>,
-) -> Result<ServiceTarget, BuildError> {
+) -> Result<(ServiceTarget, Option<ClientKey>), BuildError> {
     let path = match service.path.as_deref() {
         None | Some("") => "/",
         Some(path) => path,
@@ -460,6 +548,7 @@ fn build_service(
         "grpcs" => Some((Scheme::HTTPS, true)),
         _ => None,
     };
+    let mut client_key = None;
     let upstream = if let Some((scheme, h2)) = scheme {
         let host = if service.host.contains(':') && !service.host.starts_with('[') {
             format!("[{}]", service.host)
@@ -488,16 +577,18 @@ fn build_service(
             Ok(None)
         };
         let client = tls.and_then(|tls| {
-            clients.get(ClientKey {
+            let key = ClientKey {
                 connect_timeout: Duration::from_millis(service.connect_timeout),
                 h2,
                 // Requests go to peer addresses; the server name stays the
                 // service host, as Kong's `upstream_host`.
                 tls: tls.map(|tls| (tls, Box::from(service.host.as_str()))),
-            })
+            };
+            clients.get(key.clone()).map(|client| (client, key))
         });
         match client {
-            Ok(client) => {
+            Ok((client, key)) => {
+                client_key = Some(key);
                 let peers = balancers.peers(service, &authority, host_header);
                 Upstream::Http(Box::new(HttpUpstream {
                     scheme,
@@ -520,7 +611,7 @@ fn build_service(
             protocol: service.protocol.as_str().into(),
         }
     };
-    Ok(ServiceTarget {
+    let target = ServiceTarget {
         id: service.id.as_str().into(),
         path: path.into(),
         connect_timeout: Duration::from_millis(service.connect_timeout),
@@ -528,7 +619,8 @@ fn build_service(
         write_timeout: Duration::from_millis(service.write_timeout),
         retries: service.retries,
         upstream,
-    })
+    };
+    Ok((target, client_key))
 }
 
 /// What a pooled client is fixed to. The connector fixes the connect

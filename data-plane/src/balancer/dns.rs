@@ -350,6 +350,21 @@ impl<'c> NameLookup<'c> {
         state
     }
 
+    /// Keeps `state`, which a service reused from the previous runtime
+    /// resolves through; false when it is no longer the cached one (the
+    /// service must then be built anew).
+    pub(crate) fn keep(&mut self, state: &Arc<NameState>) -> bool {
+        let key: Box<str> = format!("{}:{}", state.host, state.port).into();
+        match self.used.get(&key).or_else(|| self.previous.get(&key)) {
+            Some(name) if Arc::ptr_eq(&name.state, state) => {
+                let name = Arc::clone(name);
+                self.used.insert(key, name);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn publish(self, dns: &Dns, runtime: Option<&tokio::runtime::Handle>) {
         for (key, name) in &self.used {
             if self.previous.contains_key(key) {
