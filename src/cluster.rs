@@ -239,6 +239,9 @@ fn check_plugins(
     Ok(())
 }
 
+/// The shortest time between two writes of the cache.
+const CACHE_EVERY: Duration = Duration::from_secs(1);
+
 /// Writes the newest applied configuration to the cache, after the Ack
 /// went out: serializing 30,000 entities is not on the propagation path.
 /// Versions that arrive during a write are coalesced into the next one.
@@ -246,7 +249,14 @@ async fn write_caches(
     prefix: PathBuf,
     mut applied: watch::Receiver<Option<(String, Arc<ConfigSnapshot>)>>,
 ) {
+    let mut last_write: Option<std::time::Instant> = None;
     while applied.changed().await.is_ok() {
+        // At most one write per CACHE_EVERY: under a stream of changes
+        // only some versions reach the disk, the newest always does.
+        if let Some(wait) = last_write.and_then(|at| CACHE_EVERY.checked_sub(at.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        last_write = Some(std::time::Instant::now());
         let Some((hash, snapshot)) = applied.borrow_and_update().clone() else {
             continue;
         };
