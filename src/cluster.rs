@@ -30,7 +30,7 @@ use crate::standalone::{
     bind, bind_admin, bind_proxies, proxy_config, run_until_signal, spawn_admin, spawn_proxies,
 };
 
-/// Snapshots travel in parts of about 1 MiB, but a delta is one message,
+/// Snapshots travel in parts of about 64 KiB, but a delta is one message,
 /// and one change can be a whole declarative file: over tonic's 4 MiB default.
 const MAX_MESSAGE: usize = 512 * 1024 * 1024;
 

@@ -22,7 +22,7 @@ pub mod v1 {
 }
 
 /// Documents per snapshot part, in bytes (a document is never split).
-pub const SNAPSHOT_PART_BYTES: usize = 1 << 20;
+pub const SNAPSHOT_PART_BYTES: usize = 1 << 16;
 
 /// The wire form of a whole configuration: parts of at most `part_bytes`
 /// of documents (or one document, when larger), the last with `more`

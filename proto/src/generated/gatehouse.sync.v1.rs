@@ -75,7 +75,7 @@ pub struct EntityKey {
     #[prost(string, tag = "2")]
     pub id: ::prost::alloc::string::String,
 }
-/// A snapshot travels in parts of about 1 MiB of documents, all with the
+/// A snapshot travels in parts of about 64 KiB of documents, all with the
 /// same nonce, version and hash; every part but the last has `more` set. The
 /// DP applies (and answers) the snapshot once the last part arrived; the
 /// documents of one entity name may span parts, in order. Parts keep the
