@@ -1,8 +1,9 @@
 //! What a data plane spends on one configuration version at the size of
 //! `bench/sync`'s default (30,000 entities: services, routes, a plugin per
 //! route, consumers with key-auth credentials): applying a one-route delta
-//! to the held snapshot (with its content hash), and building and swapping
-//! the runtime from the result. Inputs are made outside the timed closures.
+//! to the held snapshot (with its content hash), building and swapping the
+//! runtime from the result, and a first build with nothing to reuse.
+//! Inputs are made outside the timed closures.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -102,6 +103,19 @@ fn apply(c: &mut Criterion) {
             flip = !flip;
             dp.apply(if flip { &next } else { &base }).expect("applies")
         })
+    });
+    // A data plane's first build (or one after a snapshot): nothing to
+    // reuse.
+    group.bench_function("runtime_build_cold", |b| {
+        b.iter_batched(
+            || DataPlane::new(ProxyConfig::default()),
+            |fresh| {
+                fresh.apply(&next).expect("applies");
+                // Dropped after the timing.
+                fresh
+            },
+            criterion::BatchSize::LargeInput,
+        )
     });
     group.finish();
 }
