@@ -4,6 +4,7 @@
 //! the data plane runs. It does no I/O, so that the Admin API, the
 //! declarative loader and the data plane agree on what is valid.
 
+pub mod declarative;
 pub mod entities;
 pub mod error;
 pub mod health;
