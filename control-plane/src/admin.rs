@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 use crate::dao::{parent_field, Dao, DaoError, PageQuery, Parent};
 
 mod args;
+mod config;
 mod health;
 
 pub use health::{AddressHealth, HealthView, TargetHealth, UpstreamHealth, Weight};
@@ -121,6 +122,8 @@ enum Endpoint {
     PluginSchemaValidate,
     Tags(Option<String>),
     DataPlanes,
+    /// `/config`: the whole configuration, declaratively.
+    Config,
     UpstreamHealth(String),
     TargetsAll(String),
     TargetHealth {
@@ -162,6 +165,7 @@ impl Endpoint {
             | Endpoint::UpstreamHealth(_)
             | Endpoint::TargetsAll(_) => M_ROOT,
             Endpoint::SchemaValidate(_) | Endpoint::PluginSchemaValidate => M_POST,
+            Endpoint::Config => M_COLLECTION,
             Endpoint::TargetHealth { .. } => M_TARGET_HEALTH,
             Endpoint::Collection { .. } => M_COLLECTION,
             Endpoint::Item { .. } | Endpoint::ParentOf { .. } => M_ENTITY,
@@ -200,6 +204,7 @@ fn route(segs: &[String]) -> Option<Endpoint> {
             None => Endpoint::NoSchema((*name).to_owned()),
         },
         ["clustering", "data-planes"] => Endpoint::DataPlanes,
+        ["config"] => Endpoint::Config,
         ["tags"] => Endpoint::Tags(None),
         ["tags", tag] => Endpoint::Tags(Some((*tag).to_owned())),
         ["upstreams", u, "health"] => Endpoint::UpstreamHealth((*u).to_owned()),
@@ -267,6 +272,8 @@ struct Reply {
     status: StatusCode,
     body: Option<Value>,
     allow: Option<&'static str>,
+    /// `ETag` (`GET /config`: the configuration hash).
+    etag: Option<String>,
 }
 
 fn reply(status: StatusCode, body: Value) -> Reply {
@@ -274,6 +281,7 @@ fn reply(status: StatusCode, body: Value) -> Reply {
         status,
         body: Some(body),
         allow: None,
+        etag: None,
     }
 }
 
@@ -360,6 +368,11 @@ async fn handle(State(st): State<Arc<AdminState>>, req: Request) -> Response {
         header::SERVER,
         HeaderValue::from_static(concat!("gatehouse/", env!("CARGO_PKG_VERSION"))),
     );
+    if let Some(etag) = r.etag.as_deref() {
+        if let Ok(value) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+            h.insert(header::ETAG, value);
+        }
+    }
     if let Some(allow) = r.allow {
         h.insert(header::ALLOW, HeaderValue::from_static(allow));
         if r.status == StatusCode::NO_CONTENT {
@@ -478,6 +491,7 @@ async fn dispatch(
             status: StatusCode::NO_CONTENT,
             body: None,
             allow: Some(allow),
+            etag: None,
         };
     }
     let m = if method == Method::HEAD {
@@ -518,6 +532,12 @@ async fn dispatch(
                 "this endpoint is only available when Kong is configured to run as Control Plane for the cluster",
             ),
         },
+        Endpoint::Config if m == "GET" => {
+            let (mut reply, hash) = config::get(st);
+            reply.etag = Some(hash);
+            reply
+        }
+        Endpoint::Config => config::post(st, headers, body, &query).await,
         Endpoint::UpstreamHealth(u) => health::upstream_health(st, &u, &query),
         Endpoint::TargetsAll(u) => {
             let Some((_, parent)) = resolve_parent(st, "upstreams", &u, "upstream") else {
@@ -620,6 +640,7 @@ async fn item(
                 status: StatusCode::NO_CONTENT,
                 body: None,
                 allow: None,
+                etag: None,
             },
             Err(e) => from_dao(e),
         },
@@ -917,6 +938,7 @@ fn endpoint_list() -> Vec<String> {
         "/status".to_owned(),
         "/endpoints".to_owned(),
         "/plugins/enabled".to_owned(),
+        "/config".to_owned(),
         "/schemas/{db_entity_name}".to_owned(),
         "/schemas/{db_entity_name}/validate".to_owned(),
         "/schemas/plugins/{name}".to_owned(),

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
+use gatehouse_model::declarative::Declarative;
 use gatehouse_model::entities::{self, ENTITIES};
 use gatehouse_model::schema::{is_uuid, Context, EntitySchema, Errors, FieldType, OnDelete};
 use gatehouse_model::snapshot::{ConfigSnapshot, ContentHash, EntityDoc};
@@ -1014,4 +1015,239 @@ pub fn parent_field(child: &EntitySchema, parent: &str) -> Option<&'static str> 
         .iter()
         .find(|(_, f)| matches!(f.ty, FieldType::Foreign(r) if r == parent))
         .map(|(n, _)| *n)
+}
+
+/// The outcome of loading a declarative configuration.
+pub struct DeclarativeLoad {
+    /// The version the load committed; unchanged when nothing changed.
+    pub version: u64,
+    /// Entities created, replaced or removed.
+    pub changes: usize,
+    /// Every loaded entity as the Admin API shows it, by entity name and
+    /// id (the body of Kong's `POST /config`).
+    pub entities: Value,
+}
+
+/// Why a declarative configuration was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclarativeLoadError {
+    /// Entities that do not validate: the index of each in
+    /// `Declarative::items`, and why.
+    #[error("{} entities do not validate", .0.len())]
+    Entities(Vec<(usize, DbError)>),
+    /// `If-Match` named another configuration hash than the current one.
+    #[error("the configuration hash is {current}")]
+    Precondition { current: String },
+    #[error(transparent)]
+    Dao(#[from] DaoError),
+}
+
+/// The id of the entity `current` holds that `entity` (with a random id)
+/// stands for: the owner of one of its unique values, or one with the same
+/// content.
+fn known_id(
+    current: &State,
+    schema: &'static EntitySchema,
+    entity: &Entity,
+    by_content: &mut HashMap<&'static str, HashMap<String, String>>,
+) -> Option<String> {
+    for field in schema.unique_fields().filter(|f| *f != "id") {
+        if let Some(value) = entity.get(field).filter(|v| !v.is_null()) {
+            if let Some(id) = current.lookup_unique(schema.name, field, value) {
+                return Some(id.clone());
+            }
+        }
+    }
+    let index = by_content.entry(schema.name).or_insert_with(|| {
+        current
+            .iter(schema.name)
+            .filter_map(|e| {
+                let id = e.get("id")?.as_str()?.to_owned();
+                Some((content_key(&e), id))
+            })
+            .collect()
+    });
+    index.get(&content_key(entity)).cloned()
+}
+
+/// An entity without its id and timestamps, as text.
+fn content_key(entity: &Entity) -> String {
+    let mut rest = entity.clone();
+    rest.remove("id");
+    for field in TIMESTAMPS {
+        rest.remove(field);
+    }
+    let mut value = Value::Object(rest);
+    sort_keys(&mut value);
+    value.to_string()
+}
+
+/// Fields that record when an entity was written, not what it is.
+const TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
+
+fn same_content(a: &Entity, b: &Entity) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|(k, v)| TIMESTAMPS.contains(&k.as_str()) || b.get(k) == Some(v))
+}
+
+impl Dao {
+    /// Replaces the whole configuration with `decl` atomically (when
+    /// `expected_hash` is given, only over that configuration): every
+    /// entity is validated as the Admin API validates a `POST`, then the
+    /// difference from the current configuration (unchanged entities keep
+    /// their timestamps) is committed in one transaction, as one version.
+    pub async fn load_declarative(
+        &self,
+        decl: &Declarative,
+        expected_hash: Option<&str>,
+    ) -> Result<DeclarativeLoad, DeclarativeLoadError> {
+        let _w = self.writer.lock().await;
+        if let Some(expected) = expected_hash {
+            let current = self.read(|state| state.hash());
+            if current != expected {
+                return Err(DeclarativeLoadError::Precondition { current });
+            }
+        }
+        let mut scratch = State::default();
+        let mut errors = Vec::new();
+        let mut loaded: Vec<(&'static EntitySchema, String)> = Vec::new();
+        // Random id given to an entity of the file → the id of the entity
+        // the store already holds for it, so that loading a file again
+        // does not churn ids (Kong would, for entities without a key).
+        let mut remap: HashMap<String, String> = HashMap::new();
+        let mut by_content: HashMap<&'static str, HashMap<String, String>> = HashMap::new();
+        for (index, item) in decl.items.iter().enumerate() {
+            let Some(schema) = entities::entity(item.entity) else {
+                continue;
+            };
+            let mut fields = item.fields.clone();
+            for (field, _, _) in schema.foreign_fields() {
+                if let Some(Value::Object(reference)) = fields.get_mut(field) {
+                    if let Some(Value::String(id)) = reference.get("id") {
+                        if let Some(existing) = remap.get(id) {
+                            reference.insert("id".into(), json!(existing));
+                        }
+                    }
+                }
+            }
+            let prepared =
+                prepare_insert(&scratch, schema, fields, None).map(|(id, mut entity, extra)| {
+                    if !item.random_id {
+                        return (id, entity, extra);
+                    }
+                    let existing =
+                        self.read(|current| known_id(current, schema, &entity, &mut by_content));
+                    match existing {
+                        Some(existing) if !scratch.contains(schema.name, &existing) => {
+                            entity.insert("id".into(), json!(existing));
+                            remap.insert(id, existing.clone());
+                            (existing, entity, extra)
+                        }
+                        _ => (id, entity, extra),
+                    }
+                });
+            match prepared {
+                Ok((id, entity, extra)) => {
+                    for pending in extra {
+                        if let Pending::Put(sch, pid, e) = pending {
+                            scratch.put(sch, pid.clone(), e);
+                            loaded.push((sch, pid));
+                        }
+                    }
+                    scratch.put(schema, id.clone(), entity);
+                    loaded.push((schema, id));
+                }
+                Err(error) => errors.push((index, error)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(DeclarativeLoadError::Entities(errors));
+        }
+        let now = gatehouse_model::schema::validate_now_s();
+        let (changes, entities) = self.read(|current| {
+            let mut changes = Vec::new();
+            let mut shown: Map<String, Value> = Map::new();
+            for (schema, id) in &loaded {
+                let Some(mut entity) = scratch.get(schema.name, id) else {
+                    continue;
+                };
+                match current.get(schema.name, id) {
+                    Some(old) if same_content(&old, &entity) => entity = old,
+                    Some(old) => {
+                        if let Some(created) = old.get("created_at") {
+                            entity.insert("created_at".into(), created.clone());
+                        }
+                        if entity.contains_key("updated_at") {
+                            entity.insert("updated_at".into(), json!(now));
+                        }
+                        changes.push(Change::Upsert {
+                            entity: schema.name,
+                            id: id.clone(),
+                            body: Value::Object(entity.clone()),
+                        });
+                    }
+                    None => changes.push(Change::Upsert {
+                        entity: schema.name,
+                        id: id.clone(),
+                        body: Value::Object(entity.clone()),
+                    }),
+                }
+                let rendered = render(&scratch, schema, &entity);
+                if let Value::Object(by_id) = shown
+                    .entry(schema.name.to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()))
+                {
+                    by_id.insert(id.clone(), rendered);
+                }
+            }
+            for schema in ENTITIES.iter() {
+                for (id, _) in current.rows(schema.name) {
+                    if !scratch.contains(schema.name, id) {
+                        changes.push(Change::Delete {
+                            entity: schema.name,
+                            id: id.clone(),
+                        });
+                    }
+                }
+            }
+            (changes, Value::Object(shown))
+        });
+        if changes.is_empty() {
+            return Ok(DeclarativeLoad {
+                version: self.version(),
+                changes: 0,
+                entities,
+            });
+        }
+        let version = self
+            .backend
+            .commit(&changes)
+            .await
+            .map_err(DaoError::from)?;
+        let count = changes.len();
+        self.apply(version, |state| {
+            for change in changes {
+                match change {
+                    Change::Upsert { entity, id, body } => {
+                        if let (Some(schema), Value::Object(body)) =
+                            (entities::entity(entity), body)
+                        {
+                            state.put(schema, id, body);
+                        }
+                    }
+                    Change::Delete { entity, id } => {
+                        if let Some(schema) = entities::entity(entity) {
+                            state.remove(schema, &id);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(DeclarativeLoad {
+            version,
+            changes: count,
+            entities,
+        })
+    }
 }

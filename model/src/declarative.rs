@@ -39,6 +39,10 @@ pub struct Item {
     /// `{"id": …}`.
     pub fields: Entity,
     pub path: FilePath,
+    /// The file gave no id and Kong's rules derive none: the id is random,
+    /// and a store may instead give the entity the id of the one it
+    /// already holds (same unique field, or same content).
+    pub random_id: bool,
 }
 
 /// A parsed file.
@@ -78,6 +82,11 @@ pub fn parse_text(text: &str) -> Result<Value, DeclarativeError> {
         DeclarativeError::Parse(format!("failed parsing declarative configuration: {e}"))
     })?;
     Ok(value)
+}
+
+/// A file as YAML text (`GET /config`, Kong's export format).
+pub fn to_yaml(file: &Value) -> String {
+    serde_yaml_ng::to_string(file).unwrap_or_default()
 }
 
 /// Error tables, collected while walking the file.
@@ -270,11 +279,13 @@ impl Walk {
                 fields.insert("id".to_owned(), json!(id));
             }
         }
+        let mut random_id = false;
         let id = match fields.get("id") {
             Some(Value::String(id)) => id.clone(),
             // Children need their parent's id: one it will get later
             // (random, as Kong gives entities without a key) is made now.
             _ => {
+                random_id = true;
                 let id = Uuid::new_v4().to_string();
                 fields.insert("id".to_owned(), json!(id));
                 id
@@ -288,6 +299,7 @@ impl Walk {
             entity: schema.name,
             fields,
             path,
+            random_id,
         });
     }
 }

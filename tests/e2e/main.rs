@@ -6,6 +6,7 @@ mod abuse;
 mod admin;
 mod balancer;
 mod cluster;
+mod declarative;
 mod grpc;
 mod postgres;
 mod process;

@@ -203,6 +203,7 @@ pub(super) fn set_target_health(
             status: StatusCode::NO_CONTENT,
             body: None,
             allow: None,
+            etag: None,
         },
         Err(error) => message(StatusCode::BAD_REQUEST, &error),
     }

@@ -1,0 +1,200 @@
+//! `POST /config` and `GET /config` on `gatehouse standalone`: a decK-style
+//! file replaces the configuration in one version, loading it again
+//! changes nothing, an invalid file is refused with Kong's errors and
+//! loses nothing, and `If-Match` keeps two writers from overwriting each
+//! other.
+
+use std::time::{Duration, Instant};
+
+use gatehouse_test_support::{EchoUpstream, Gatehouse};
+use serde_json::Value;
+
+use crate::{client, BIN};
+
+async fn status_of(url: &str) -> u16 {
+    match client().get(url).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits up to 10 s for `url` to answer `status` through the proxy.
+async fn until_status(url: &str, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(url).await != status {
+        assert!(Instant::now() < deadline, "{url} never answered {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post_config(
+    admin: &str,
+    query: &str,
+    content_type: &str,
+    body: String,
+    if_match: Option<&str>,
+) -> (u16, Value) {
+    let mut request = client()
+        .post(format!("{admin}/config{query}"))
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(tag) = if_match {
+        request = request.header("if-match", tag);
+    }
+    let response = request.send().await.expect("post /config");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn etag(admin: &str) -> (String, Value) {
+    let response = client()
+        .get(format!("{admin}/config"))
+        .send()
+        .await
+        .expect("get /config");
+    assert_eq!(response.status(), 200);
+    let tag = response
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .expect("an ETag")
+        .to_owned();
+    (tag, response.json().await.expect("json"))
+}
+
+fn file(upstream: &str, with_route: bool) -> String {
+    let routes = if with_route {
+        "  routes:\n  - name: decl-route\n    paths: [/decl]\n"
+    } else {
+        ""
+    };
+    format!(
+        "_format_version: \"3.0\"\nservices:\n- name: decl-service\n  url: http://{upstream}\n{routes}\
+         consumers:\n- username: alice\n  keyauth_credentials:\n  - key: alice-key\n\
+         upstreams:\n- name: decl-upstream\n  targets:\n  - target: 127.0.0.1:9\n"
+    )
+}
+
+#[tokio::test]
+async fn a_declarative_file_replaces_the_configuration_atomically() {
+    let up = EchoUpstream::start();
+    let gh = Gatehouse::start(BIN, &[]);
+    let upstream = up.addr.to_string();
+    let (before, _) = etag(&gh.admin).await;
+
+    // The raw YAML file, as decK's users write it.
+    let (status, body) = post_config(&gh.admin, "", "text/yaml", file(&upstream, true), None).await;
+    assert_eq!(status, 201, "{body}");
+    let services = body["services"].as_object().expect("services by id");
+    assert_eq!(services.len(), 1);
+    let (service_id, service) = services.iter().next().expect("one service");
+    assert_eq!(service["name"], "decl-service");
+    assert_eq!(service["host"], "127.0.0.1");
+    let route = body["routes"]
+        .as_object()
+        .expect("routes")
+        .values()
+        .next()
+        .cloned();
+    assert_eq!(
+        route.expect("a route")["service"]["id"],
+        service_id.as_str()
+    );
+    assert_eq!(body["targets"].as_object().map(|t| t.len()), Some(1));
+    until_status(&format!("{}/decl", gh.proxy), 200).await;
+
+    // Exported as a 3.0 file; loading the same file again (here wrapped in
+    // JSON, as Kong's clients send it) changes nothing.
+    let (loaded, exported) = etag(&gh.admin).await;
+    assert_ne!(loaded, before);
+    let text = exported["config"].as_str().expect("config text");
+    assert!(
+        text.contains("_format_version: '3.0'") || text.contains("_format_version: \"3.0\""),
+        "{text}"
+    );
+    assert!(text.contains("decl-service"), "{text}");
+    let wrapped = serde_json::json!({ "config": file(&upstream, true) }).to_string();
+    let (status, _) = post_config(
+        &gh.admin,
+        "?check_hash=1",
+        "application/json",
+        wrapped,
+        None,
+    )
+    .await;
+    assert_eq!(status, 304, "no change, nothing loaded");
+    // The ids are Kong's deterministic ones: a second load keeps them.
+    let (status, again) =
+        post_config(&gh.admin, "", "text/yaml", file(&upstream, true), None).await;
+    assert_eq!(status, 201);
+    assert!(again["services"].get(service_id).is_some(), "{again}");
+    assert_eq!(
+        etag(&gh.admin).await.0,
+        loaded,
+        "the configuration did not change"
+    );
+
+    // An invalid file is refused with the entity and field named, and the
+    // configuration in use stays.
+    let broken = file(&upstream, true).replace("paths: [/decl]", "paths: [decl-without-slash]");
+    let (status, error) =
+        post_config(&gh.admin, "?flatten_errors=1", "text/yaml", broken, None).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["code"], 14);
+    assert_eq!(error["name"], "invalid declarative configuration");
+    let flattened = &error["flattened_errors"][0];
+    assert_eq!(flattened["entity_type"], "route", "{error}");
+    assert_eq!(flattened["entity_name"], "decl-route");
+    assert_eq!(
+        flattened["errors"],
+        serde_json::json!([{
+            "type": "field",
+            "field": "paths.1",
+            "message": "should start with: / (fixed path) or ~/ (regex path)",
+        }]),
+        "{error}"
+    );
+    assert_eq!(
+        error["fields"]["services"][0]["routes"][0]["paths"],
+        serde_json::json!(["should start with: / (fixed path) or ~/ (regex path)"]),
+        "{error}"
+    );
+    let (status, error) =
+        post_config(&gh.admin, "", "text/yaml", "services: []".into(), None).await;
+    assert_eq!(status, 400);
+    assert_eq!(error["fields"]["_format_version"], "required field missing");
+    assert_eq!(status_of(&format!("{}/decl", gh.proxy)).await, 200);
+    assert_eq!(etag(&gh.admin).await.0, loaded);
+
+    // A writer holding an old ETag is refused; one holding the current one
+    // applies, and the route it dropped stops being served.
+    let (status, body) = post_config(
+        &gh.admin,
+        "",
+        "text/yaml",
+        file(&upstream, false),
+        Some(&before),
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    let (status, body) = post_config(
+        &gh.admin,
+        "",
+        "text/yaml",
+        file(&upstream, false),
+        Some(&loaded),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    until_status(&format!("{}/decl", gh.proxy), 404).await;
+    let routes: Value = client()
+        .get(format!("{}/routes", gh.admin))
+        .send()
+        .await
+        .expect("routes")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(routes["data"].as_array().map(Vec::len), Some(0));
+}
