@@ -1131,8 +1131,16 @@ impl Dao {
                     }
                 }
             }
+            let raw_password = (!decl.transform && schema.name == "basicauth_credentials")
+                .then(|| fields.get("password").cloned())
+                .flatten();
             let prepared =
                 prepare_insert(&scratch, schema, fields, None).map(|(id, mut entity, extra)| {
+                    // `_transform: false`: the file holds passwords as
+                    // stored (an export), not to be hashed again.
+                    if let Some(password) = &raw_password {
+                        entity.insert("password".into(), password.clone());
+                    }
                     if !item.random_id {
                         return (id, entity, extra);
                     }

@@ -72,6 +72,7 @@ fn file(upstream: &str, with_route: bool) -> String {
     format!(
         "_format_version: \"3.0\"\nservices:\n- name: decl-service\n  url: http://{upstream}\n{routes}\
          consumers:\n- username: alice\n  keyauth_credentials:\n  - key: alice-key\n\
+         \x20 basicauth_credentials:\n  - username: alice-basic\n    password: secret\n\
          upstreams:\n- name: decl-upstream\n  targets:\n  - target: 127.0.0.1:9\n"
     )
 }
@@ -102,6 +103,11 @@ async fn a_declarative_file_replaces_the_configuration_atomically() {
         service_id.as_str()
     );
     assert_eq!(body["targets"].as_object().map(|t| t.len()), Some(1));
+    let basic = body["basicauth_credentials"]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .expect("a basic-auth credential");
+    assert_ne!(basic["password"], "secret", "hashed on load");
     until_status(&format!("{}/decl", gh.proxy), 200).await;
 
     // Exported as a 3.0 file; loading the same file again (here wrapped in
@@ -124,6 +130,18 @@ async fn a_declarative_file_replaces_the_configuration_atomically() {
     )
     .await;
     assert_eq!(status, 304, "no change, nothing loaded");
+    // Its own export loads back unchanged (passwords stay hashed:
+    // `_transform: false`).
+    let exported = serde_json::json!({ "config": text }).to_string();
+    let (status, body) = post_config(
+        &gh.admin,
+        "?check_hash=1",
+        "application/json",
+        exported,
+        None,
+    )
+    .await;
+    assert_eq!(status, 304, "the export is the configuration: {body}");
     // The ids are Kong's deterministic ones: a second load keeps them.
     let (status, again) =
         post_config(&gh.admin, "", "text/yaml", file(&upstream, true), None).await;
