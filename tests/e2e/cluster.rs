@@ -335,6 +335,38 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         assert_eq!(plane["snapshots_sent"], 0, "{plane}");
         assert_eq!(plane["deltas_sent"], 0, "{plane}");
     }
+
+    // One declarative load of 200 services reaches every data plane as
+    // one version: one delta each.
+    let services: Vec<Value> = (0..200)
+        .map(|i| {
+            json!({"name": format!("bulk-{i}"), "url": format!("http://{}", up.addr),
+                   "routes": [{"name": format!("bulk-{i}"), "paths": [format!("/bulk-{i}")]}]})
+        })
+        .collect();
+    let file = json!({"_format_version": "3.0", "services": services});
+    let loaded = client()
+        .post(format!("{}/config", cp.admin))
+        .json(&file)
+        .send()
+        .await
+        .expect("post /config");
+    assert_eq!(loaded.status(), 201);
+    for dp in &dps {
+        let last = format!("{}/bulk-199", dp.proxy);
+        eventually("every data plane serves the loaded file", || async {
+            status_of(&last).await == 200
+        })
+        .await;
+        assert_eq!(status_of(&format!("{}/echo/x", dp.proxy)).await, 404);
+    }
+    let planes = data_planes(&cp.admin).await;
+    let versions: Vec<&Value> = planes.iter().map(|p| &p["config_version"]).collect();
+    for plane in &planes {
+        assert_eq!(plane["deltas_sent"], 1, "{plane}");
+        assert_eq!(plane["snapshots_sent"], 0, "{plane}");
+        assert_eq!(&plane["config_version"], versions[0], "{planes:?}");
+    }
     for dp in &mut dps {
         dp.terminate();
     }
