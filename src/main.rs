@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod cluster;
 mod cluster_tls;
 mod config;
+mod deck;
 mod standalone;
 mod tls;
 
@@ -51,8 +52,12 @@ enum Command {
         #[command(subcommand)]
         action: ClusterCommand,
     },
-    /// Print the effective configuration and exit.
-    Config,
+    /// Declarative configuration against an Admin API (validate, diff,
+    /// sync, dump, reset), or `show` the effective settings (the default).
+    Config {
+        #[command(subcommand)]
+        action: Option<deck::ConfigCommand>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,7 +117,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Cluster { .. } => ExitCode::SUCCESS,
-        Command::Config => {
+        Command::Config {
+            action: Some(action),
+        } if !matches!(action, deck::ConfigCommand::Show) => match deck::run(action) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("Error: {}", error_chain(e.as_ref()));
+                ExitCode::from(deck::EXIT_ERROR)
+            }
+        },
+        Command::Config { .. } => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&cfg.public_json()).unwrap_or_default()

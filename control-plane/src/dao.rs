@@ -1026,6 +1026,12 @@ pub struct DeclarativeLoad {
     /// Every loaded entity as the Admin API shows it, by entity name and
     /// id (the body of Kong's `POST /config`).
     pub entities: Value,
+    /// Each change: `{"action": "create"|"update"|"delete", "entity",
+    /// "id", "name", "fields": {field: {"old", "new"}} (updates),
+    /// "routes": [routes whose traffic it affects, "*" for all]}`.
+    pub plan: Vec<Value>,
+    /// The configuration hash the plan was made against.
+    pub base_hash: String,
 }
 
 /// Why a declarative configuration was not loaded.
@@ -1082,6 +1088,108 @@ fn content_key(entity: &Entity) -> String {
     value.to_string()
 }
 
+/// One change of a declarative load, for people: what, which entity, the
+/// fields that differ, and the routes whose traffic it affects.
+fn describe(current: &State, next: &State, change: &Change) -> Value {
+    let (action, entity, id) = match change {
+        Change::Upsert { entity, id, .. } if current.contains(entity, id) => {
+            ("update", *entity, id)
+        }
+        Change::Upsert { entity, id, .. } => ("create", *entity, id),
+        Change::Delete { entity, id } => ("delete", *entity, id),
+    };
+    let state = if action == "delete" { current } else { next };
+    let doc = state.get(entity, id).unwrap_or_default();
+    // Plugins are known by their plugin name.
+    let label = if entity == "plugins" {
+        Some("name")
+    } else {
+        entities::entity(entity).and_then(|schema| schema.endpoint_key)
+    };
+    let name = label
+        .and_then(|key| doc.get(key).cloned())
+        .unwrap_or(Value::Null);
+    let mut out = json!({"action": action, "entity": entity, "id": id, "name": name});
+    if action == "update" {
+        let old = current.get(entity, id).unwrap_or_default();
+        let mut fields = Map::new();
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(doc.keys()).collect();
+        for key in keys {
+            if TIMESTAMPS.contains(&key.as_str()) {
+                continue;
+            }
+            let (a, b) = (old.get(key), doc.get(key));
+            if a != b {
+                fields.insert(key.clone(), json!({"old": a, "new": b}));
+            }
+        }
+        out["fields"] = Value::Object(fields);
+    }
+    let mut routes = std::collections::BTreeSet::new();
+    let route_label = |state: &State, rid: &str| -> String {
+        state
+            .get("routes", rid)
+            .and_then(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| rid.to_owned())
+    };
+    let routes_of_service = |sid: &str, routes: &mut std::collections::BTreeSet<String>| {
+        for state in [current, next] {
+            for (rid, row) in state.rows("routes") {
+                if row.fk("service") == Some(sid) {
+                    routes.insert(route_label(state, rid));
+                }
+            }
+        }
+    };
+    match entity {
+        "routes" => {
+            routes.insert(route_label(state, id));
+        }
+        "services" => routes_of_service(id, &mut routes),
+        "plugins" => {
+            for state in [current, next] {
+                let Some(row) = state.row("plugins", id) else {
+                    continue;
+                };
+                match (row.fk("route"), row.fk("service")) {
+                    (Some(rid), _) => {
+                        routes.insert(route_label(state, rid));
+                    }
+                    (None, Some(sid)) => routes_of_service(sid, &mut routes),
+                    (None, None) => {
+                        routes.insert("*".to_owned());
+                    }
+                }
+            }
+        }
+        "upstreams" | "targets" => {
+            for state in [current, next] {
+                let upstream_id = if entity == "targets" {
+                    state.fk("targets", id, "upstream").map(str::to_owned)
+                } else {
+                    Some(id.clone())
+                };
+                let Some(upstream) = upstream_id.and_then(|u| state.get("upstreams", &u)) else {
+                    continue;
+                };
+                let Some(name) = upstream.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                for service in state.iter("services") {
+                    if service.get("host").and_then(Value::as_str) == Some(name) {
+                        if let Some(sid) = service.get("id").and_then(Value::as_str) {
+                            routes_of_service(sid, &mut routes);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    out["routes"] = json!(routes);
+    out
+}
+
 /// Fields that record when an entity was written, not what it is.
 const TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
 
@@ -1101,6 +1209,7 @@ impl Dao {
         &self,
         decl: &Declarative,
         expected_hash: Option<&str>,
+        dry_run: bool,
     ) -> Result<DeclarativeLoad, DeclarativeLoadError> {
         let _w = self.writer.lock().await;
         if let Some(expected) = expected_hash {
@@ -1173,7 +1282,7 @@ impl Dao {
             return Err(DeclarativeLoadError::Entities(errors));
         }
         let now = gatehouse_model::schema::validate_now_s();
-        let (changes, entities) = self.read(|current| {
+        let (changes, entities, plan, base_hash) = self.read(|current| {
             let mut changes = Vec::new();
             let mut shown: Map<String, Value> = Map::new();
             for (schema, id) in &loaded {
@@ -1219,13 +1328,19 @@ impl Dao {
                     }
                 }
             }
-            (changes, Value::Object(shown))
+            let plan = changes
+                .iter()
+                .map(|change| describe(current, &scratch, change))
+                .collect::<Vec<_>>();
+            (changes, Value::Object(shown), plan, current.hash())
         });
-        if changes.is_empty() {
+        if changes.is_empty() || dry_run {
             return Ok(DeclarativeLoad {
                 version: self.version(),
-                changes: 0,
+                changes: changes.len(),
                 entities,
+                plan,
+                base_hash,
             });
         }
         let version = self
@@ -1256,6 +1371,8 @@ impl Dao {
             version,
             changes: count,
             entities,
+            plan,
+            base_hash,
         })
     }
 }

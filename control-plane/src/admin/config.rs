@@ -147,7 +147,18 @@ pub(super) async fn post(
                 .trim_matches('"')
                 .to_owned()
         });
-    match st.dao.load_declarative(&decl, expected.as_deref()).await {
+    let dry_run = option("dry_run");
+    match st
+        .dao
+        .load_declarative(&decl, expected.as_deref(), dry_run)
+        .await
+    {
+        // Ours: what a load would change, committing nothing (the CLI's
+        // `diff`, and `sync`'s plan, which it then applies with If-Match).
+        Ok(loaded) if dry_run => reply(
+            StatusCode::OK,
+            json!({"changes": loaded.plan, "hash": loaded.base_hash}),
+        ),
         Ok(loaded) if loaded.changes == 0 && check_hash => reply_status(StatusCode::NOT_MODIFIED),
         Ok(loaded) => reply(StatusCode::CREATED, loaded.entities),
         Err(DeclarativeLoadError::Entities(errors)) => entity_errors(&decl, errors, flatten_errors),
