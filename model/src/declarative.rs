@@ -157,9 +157,18 @@ pub fn flatten(input: Value) -> Result<Declarative, DeclarativeError> {
             true
         }
     };
-    for key in top.keys() {
-        if !key.starts_with('_') && entities::entity(key).is_none() {
-            errors.top(key, "unknown field");
+    for (key, value) in top {
+        match key.as_str() {
+            "_format_version" | "_transform" => {}
+            // decK's metadata; Kong never sees it.
+            "_info" | "_workspace" | "_konnect" => {}
+            "_comment" | "_ignore" => {
+                if let Some(message) = annotation_error(key, value) {
+                    errors.top(key, message);
+                }
+            }
+            _ if entities::entity(key).is_none() => errors.top(key, "unknown field"),
+            _ => {}
         }
     }
 
@@ -176,6 +185,17 @@ pub fn flatten(input: Value) -> Result<Declarative, DeclarativeError> {
         mut items,
         mut errors,
     } = walk;
+    if format_version == "1.1" || format_version == "2.1" {
+        for item in items.iter_mut().filter(|item| item.entity == "routes") {
+            if let Some(Value::Array(paths)) = item.fields.get_mut("paths") {
+                for path in paths.iter_mut() {
+                    if let Value::String(text) = path {
+                        *text = migrate_path(text);
+                    }
+                }
+            }
+        }
+    }
     // Parents come before children whatever the nesting: the order of
     // `ENTITIES` is one in which references point backwards.
     let rank = |entity: &str| {
@@ -249,6 +269,13 @@ impl Walk {
         let mut fields = Entity::new();
         let mut children = Vec::new();
         for (key, value) in item {
+            // Kong's annotations: checked, then dropped.
+            if key == "_comment" || key == "_ignore" {
+                if let Some(message) = annotation_error(key, value) {
+                    self.errors.at(&path, key, json!(message));
+                }
+                continue;
+            }
             match child_schema(schema, key) {
                 Some((child, field)) => children.push((child, field, value)),
                 None => {
@@ -302,6 +329,64 @@ impl Walk {
             random_id,
         });
     }
+}
+
+/// What is wrong with a `_comment` (a string) or `_ignore` (an array).
+fn annotation_error(key: &str, value: &Value) -> Option<&'static str> {
+    match (key, value) {
+        ("_comment", Value::String(_)) | ("_ignore", Value::Array(_)) => None,
+        ("_comment", _) => Some("expected a string"),
+        _ => Some("expected an array"),
+    }
+}
+
+/// Kong's migration of a 2.x route path (`kong/db/migrations/
+/// migrate_path_280_300.lua`, applied to 1.1 and 2.1 files): a path of
+/// plain characters is normalized (slashes merged); anything else was a
+/// regex, which 3.x marks with `~`, its percent-escapes decoded (regex
+/// metacharacters escaped, reserved characters kept encoded).
+fn migrate_path(path: &str) -> String {
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-~/%".contains(&b));
+    if plain {
+        let mut merged = String::with_capacity(path.len());
+        for ch in crate::uri::normalize(path).chars() {
+            if !(ch == '/' && merged.ends_with('/')) {
+                merged.push(ch);
+            }
+        }
+        return merged;
+    }
+    let mut out = String::from("~");
+    let mut i = 0;
+    while i < path.len() {
+        let escape = (path.as_bytes()[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escape {
+            Some(b) if b"!#$%&'()*+,/:;=?@[]".contains(&b) => {
+                out.push_str(&path[i..i + 3].to_ascii_uppercase());
+                i += 3;
+            }
+            Some(b) if b".^-{}\\|".contains(&b) => {
+                out.push('\\');
+                out.push(b as char);
+                i += 3;
+            }
+            Some(b) if b.is_ascii() => {
+                out.push(b as char);
+                i += 3;
+            }
+            _ => {
+                let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    out
 }
 
 /// The entity kind nested under `schema` as `key`, and the child's field
@@ -597,6 +682,21 @@ upstreams:
             Declarative::from_text("a: [unclosed"),
             Err(DeclarativeError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn legacy_files_mark_regex_paths_as_kong_migrates_them() {
+        let loaded = items(
+            r#"{"_format_version": "2.1", "routes": [{"name": "r", "paths":
+                ["/plain//path", "/users/\\d+", "/caf%C3%A9", "/a%2Eb(x)"]}]}"#,
+        );
+        assert_eq!(
+            loaded[0].fields["paths"],
+            json!(["/plain/path", "~/users/\\d+", "/caf%C3%A9", "~/a\\.b(x)"])
+        );
+        // 3.0 files are taken as they are.
+        let loaded = items(r#"{"_format_version": "3.0", "routes": [{"paths": ["/users/\\d+"]}]}"#);
+        assert_eq!(loaded[0].fields["paths"], json!(["/users/\\d+"]));
     }
 
     #[test]

@@ -428,3 +428,113 @@ async fn deck_1_4_pings_syncs_diffs_and_dumps() {
     until_status(&format!("{}/deck", gh.proxy), 404).await;
     until_status(&format!("{}/deck2", gh.proxy), 502).await;
 }
+
+fn fixture(name: &str) -> String {
+    let path = format!("{}/tests/fixtures/decl/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[tokio::test]
+async fn kongs_and_decks_examples_load_and_invalid_files_name_the_problem() {
+    let gh = Gatehouse::start(BIN, &[]);
+    for (name, counts) in [
+        (
+            "kong-config-init.yaml",
+            vec![
+                ("services", 2),
+                ("routes", 2),
+                ("consumers", 1),
+                ("keyauth_credentials", 1),
+                ("plugins", 3),
+            ],
+        ),
+        (
+            "deck-documented.yaml",
+            vec![
+                ("services", 2),
+                ("routes", 2),
+                ("upstreams", 1),
+                ("targets", 2),
+                ("consumers", 1),
+                ("keyauth_credentials", 1),
+                ("basicauth_credentials", 1),
+                ("acls", 1),
+                ("jwt_secrets", 1),
+                ("hmacauth_credentials", 1),
+                ("plugins", 3),
+                ("certificates", 1),
+                ("snis", 1),
+            ],
+        ),
+    ] {
+        let (status, body) = post_config(&gh.admin, "", "text/yaml", fixture(name), None).await;
+        assert_eq!(status, 201, "{name}: {body}");
+        for (entity, count) in counts {
+            assert_eq!(
+                body[entity].as_object().map(|m| m.len()),
+                Some(count),
+                "{name}: {entity} in {body}"
+            );
+        }
+        // Loaded again: nothing changes.
+        let (status, _) =
+            post_config(&gh.admin, "?check_hash=1", "text/yaml", fixture(name), None).await;
+        assert_eq!(status, 304, "{name} loads the same way twice");
+    }
+    // The documented example's regex route is served as a regex (its
+    // upstream's targets are down: 502, not 404).
+    let through = |path: &'static str| {
+        let url = format!("{}{path}", gh.proxy);
+        async move {
+            client()
+                .get(url)
+                .header("host", "api.example.com")
+                .send()
+                .await
+                .expect("proxy answers")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_ne!(through("/items/42").await, 404);
+    assert_eq!(through("/items/abc").await, 404);
+
+    for (name, entity_type, field, message) in [
+        (
+            "invalid-reference.yaml",
+            "route",
+            "service",
+            "invalid reference 'service: no-such-service' (no such entry in 'services')",
+        ),
+        (
+            "invalid-field.yaml",
+            "service",
+            "port",
+            "value should be between 0 and 65535",
+        ),
+    ] {
+        let (status, error) = post_config(
+            &gh.admin,
+            "?flatten_errors=1",
+            "text/yaml",
+            fixture(name),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{name}: {error}");
+        let text = error.to_string();
+        assert!(text.contains(message), "{name}: {text}");
+        if let Some(flattened) = error["flattened_errors"]
+            .as_array()
+            .filter(|l| !l.is_empty())
+        {
+            assert_eq!(flattened[0]["entity_type"], entity_type, "{name}: {text}");
+            assert_eq!(flattened[0]["errors"][0]["field"], field, "{name}: {text}");
+        } else {
+            assert!(
+                error["fields"].to_string().contains(field),
+                "{name}: {text}"
+            );
+        }
+    }
+}
