@@ -1090,7 +1090,41 @@ fn content_key(entity: &Entity) -> String {
 
 /// One change of a declarative load, for people: what, which entity, the
 /// fields that differ, and the routes whose traffic it affects.
-fn describe(current: &State, next: &State, change: &Change) -> Value {
+/// Route labels (name, or id) by service id, in the configuration before
+/// and after a load: built once per load, not once per change.
+struct RoutesByService {
+    by_service: HashMap<String, Vec<String>>,
+}
+
+impl RoutesByService {
+    fn new(states: [&State; 2]) -> RoutesByService {
+        let mut by_service: HashMap<String, Vec<String>> = HashMap::new();
+        for state in states {
+            for (rid, row) in state.rows("routes") {
+                if let Some(sid) = row.fk("service") {
+                    by_service
+                        .entry(sid.to_owned())
+                        .or_default()
+                        .push(route_label(state, rid));
+                }
+            }
+        }
+        RoutesByService { by_service }
+    }
+
+    fn add(&self, sid: &str, routes: &mut std::collections::BTreeSet<String>) {
+        routes.extend(self.by_service.get(sid).into_iter().flatten().cloned());
+    }
+}
+
+fn route_label(state: &State, rid: &str) -> String {
+    state
+        .get("routes", rid)
+        .and_then(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| rid.to_owned())
+}
+
+fn describe(current: &State, next: &State, index: &RoutesByService, change: &Change) -> Value {
     let (action, entity, id) = match change {
         Change::Upsert { entity, id, .. } if current.contains(entity, id) => {
             ("update", *entity, id)
@@ -1126,21 +1160,8 @@ fn describe(current: &State, next: &State, change: &Change) -> Value {
         out["fields"] = Value::Object(fields);
     }
     let mut routes = std::collections::BTreeSet::new();
-    let route_label = |state: &State, rid: &str| -> String {
-        state
-            .get("routes", rid)
-            .and_then(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| rid.to_owned())
-    };
-    let routes_of_service = |sid: &str, routes: &mut std::collections::BTreeSet<String>| {
-        for state in [current, next] {
-            for (rid, row) in state.rows("routes") {
-                if row.fk("service") == Some(sid) {
-                    routes.insert(route_label(state, rid));
-                }
-            }
-        }
-    };
+    let routes_of_service =
+        |sid: &str, routes: &mut std::collections::BTreeSet<String>| index.add(sid, routes);
     match entity {
         "routes" => {
             routes.insert(route_label(state, id));
@@ -1328,9 +1349,10 @@ impl Dao {
                     }
                 }
             }
+            let index = RoutesByService::new([current, &scratch]);
             let plan = changes
                 .iter()
-                .map(|change| describe(current, &scratch, change))
+                .map(|change| describe(current, &scratch, &index, change))
                 .collect::<Vec<_>>();
             (changes, Value::Object(shown), plan, current.hash())
         });

@@ -367,6 +367,33 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         assert_eq!(plane["snapshots_sent"], 0, "{plane}");
         assert_eq!(&plane["config_version"], versions[0], "{planes:?}");
     }
+    // A file that keeps one of them removes the other 199 services and
+    // their routes (written to PostgreSQL in batches), as one more delta.
+    let file = json!({"_format_version": "3.0", "services": [file["services"][0].clone()]});
+    let loaded = client()
+        .post(format!("{}/config", cp.admin))
+        .json(&file)
+        .send()
+        .await
+        .expect("post /config");
+    assert_eq!(loaded.status(), 201);
+    for dp in &dps {
+        let gone = format!("{}/bulk-199", dp.proxy);
+        eventually("the removed routes are gone", || async {
+            status_of(&gone).await == 404
+        })
+        .await;
+        assert_eq!(status_of(&format!("{}/bulk-0", dp.proxy)).await, 200);
+    }
+    let count = pg.psql("gh_e2e_cluster", "SELECT count(*) FROM entities");
+    assert_eq!(
+        count.trim(),
+        "2",
+        "one service and its route remain: {count}"
+    );
+    for plane in data_planes(&cp.admin).await {
+        assert_eq!(plane["deltas_sent"], 2, "{plane}");
+    }
     for dp in &mut dps {
         dp.terminate();
     }
