@@ -1026,9 +1026,10 @@ pub struct DeclarativeLoad {
     /// Every loaded entity as the Admin API shows it, by entity name and
     /// id (the body of Kong's `POST /config`).
     pub entities: Value,
-    /// Each change: `{"action": "create"|"update"|"delete", "entity",
-    /// "id", "name", "fields": {field: {"old", "new"}} (updates),
-    /// "routes": [routes whose traffic it affects, "*" for all]}`.
+    /// For a dry run, each change: `{"action": "create"|"update"|"delete",
+    /// "entity", "id", "name", "fields": {field: {"old", "new"}}
+    /// (updates), "routes": [routes whose traffic it affects, "*" for
+    /// all]}`; empty otherwise (and `entities` is empty for a dry run).
     pub plan: Vec<Value>,
     /// The configuration hash the plan was made against.
     pub base_hash: String,
@@ -1331,6 +1332,11 @@ impl Dao {
                         body: Value::Object(entity.clone()),
                     }),
                 }
+                // A dry run answers with the plan, a load with the
+                // entities: each builds only its own answer.
+                if dry_run {
+                    continue;
+                }
                 let rendered = render(&scratch, schema, &entity);
                 if let Value::Object(by_id) = shown
                     .entry(schema.name.to_owned())
@@ -1349,11 +1355,15 @@ impl Dao {
                     }
                 }
             }
-            let index = RoutesByService::new([current, &scratch]);
-            let plan = changes
-                .iter()
-                .map(|change| describe(current, &scratch, &index, change))
-                .collect::<Vec<_>>();
+            let plan = if dry_run {
+                let index = RoutesByService::new([current, &scratch]);
+                changes
+                    .iter()
+                    .map(|change| describe(current, &scratch, &index, change))
+                    .collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            };
             (changes, Value::Object(shown), plan, current.hash())
         });
         if changes.is_empty() || dry_run {
