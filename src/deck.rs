@@ -29,6 +29,21 @@ pub(crate) struct Target {
         default_value = "http://localhost:8001"
     )]
     admin_url: String,
+    /// Manage only entities with this tag (repeatable, decK's
+    /// `--select-tag`): the file's entities get it, others are left alone.
+    #[arg(long = "select-tag")]
+    select_tags: Vec<String>,
+}
+
+impl Target {
+    /// `?select_tags=…` for `/config`, when tags are selected.
+    fn query(&self) -> Vec<(&'static str, String)> {
+        if self.select_tags.is_empty() {
+            Vec::new()
+        } else {
+            vec![("select_tags", self.select_tags.join(","))]
+        }
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -192,6 +207,7 @@ async fn plan(target: &Target, config: &Value) -> anyhow::Result<Plan> {
     );
     let response = client()?
         .post(&url)
+        .query(&target.query())
         .json(config)
         .send()
         .await
@@ -307,6 +323,7 @@ async fn sync(target: &Target, config: &Value, dry_run: bool) -> anyhow::Result<
     let url = format!("{}/config", target.admin_url.trim_end_matches('/'));
     let response = client()?
         .post(&url)
+        .query(&target.query())
         .header("if-match", format!("\"{}\"", plan.hash))
         .json(config)
         .send()
@@ -348,7 +365,17 @@ async fn dump(target: &Target, output: &Path) -> anyhow::Result<u8> {
     let text = body["config"].as_str().context("no config in /config")?;
     let mut file = declarative::parse_text(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Value::Object(top) = &mut file {
+        let selected = |entity: &Value| {
+            target.select_tags.iter().all(|tag| {
+                entity["tags"]
+                    .as_array()
+                    .is_some_and(|tags| tags.iter().any(|t| t.as_str() == Some(tag)))
+            })
+        };
         for list in top.values_mut() {
+            if let Value::Array(items) = list {
+                items.retain(selected);
+            }
             for entity in list.as_array_mut().into_iter().flatten() {
                 if let Value::Object(fields) = entity {
                     for field in GENERATED {
@@ -357,6 +384,15 @@ async fn dump(target: &Target, output: &Path) -> anyhow::Result<u8> {
                     fields.sort_keys();
                 }
             }
+        }
+    }
+    if let Value::Object(top) = &mut file {
+        top.retain(|key, value| {
+            key.starts_with('_') || value.as_array().is_some_and(|l| !l.is_empty())
+        });
+        if !target.select_tags.is_empty() {
+            // decK's marker: syncing this file manages these tags only.
+            top.insert("_info".into(), json!({ "select_tags": target.select_tags }));
         }
     }
     let yaml = declarative::to_yaml(&file);

@@ -1035,6 +1035,18 @@ pub struct DeclarativeLoad {
     pub base_hash: String,
 }
 
+/// How a declarative configuration is loaded.
+#[derive(Debug, Default, Clone)]
+pub struct LoadOptions {
+    /// Load only over the configuration with this hash (`If-Match`).
+    pub expected_hash: Option<String>,
+    /// Plan, commit nothing.
+    pub dry_run: bool,
+    /// decK's select tags: the file manages only entities with all of
+    /// these (and its entities get them); others are left as they are.
+    pub select_tags: Vec<String>,
+}
+
 /// Why a declarative configuration was not loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum DeclarativeLoadError {
@@ -1230,9 +1242,10 @@ impl Dao {
     pub async fn load_declarative(
         &self,
         decl: &Declarative,
-        expected_hash: Option<&str>,
-        dry_run: bool,
+        options: &LoadOptions,
     ) -> Result<DeclarativeLoad, DeclarativeLoadError> {
+        let (expected_hash, dry_run) = (options.expected_hash.as_deref(), options.dry_run);
+        let select = &options.select_tags;
         let _w = self.writer.lock().await;
         if let Some(expected) = expected_hash {
             let current = self.read(|state| state.hash());
@@ -1241,6 +1254,19 @@ impl Dao {
             }
         }
         let mut scratch = State::default();
+        if !select.is_empty() {
+            // decK's select tags: entities without all of them are not
+            // this file's to change; they stay as they are.
+            self.read(|current| {
+                for schema in ENTITIES.iter() {
+                    for (id, row) in current.rows(schema.name) {
+                        if !select.iter().all(|tag| row.tags.contains(tag)) {
+                            scratch.put(schema, id.clone(), row.parse());
+                        }
+                    }
+                }
+            });
+        }
         let mut errors = Vec::new();
         let mut loaded: Vec<(&'static EntitySchema, String)> = Vec::new();
         // Random id given to an entity of the file → the id of the entity
@@ -1253,6 +1279,19 @@ impl Dao {
                 continue;
             };
             let mut fields = item.fields.clone();
+            if !select.is_empty() {
+                // Every entity of the file carries the select tags.
+                let mut tags: Vec<Value> = match fields.get("tags") {
+                    Some(Value::Array(tags)) => tags.clone(),
+                    _ => Vec::new(),
+                };
+                for tag in select {
+                    if !tags.iter().any(|t| t.as_str() == Some(tag.as_str())) {
+                        tags.push(json!(tag));
+                    }
+                }
+                fields.insert("tags".into(), Value::Array(tags));
+            }
             for (field, _, _) in schema.foreign_fields() {
                 if let Some(Value::Object(reference)) = fields.get_mut(field) {
                     if let Some(Value::String(id)) = reference.get("id") {

@@ -543,3 +543,80 @@ async fn kongs_and_decks_examples_load_and_invalid_files_name_the_problem() {
         }
     }
 }
+
+#[tokio::test]
+async fn select_tags_manage_only_their_entities() {
+    let gh = Gatehouse::start(BIN, &[]);
+    let outside = client()
+        .post(format!("{}/services", gh.admin))
+        .json(&serde_json::json!({"name": "outside", "url": "http://127.0.0.1:9"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(outside.status(), 201);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("team.yaml");
+    std::fs::write(&file, CLI_FILE).expect("write");
+    let file = file.to_str().expect("path");
+    let tagged = ["--select-tag", "team-a"];
+
+    let (code, out, err) = cli(&gh.admin, &[&["sync", file][..], &tagged].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("Created: 7") && out.contains("Deleted: 0"),
+        "{out}"
+    );
+    let (_, out, _) = cli(&gh.admin, &[&["diff", file][..], &tagged].concat());
+    assert!(
+        out.contains("Created: 0") && out.contains("Updated: 0") && out.contains("Deleted: 0"),
+        "{out}"
+    );
+    let service: Value = client()
+        .get(format!("{}/services/cli-service", gh.admin))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(service["tags"], serde_json::json!(["team-a"]));
+
+    let dump = dir.path().join("team-dump.yaml");
+    let dump_s = dump.to_str().expect("path");
+    assert_eq!(
+        cli(&gh.admin, &[&["dump", "-o", dump_s][..], &tagged].concat()).0,
+        0
+    );
+    let dumped = std::fs::read_to_string(&dump).expect("dump");
+    assert!(
+        dumped.contains("select_tags") && dumped.contains("cli-service"),
+        "{dumped}"
+    );
+    assert!(!dumped.contains("outside"), "{dumped}");
+
+    let (code, out, _) = cli(&gh.admin, &[&["reset", "--force"][..], &tagged].concat());
+    assert_eq!(code, 0);
+    assert!(out.contains("Deleted: 7"), "{out}");
+    let left: Value = client()
+        .get(format!("{}/services", gh.admin))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = left["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["outside"]);
+    // The dump carries its select tags: syncing it back leaves `outside`.
+    let (code, out, _) = cli(&gh.admin, &["sync", dump_s]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Created: 7") && out.contains("Deleted: 0"),
+        "{out}"
+    );
+}

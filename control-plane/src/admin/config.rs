@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
 use super::{message, reply, AdminState, Reply};
-use crate::dao::DeclarativeLoadError;
+use crate::dao::{DeclarativeLoadError, LoadOptions};
 
 /// Declarative files are larger than entity bodies: 20,000 consumers with
 /// credentials are a few MB.
@@ -148,11 +148,30 @@ pub(super) async fn post(
                 .to_owned()
         });
     let dry_run = option("dry_run");
-    match st
-        .dao
-        .load_declarative(&decl, expected.as_deref(), dry_run)
-        .await
-    {
+    // `select_tags=a,b`, or the file's own `_info.select_tags` (decK
+    // writes them into dumps).
+    let mut select_tags: Vec<String> = options
+        .iter()
+        .filter(|(k, _)| k == "select_tags")
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if select_tags.is_empty() {
+        select_tags = decl.input["_info"]["select_tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+    }
+    let load = LoadOptions {
+        expected_hash: expected,
+        dry_run,
+        select_tags,
+    };
+    match st.dao.load_declarative(&decl, &load).await {
         // Ours: what a load would change, committing nothing (the CLI's
         // `diff`, and `sync`'s plan, which it then applies with If-Match).
         Ok(loaded) if dry_run => reply(
