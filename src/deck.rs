@@ -33,6 +33,10 @@ pub(crate) struct Target {
     /// `--select-tag`): the file's entities get it, others are left alone.
     #[arg(long = "select-tag")]
     select_tags: Vec<String>,
+    /// Do not verify the Admin API's certificate (an https URL with a
+    /// self-signed certificate).
+    #[arg(long)]
+    tls_skip_verify: bool,
 }
 
 impl Target {
@@ -169,11 +173,20 @@ fn read_files(files: &[PathBuf]) -> anyhow::Result<Value> {
     Ok(Value::Object(merged))
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .context("cannot build an HTTP client")
+impl Target {
+    /// A client for this Admin API, http or https.
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        // reqwest names no crypto provider; ring is Gatehouse's. Installed
+        // once per process (a second install is refused, which is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = gatehouse_data_plane::https_client_config(!self.tls_skip_verify)
+            .context("cannot build a TLS client config")?;
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .use_preconfigured_tls(tls)
+            .build()
+            .context("cannot build an HTTP client")
+    }
 }
 
 async fn validate(files: &[PathBuf], online: Option<&Target>) -> anyhow::Result<u8> {
@@ -205,7 +218,8 @@ async fn plan(target: &Target, config: &Value) -> anyhow::Result<Plan> {
         "{}/config?dry_run=1&flatten_errors=1",
         target.admin_url.trim_end_matches('/')
     );
-    let response = client()?
+    let response = target
+        .client()?
         .post(&url)
         .query(&target.query())
         .json(config)
@@ -321,7 +335,8 @@ async fn sync(target: &Target, config: &Value, dry_run: bool) -> anyhow::Result<
     progress.set_message(format!("applying {} changes", plan.changes.len()));
     progress.enable_steady_tick(Duration::from_millis(120));
     let url = format!("{}/config", target.admin_url.trim_end_matches('/'));
-    let response = client()?
+    let response = target
+        .client()?
         .post(&url)
         .query(&target.query())
         .header("if-match", format!("\"{}\"", plan.hash))
@@ -353,7 +368,8 @@ const GENERATED: [&str; 2] = ["created_at", "updated_at"];
 
 async fn dump(target: &Target, output: &Path) -> anyhow::Result<u8> {
     let url = format!("{}/config", target.admin_url.trim_end_matches('/'));
-    let body: Value = client()?
+    let body: Value = target
+        .client()?
         .get(&url)
         .send()
         .await

@@ -51,6 +51,17 @@ pub use proxy::{serve, serve_tls};
 pub use runtime::BuildError;
 pub use tls::{DefaultCertificate, TlsError};
 
+/// A TLS client config as the proxy builds for https upstreams: Mozilla's
+/// roots when `verify`, no verification otherwise. For the `gatehouse
+/// config` CLI talking to an Admin API over https (`--tls-skip-verify`
+/// for a self-signed one).
+pub fn https_client_config(verify: bool) -> Result<rustls::ClientConfig, TlsError> {
+    tls::client_config(&tls::UpstreamTls {
+        verify,
+        ..tls::UpstreamTls::default()
+    })
+}
+
 use balancer::Balancers;
 use runtime::{ClientCache, ParseCache, Runtime};
 

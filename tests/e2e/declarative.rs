@@ -620,3 +620,58 @@ async fn select_tags_manage_only_their_entities() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn the_cli_reaches_an_admin_api_over_https() {
+    // The Admin API behind the gateway's own TLS listener (Kong's
+    // loopback pattern), whose default certificate is self-signed.
+    let gh = Gatehouse::start(BIN, &[]);
+    let admin_port = gh.admin.rsplit(':').next().expect("admin port").to_owned();
+    for (path, body) in [
+        (
+            "/services",
+            serde_json::json!({"name": "admin-api", "url": format!("http://127.0.0.1:{admin_port}")}),
+        ),
+        (
+            "/services/admin-api/routes",
+            serde_json::json!({"name": "admin-api", "paths": ["/adm"]}),
+        ),
+    ] {
+        let created = client()
+            .post(format!("{}{path}", gh.admin))
+            .json(&body)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(created.status(), 201);
+    }
+    let https = format!("https://127.0.0.1:{}/adm", gh.proxy_tls_addr.port());
+    let dump = |extra: &'static [&'static str]| {
+        let https = https.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = std::process::Command::new(BIN)
+                    .args(["config", "dump", "-o", "-", "--admin-url", &https])
+                    .args(extra)
+                    .output()
+                    .expect("gatehouse config runs");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                // Until the route serves, the proxy answers 404.
+                if out.status.success() || !err.contains("404") || Instant::now() > deadline {
+                    return (out.status.code(), text, err);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let (code, text, err) = dump(&["--tls-skip-verify"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        text.contains("admin-api") && text.contains("/adm"),
+        "{text}"
+    );
+    let (code, _, err) = dump(&[]).await;
+    assert_eq!(code, Some(1), "a self-signed certificate is refused: {err}");
+}

@@ -16,6 +16,10 @@ mod tls;
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 pub(crate) fn client() -> reqwest::Client {
+    // reqwest's TLS names no crypto provider: the process-wide default is
+    // ring, as everywhere in Gatehouse. A second install is refused, which
+    // is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(std::time::Duration::from_secs(20))
