@@ -19,6 +19,7 @@ use crate::schema::{matcher, EntityCheck, Field, Record};
 mod acme;
 mod auth;
 mod logging;
+pub mod scope;
 mod traffic;
 mod transform;
 
