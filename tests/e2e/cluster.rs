@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gatehouse_test_support::{free_port, EchoUpstream, Gatehouse, Postgres};
 use serde_json::{json, Value};
 
-use crate::{client, BIN};
+use crate::{client, status_of, BIN};
 
 async fn post(url: String, body: Value) -> Value {
     let response = client().post(url).json(&body).send().await.expect("post");
@@ -28,13 +28,6 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn status_of(url: &str) -> u16 {
-    match client().get(url).send().await {
-        Ok(response) => response.status().as_u16(),
-        Err(_) => 0,
     }
 }
 

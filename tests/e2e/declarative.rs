@@ -9,14 +9,7 @@ use std::time::{Duration, Instant};
 use gatehouse_test_support::{EchoUpstream, Gatehouse};
 use serde_json::Value;
 
-use crate::{client, BIN};
-
-async fn status_of(url: &str) -> u16 {
-    match client().get(url).send().await {
-        Ok(response) => response.status().as_u16(),
-        Err(_) => 0,
-    }
-}
+use crate::{client, get_json, status_of, BIN};
 
 /// Waits up to 10 s for `url` to answer `status` through the proxy.
 async fn until_status(url: &str, status: u16) {
@@ -206,14 +199,7 @@ async fn a_declarative_file_replaces_the_configuration_atomically() {
     .await;
     assert_eq!(status, 201, "{body}");
     until_status(&format!("{}/decl", gh.proxy), 404).await;
-    let routes: Value = client()
-        .get(format!("{}/routes", gh.admin))
-        .send()
-        .await
-        .expect("routes")
-        .json()
-        .await
-        .expect("json");
+    let routes: Value = get_json(format!("{}/routes", gh.admin)).await;
     assert_eq!(routes["data"].as_array().map(Vec::len), Some(0));
 }
 
@@ -571,14 +557,7 @@ async fn select_tags_manage_only_their_entities() {
         out.contains("Created: 0") && out.contains("Updated: 0") && out.contains("Deleted: 0"),
         "{out}"
     );
-    let service: Value = client()
-        .get(format!("{}/services/cli-service", gh.admin))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let service: Value = get_json(format!("{}/services/cli-service", gh.admin)).await;
     assert_eq!(service["tags"], serde_json::json!(["team-a"]));
 
     let dump = dir.path().join("team-dump.yaml");
@@ -597,14 +576,7 @@ async fn select_tags_manage_only_their_entities() {
     let (code, out, _) = cli(&gh.admin, &[&["reset", "--force"][..], &tagged].concat());
     assert_eq!(code, 0);
     assert!(out.contains("Deleted: 7"), "{out}");
-    let left: Value = client()
-        .get(format!("{}/services", gh.admin))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let left: Value = get_json(format!("{}/services", gh.admin)).await;
     let names: Vec<&str> = left["data"]
         .as_array()
         .into_iter()

@@ -26,3 +26,23 @@ pub(crate) fn client() -> reqwest::Client {
         .build()
         .expect("http client")
 }
+
+/// `GET url` as JSON, whatever the status.
+pub(crate) async fn get_json(url: String) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The status of `GET url`; 0 when nothing answers.
+pub(crate) async fn status_of(url: &str) -> u16 {
+    match client().get(url).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
