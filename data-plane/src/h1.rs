@@ -18,6 +18,7 @@
 mod chunked;
 mod pool;
 
+use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -42,6 +43,7 @@ use crate::proxy::{
     grpc_error, is_gateway_json, log_access, prepare, route_request, Decision, Downstream, Facts,
     Prepared, ProxyError, RequestHead, ResponseBody, Routed,
 };
+use crate::plugins::{Chain, Ctx, PluginRequest, Protocol};
 use crate::runtime::Runtime;
 use crate::DataPlane;
 
@@ -332,7 +334,54 @@ impl Engine<'_> {
         if routed.upstream.scheme != Scheme::HTTP || routed.upstream.h2 {
             return Next::HandOff;
         }
-        let prepared = match prepare(&routed, self.downstream, &view).await {
+        // Plugins that read whole bodies run on the hyper path.
+        let chain = runtime.chain(routed.found.route_idx);
+        if chain.is_some_and(|(_, chain)| {
+            let needs = chain.needs();
+            needs.request_body || needs.response_body
+        }) {
+            return Next::HandOff;
+        }
+        let mut plugin_req = None;
+        let mut plugin_ctx = None;
+        if let Some((plugins, chain)) = chain {
+            let Some(headers) = header_map_of(request.headers) else {
+                return Next::HandOff;
+            };
+            let mut req = PluginRequest {
+                method: method.clone(),
+                path: raw_path,
+                query: query.map(Cow::Borrowed),
+                headers,
+                body: None,
+                client_ip: self.downstream.remote.ip().to_canonical(),
+                https: self.downstream.tls,
+                upstream_path: None,
+            };
+            let mut ctx = Ctx::new(plugins, chain);
+            let protocol = Protocol::of(self.downstream.tls, info.grpc);
+            if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
+                chain.response(&mut ctx, response.status(), response.headers_mut());
+                return exchange
+                    .answer(io, buf, body_len, response, None, out)
+                    .await;
+            }
+            plugin_req = Some(req);
+            plugin_ctx = Some((chain, ctx));
+        }
+        let plugin_view;
+        let view = match &plugin_req {
+            Some(req) => {
+                plugin_view = RequestHead {
+                    headers: &req.headers,
+                    query: req.query.as_deref(),
+                    ..view
+                };
+                &plugin_view
+            }
+            None => &view,
+        };
+        let prepared = match prepare(&routed, self.downstream, view).await {
             Ok(prepared) => prepared,
             Err(error) => {
                 return exchange
@@ -360,8 +409,48 @@ impl Engine<'_> {
                 remaining: body_len,
             }
         };
+        let fields: Vec<httparse::Header<'_>>;
+        let upstream_head = match &plugin_req {
+            Some(req) => {
+                fields = req
+                    .headers
+                    .iter()
+                    .map(|(name, value)| httparse::Header {
+                        name: name.as_str(),
+                        value: value.as_bytes(),
+                    })
+                    .collect();
+                UpstreamHead {
+                    method: req.method.as_str(),
+                    fields: &fields,
+                    query: req.query.as_deref(),
+                }
+            }
+            None => UpstreamHead {
+                method: request.method.unwrap_or("GET"),
+                fields: request.headers,
+                query,
+            },
+        };
+        let mut prepared = prepared;
+        if let Some(path) = plugin_req.as_ref().and_then(|req| req.upstream_path.as_deref()) {
+            prepared.path_and_query = match upstream_head.query {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_owned(),
+            };
+        }
         exchange
-            .forward(io, buf, out, &routed, prepared, &request, &info, &mut body)
+            .forward(
+                io,
+                buf,
+                out,
+                &routed,
+                prepared,
+                &upstream_head,
+                &info,
+                &mut body,
+                plugin_ctx.as_mut().map(|(chain, ctx)| (*chain, ctx)),
+            )
             .await
     }
 }
@@ -477,9 +566,10 @@ impl<'r> Exchange<'_, 'r> {
         out: &mut Vec<u8>,
         routed: &Routed<'r, '_>,
         prepared: Prepared<'_>,
-        request: &httparse::Request<'_, '_>,
+        request: &UpstreamHead<'_>,
         info: &RequestInfo<'_>,
         body: &mut RequestBody,
+        mut plugins: Option<(&Chain, &mut Ctx<'_>)>,
     ) -> Next
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -573,7 +663,7 @@ impl<'r> Exchange<'_, 'r> {
             let headers_for_hash;
             let empty = HeaderMap::new();
             let headers = if upstream.peers.reads_headers() {
-                headers_for_hash = header_map_of(request.headers).unwrap_or_default();
+                headers_for_hash = header_map_of(request.fields).unwrap_or_default();
                 &headers_for_hash
             } else {
                 &empty
@@ -584,10 +674,7 @@ impl<'r> Exchange<'_, 'r> {
                     client_ip: downstream.client_ip.as_bytes(),
                     headers,
                     path: std::str::from_utf8(&path[..]).unwrap_or_default(),
-                    query: request
-                        .path
-                        .and_then(|target| target.split_once('?'))
-                        .map(|(_, q)| q),
+                    query: request.query,
                     path_regex,
                 })
                 .await
@@ -627,7 +714,13 @@ impl<'r> Exchange<'_, 'r> {
             self.close = true;
         }
         out.clear();
-        push_response_head(out, &conn.buf[..response.len], response.status, &mut peer);
+        push_response_head(
+            out,
+            &conn.buf[..response.len],
+            response.status,
+            &mut peer,
+            plugins.as_mut().map(|(chain, ctx)| (*chain, &mut **ctx)),
+        );
         if self.engine.dp.cfg.latency_headers {
             push_latency(out, &self.facts, self.started);
         }
@@ -971,9 +1064,17 @@ struct Rewrites<'p> {
     via: &'p HeaderValue,
 }
 
-fn head_capacity(request: &httparse::Request<'_, '_>) -> usize {
+/// The request head as it goes upstream: the client's, or the one the
+/// plugins made.
+struct UpstreamHead<'a> {
+    method: &'a str,
+    fields: &'a [httparse::Header<'a>],
+    query: Option<&'a str>,
+}
+
+fn head_capacity(request: &UpstreamHead<'_>) -> usize {
     256 + request
-        .headers
+        .fields
         .iter()
         .map(|field| field.name.len() + field.value.len() + 4)
         .sum::<usize>()
@@ -983,21 +1084,21 @@ fn head_capacity(request: &httparse::Request<'_, '_>) -> usize {
 /// then Host, Kong's `X-Forwarded-*`, `X-Real-IP` and `Via`.
 fn push_upstream_head(
     out: &mut Vec<u8>,
-    request: &httparse::Request<'_, '_>,
+    request: &UpstreamHead<'_>,
     info: &RequestInfo<'_>,
     path_and_query: &str,
     host: &HeaderValue,
     downstream: &Downstream,
     rewrites: &Rewrites<'_>,
 ) {
-    out.extend_from_slice(request.method.unwrap_or("GET").as_bytes());
+    out.extend_from_slice(request.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     push_header(out, b"Host", host.as_bytes());
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let mut via: Vec<&[u8]> = Vec::new();
-    for field in request.headers.iter() {
+    for field in request.fields.iter() {
         let name = field.name.as_bytes();
         match request_field(name) {
             RequestField::Copy if !info.lists(name) => push_header(out, name, field.value),
@@ -1037,7 +1138,13 @@ fn push_upstream_head(
 /// The response head for the client: the upstream's status and fields
 /// without hop-by-hop ones, `Via` appended, the hash cookie if one was
 /// made. Ends without the blank line.
-fn push_response_head(out: &mut Vec<u8>, raw: &[u8], status: StatusCode, peer: &mut Peer) {
+fn push_response_head(
+    out: &mut Vec<u8>,
+    raw: &[u8],
+    status: StatusCode,
+    peer: &mut Peer,
+    plugins: Option<(&Chain, &mut Ctx<'_>)>,
+) {
     push_status_line(out, status);
     let mut fields = uninit_fields();
     let mut response = httparse::Response::new(&mut []);
@@ -1061,6 +1168,7 @@ fn push_response_head(out: &mut Vec<u8>, raw: &[u8], status: StatusCode, peer: &
     }
     let mut via: Vec<&[u8]> = Vec::new();
     let mut has_date = false;
+    let mut filtered = plugins.as_ref().map(|_| HeaderMap::new());
     for field in response.headers.iter() {
         let name = field.name.as_bytes();
         match request_field(name) {
@@ -1070,8 +1178,23 @@ fn push_response_head(out: &mut Vec<u8>, raw: &[u8], status: StatusCode, peer: &
             _ if listed.iter().any(|token| token.eq_ignore_ascii_case(name)) => {}
             _ => {
                 has_date |= name.eq_ignore_ascii_case(b"date");
-                push_header(out, name, field.value);
+                match &mut filtered {
+                    Some(map) => {
+                        if let (Ok(name), Ok(value)) =
+                            (HeaderName::from_bytes(name), HeaderValue::from_bytes(field.value))
+                        {
+                            map.append(name, value);
+                        }
+                    }
+                    None => push_header(out, name, field.value),
+                }
             }
+        }
+    }
+    if let (Some(mut map), Some((chain, ctx))) = (filtered, plugins) {
+        chain.response(ctx, status, &mut map);
+        for (name, value) in &map {
+            push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     push_list(out, b"Via", &via, crate::proxy::VIA_HTTP_11.as_bytes());

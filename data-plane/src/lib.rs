@@ -34,6 +34,7 @@
 mod balancer;
 mod downstream;
 mod h1;
+mod plugins;
 mod proxy;
 mod runtime;
 mod tls;
@@ -127,6 +128,8 @@ pub struct DataPlane {
     /// `apply` would find none and parse everything, which is only slower.
     parsed: arc_swap::ArcSwapOption<ParseCache>,
     connections: Arc<Semaphore>,
+    /// Plugin state that outlives config versions (counters, caches).
+    plugin_state: Arc<plugins::Shared>,
     cfg: ProxyConfig,
 }
 
@@ -142,6 +145,7 @@ impl DataPlane {
             )),
             balancers: Balancers::default(),
             parsed: arc_swap::ArcSwapOption::empty(),
+            plugin_state: Arc::default(),
             cfg,
         })
     }
@@ -157,7 +161,13 @@ impl DataPlane {
             .swap(None)
             .and_then(|cache| Arc::try_unwrap(cache).ok())
             .unwrap_or_default();
-        let built = Runtime::build(snapshot, &self.clients, &self.balancers, &mut parsed);
+        let built = Runtime::build(
+            snapshot,
+            &self.clients,
+            &self.balancers,
+            &mut parsed,
+            &self.plugin_state,
+        );
         self.parsed.store(Some(Arc::new(parsed)));
         let runtime = built?;
         let n_snis = runtime.certificates.len();

@@ -17,7 +17,7 @@ use gatehouse_router::{normalize_path, push_upstream_path, request_host, Request
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::balancer::{Failure, HashInput, Peer, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
 use crate::h1::{Ended, Engine, Prefixed};
+use crate::plugins::{Ctx, PluginRequest, Protocol};
 use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
 use crate::{DataPlane, ProxyConfig};
@@ -926,15 +927,79 @@ async fn forward<'r>(
         Decision::Forward(routed) => routed,
         Decision::Answer(response) => return Ok(response),
     };
+    let limit = dp.cfg.max_body_bytes;
+    let chain = runtime.chain(routed.found.route_idx);
+    let mut body = Some(body);
+    let mut plugin_req = None;
+    let mut plugin_ctx = None;
+    if let Some((plugins, chain)) = chain {
+        let mut req = PluginRequest {
+            method: parts.method.clone(),
+            path: head.raw_path,
+            query: head.query.map(Cow::Borrowed),
+            headers: parts.headers.clone(),
+            body: None,
+            client_ip: downstream.remote.ip().to_canonical(),
+            https: downstream.tls,
+            upstream_path: None,
+        };
+        if chain.needs().request_body {
+            let incoming = body.take().unwrap_or_else(|| unreachable!("taken once"));
+            let cap = limit.map_or(PLUGIN_BODY_LIMIT, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            req.body = Some(
+                Limited::new(incoming, cap)
+                    .collect()
+                    .await
+                    .map_err(|source| {
+                        if source.downcast_ref::<LengthLimitError>().is_some() {
+                            ProxyError::BodyTooLarge {
+                                limit: cap as u64,
+                            }
+                        } else {
+                            ProxyError::ClientAborted
+                        }
+                    })?
+                    .to_bytes(),
+            );
+        }
+        let mut ctx = Ctx::new(plugins, chain);
+        let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
+        if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
+            chain.response(&mut ctx, response.status(), response.headers_mut());
+            return Ok(response);
+        }
+        plugin_req = Some(req);
+        plugin_ctx = Some((chain, ctx));
+    }
+    let plugin_head;
+    let head = match &plugin_req {
+        Some(req) => {
+            plugin_head = RequestHead {
+                headers: &req.headers,
+                query: req.query.as_deref(),
+                ..head
+            };
+            &plugin_head
+        }
+        None => &head,
+    };
     let Prepared {
         mut peer,
-        path_and_query,
+        mut path_and_query,
         host_header,
         forwarded_host,
         forwarded_path,
         forwarded_prefix,
         via,
-    } = prepare(&routed, downstream, &head).await?;
+    } = prepare(&routed, downstream, head).await?;
+    if let Some(req) = &plugin_req {
+        if let Some(path) = &req.upstream_path {
+            path_and_query = match &req.query {
+                Some(query) => format!("{path}?{query}"),
+                None => path.clone(),
+            };
+        }
+    }
     let forwarded_host = forwarded_host.and_then(|host| HeaderValue::from_str(host).ok());
     let forwarded_path = HeaderValue::from_str(forwarded_path).ok();
     let Routed {
@@ -947,8 +1012,23 @@ async fn forward<'r>(
     } = routed;
     let path = path.into_owned();
     let query = head.query.map(str::to_owned);
+    let mut replaced_body = None;
+    if let Some(PluginRequest {
+        headers,
+        method,
+        body: new_body,
+        ..
+    }) = plugin_req
+    {
+        parts.headers = headers;
+        parts.method = method;
+        if let Some(bytes) = new_body {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            replaced_body = Some(bytes);
+        }
+    }
     facts.peer = Some(peer.authority.clone());
-    let limit = dp.cfg.max_body_bytes;
     let path_regex = found
         .path
         .and_then(|matched| route.path_regexes.get(matched.path_idx))
@@ -960,6 +1040,16 @@ async fn forward<'r>(
     // A request without a body can be sent again to another peer after a
     // failure to connect or a timeout, as Kong's balancer retries do; one
     // with a body has handed it to the first attempt.
+    let body: crate::runtime::RequestBody = match (replaced_body, body) {
+        (Some(bytes), _) => Either::Right(Full::new(bytes)),
+        (None, Some(incoming)) => Either::Left(Limited::new(
+            incoming,
+            limit.map_or(usize::MAX, |limit| {
+                usize::try_from(limit).unwrap_or(usize::MAX)
+            }),
+        )),
+        (None, None) => Either::Right(Full::new(Bytes::new())),
+    };
     let mut attempts_left = if http_body::Body::is_end_stream(&body) && upstream.peers.can_retry() {
         service.retries
     } else {
@@ -1008,13 +1098,7 @@ async fn forward<'r>(
     };
     parts.version = upstream_version;
 
-    let body = Limited::new(
-        body,
-        limit.map_or(usize::MAX, |limit| {
-            usize::try_from(limit).unwrap_or(usize::MAX)
-        }),
-    );
-    let mut upstream_request = Request::from_parts(parts, Either::Left(body));
+    let mut upstream_request = Request::from_parts(parts, body);
     let sent = Instant::now();
     facts.proxy_latency = Some(sent - started);
     // TODO(dp): Kong's read_timeout runs between two reads and starts once
@@ -1084,7 +1168,7 @@ async fn forward<'r>(
         if !route.preserve_host {
             headers.insert(header::HOST, peer.host_header.clone());
         }
-        let mut request = Request::new(Either::Right(Empty::new()));
+        let mut request = Request::new(Either::Right(Full::new(Bytes::new())));
         *request.method_mut() = retry.method.clone();
         *request.uri_mut() = uri;
         *request.version_mut() = upstream_version;
@@ -1106,8 +1190,30 @@ async fn forward<'r>(
     if let Some(cookie) = peer.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, cookie);
     }
-    Ok(Response::from_parts(parts, Either::Left(peer.track(body))))
+    let body = peer.track(body);
+    let Some((chain, mut ctx)) = plugin_ctx else {
+        return Ok(Response::from_parts(parts, Either::Left(body)));
+    };
+    chain.response(&mut ctx, parts.status, &mut parts.headers);
+    if !chain.needs().response_body {
+        return Ok(Response::from_parts(parts, Either::Left(body)));
+    }
+    let mut bytes = body
+        .collect()
+        .await
+        .map_err(|source| ProxyError::UpstreamIo {
+            upstream: peer.authority.clone(),
+            source: io::Error::other(source),
+        })?
+        .to_bytes();
+    chain.response_body(&mut ctx, parts.status, &mut parts.headers, &mut bytes);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
 }
+
+/// The largest body a plugin reads whole when `max_body_bytes` is unset.
+const PLUGIN_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
 /// What a bodiless request needs to be sent again to another peer.
 struct Retry {

@@ -25,6 +25,7 @@ use regex::Regex;
 use rustls_pki_types::ServerName;
 
 use crate::balancer::{BalancerLookup, Balancers, Peers};
+use crate::plugins::{Chain, Plugins, Shared};
 use crate::tls::{
     client_config, CaCertificateEntity, CertificateEntity, CertificateIndex, ServedCertificate,
     ServiceTlsFields, SniEntity, TlsError, UpstreamTls,
@@ -42,12 +43,14 @@ pub enum BuildError {
     },
     #[error("service {service_id} has an invalid upstream address {address:?}")]
     InvalidUpstream { service_id: String, address: String },
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::PluginError),
 }
 
-/// A client's body, or an empty one when a bodiless request is sent again
-/// to another peer.
+/// A client's body as it arrives, or a whole one: empty when a bodiless
+/// request is sent again to another peer, or as a plugin rewrote it.
 pub(crate) type RequestBody =
-    http_body_util::Either<Limited<Incoming>, http_body_util::Empty<bytes::Bytes>>;
+    http_body_util::Either<Limited<Incoming>, http_body_util::Full<bytes::Bytes>>;
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 pub(crate) struct Runtime {
@@ -62,6 +65,16 @@ pub(crate) struct Runtime {
     /// gRPC routes, hashing on a header or cookie). When none does, the
     /// HTTP/1.1 engine skips building a header map.
     pub(crate) reads_headers: bool,
+    /// `None` when no enabled plugin is configured.
+    pub(crate) plugins: Option<Plugins>,
+}
+
+impl Runtime {
+    /// The plugin chain of the route at the router's `route_idx`.
+    pub(crate) fn chain(&self, route_idx: usize) -> Option<(&Plugins, &Chain)> {
+        let plugins = self.plugins.as_ref()?;
+        Some((plugins, plugins.chain(route_idx)?))
+    }
 }
 
 /// A route as the proxy uses it.
@@ -156,6 +169,7 @@ impl Runtime {
             routes: Vec::new(),
             certificates: CertificateIndex::default(),
             reads_headers: false,
+            plugins: None,
         }
     }
 
@@ -164,6 +178,7 @@ impl Runtime {
         clients: &ClientCache,
         balancers: &Balancers,
         parsed: &mut ParseCache,
+        shared: &Arc<Shared>,
     ) -> Result<Runtime, BuildError> {
         let services = parsed.services.typed(snapshot, "services")?;
         let routes = parsed.routes.typed(snapshot, "routes")?;
@@ -289,10 +304,16 @@ impl Runtime {
                         matches!(&service.upstream, Upstream::Http(http) if http.peers.reads_headers())
                     })
             });
+        let route_ids: Vec<(&str, Option<&str>)> = targets
+            .iter()
+            .map(|route| (&*route.id, route.service.as_deref().map(|service| &*service.id)))
+            .collect();
+        let plugins = crate::plugins::build(snapshot, &route_ids, shared)?;
         Ok(Runtime {
             version: snapshot.version,
             router,
             reads_headers,
+            plugins,
             routes: targets,
             certificates: build_certificates(&snis, &tls_sources),
         })

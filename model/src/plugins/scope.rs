@@ -97,6 +97,29 @@ impl<T> Combos<T> {
         }
     }
 
+    /// Every configuration, in no particular order.
+    pub fn for_each(&self, mut f: impl FnMut(&T)) {
+        let values = self
+            .route_service_consumer
+            .values()
+            .flat_map(|by| by.values())
+            .flat_map(|by| by.values())
+            .chain(
+                [&self.route_consumer, &self.service_consumer, &self.route_service]
+                    .into_iter()
+                    .flat_map(|map| map.values().flat_map(|by| by.values())),
+            )
+            .chain(
+                [&self.consumer, &self.route, &self.service]
+                    .into_iter()
+                    .flat_map(|map| map.values()),
+            )
+            .chain(self.global.as_ref());
+        for value in values {
+            f(value);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

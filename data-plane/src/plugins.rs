@@ -1,0 +1,527 @@
+//! The plugin runtime: Kong's bundled plugins run on the data plane with
+//! Kong's phases, priorities and scoping.
+//!
+//! Everything that does not depend on the request is done when a runtime
+//! is built: configurations are parsed into typed handlers, credentials
+//! are indexed by the value a request presents, and each route gets its
+//! [`Chain`]: the plugins that can apply to it, in Kong's priority order,
+//! with the configuration already chosen where no consumer-scoped one
+//! exists. A route without plugins has no chain and pays nothing.
+//!
+//! Phases as Kong runs them (`kong/runloop/plugins_iterator.lua`):
+//! `rewrite` for global plugins only (Kong runs it before routing), then
+//! `access` plugin by plugin in priority order, each configuration looked
+//! up with the consumer known at that moment, so a consumer-scoped
+//! configuration applies to plugins that run after authentication. The
+//! plugins that ran in `access` are the ones whose `response` (Kong's
+//! `header_filter`) and `response_body` (`body_filter`) run, also on an
+//! answer a plugin made itself.
+
+mod auth;
+mod consumers;
+mod traffic;
+mod transform;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gatehouse_model::plugins::scope::{Combos, Scope};
+use gatehouse_model::snapshot::{ConfigSnapshot, Plugin as PluginEntity};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+pub(crate) use consumers::{Consumer, Consumers};
+
+use crate::proxy::ResponseBody;
+
+/// A plugin configuration turned into its handler.
+pub(crate) trait Plugin: Send + Sync {
+    /// What the plugin reads beyond the request head and response head.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+    /// Kong's `rewrite`: runs for global configurations only.
+    fn rewrite(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        Flow::Continue
+    }
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow;
+    /// Kong's `header_filter`, on the upstream's response or on an answer
+    /// a plugin made.
+    fn response(&self, _ctx: &mut Ctx<'_>, _status: StatusCode, _headers: &mut HeaderMap) {}
+    /// Kong's `body_filter` on the whole body; called only when
+    /// [`Needs::response_body`].
+    fn response_body(
+        &self,
+        _ctx: &mut Ctx<'_>,
+        _status: StatusCode,
+        _headers: &mut HeaderMap,
+        _body: &mut Bytes,
+    ) {
+    }
+}
+
+/// What a plugin needs the proxy to read whole before it runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Needs {
+    pub(crate) request_body: bool,
+    pub(crate) response_body: bool,
+}
+
+/// Whether the request goes on or the plugin answered it.
+pub(crate) enum Flow {
+    Continue,
+    Exit(Response<ResponseBody>),
+}
+
+/// The upstream request as plugins see and change it.
+pub(crate) struct PluginRequest<'a> {
+    pub(crate) method: Method,
+    /// The path as the client sent it, without the query.
+    pub(crate) path: &'a str,
+    /// The query string as it goes upstream (plugins may replace it).
+    pub(crate) query: Option<Cow<'a, str>>,
+    /// The headers as they go upstream.
+    pub(crate) headers: HeaderMap,
+    /// The whole body, when a plugin of the chain needs it.
+    pub(crate) body: Option<Bytes>,
+    pub(crate) client_ip: IpAddr,
+    pub(crate) https: bool,
+    /// Replaces the upstream path the route computed (request-transformer's
+    /// `replace.uri`).
+    pub(crate) upstream_path: Option<String>,
+}
+
+impl PluginRequest<'_> {
+    /// The first value of a request header as text.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Decoded query arguments, in order.
+    pub(crate) fn query_args(&self) -> Vec<(String, String)> {
+        self.query.as_deref().map_or_else(Vec::new, |query| {
+            form_urlencoded::parse(query.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+    }
+
+    /// Replaces the query (none when `args` is empty).
+    pub(crate) fn set_query_args<'k>(&mut self, args: impl IntoIterator<Item = (&'k str, &'k str)>) {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        let mut any = false;
+        for (k, v) in args {
+            out.append_pair(k, v);
+            any = true;
+        }
+        self.query = any.then(|| Cow::Owned(out.finish()));
+    }
+
+    pub(crate) fn content_type(&self) -> &str {
+        self.header("content-type").unwrap_or("")
+    }
+}
+
+/// The credential a request authenticated with.
+#[derive(Clone)]
+pub(crate) struct Credential {
+    pub(crate) id: HeaderValue,
+}
+
+/// What one request carries through the phases.
+pub(crate) struct Ctx<'r> {
+    pub(crate) consumers: &'r Consumers,
+    pub(crate) route_id: &'r str,
+    pub(crate) service_id: Option<&'r str>,
+    pub(crate) consumer: Option<Arc<Consumer>>,
+    pub(crate) credential: Option<Credential>,
+    /// The instances that ran `access`, in order.
+    collected: Vec<&'r Instance>,
+    /// Headers a plugin decided on in `access` for the response
+    /// (rate-limiting counters, correlation id, CORS), by the index of
+    /// the plugin in `collected`, set in its `response`.
+    pub(crate) deferred: Vec<(HeaderName, HeaderValue)>,
+    /// proxy-cache: the key and what happened, for `response`.
+    pub(crate) cache: Option<transform::CacheState>,
+}
+
+impl<'r> Ctx<'r> {
+    pub(crate) fn new(plugins: &'r Plugins, chain: &'r Chain) -> Ctx<'r> {
+        Ctx {
+            consumers: &plugins.consumers,
+            route_id: &chain.route_id,
+            service_id: chain.service_id.as_deref(),
+            consumer: None,
+            credential: None,
+            collected: Vec::with_capacity(chain.steps.len()),
+            deferred: Vec::new(),
+            cache: None,
+        }
+    }
+}
+
+/// One configured plugin.
+pub(crate) struct Instance {
+    pub(crate) id: Box<str>,
+    pub(crate) name: Box<str>,
+    priority: i32,
+    /// Bit per protocol ([`Protocol`]).
+    protocols: u8,
+    global: bool,
+    handler: Box<dyn Plugin>,
+}
+
+/// The protocol a request came with, as plugin `protocols` name them.
+#[derive(Clone, Copy)]
+pub(crate) enum Protocol {
+    Http = 1,
+    Https = 2,
+    Grpc = 4,
+    Grpcs = 8,
+}
+
+impl Protocol {
+    pub(crate) fn of(https: bool, grpc: bool) -> Protocol {
+        match (https, grpc) {
+            (false, false) => Protocol::Http,
+            (true, false) => Protocol::Https,
+            (false, true) => Protocol::Grpc,
+            (true, true) => Protocol::Grpcs,
+        }
+    }
+}
+
+fn protocol_bits(protocols: &[String]) -> u8 {
+    protocols
+        .iter()
+        .map(|p| match p.as_str() {
+            "http" => Protocol::Http as u8,
+            "https" => Protocol::Https as u8,
+            "grpc" => Protocol::Grpc as u8,
+            "grpcs" => Protocol::Grpcs as u8,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
+}
+
+/// A plugin of a route's chain.
+enum Step {
+    /// No configuration of this plugin names a consumer: chosen at build.
+    Fixed(Arc<Instance>),
+    /// Looked up when the plugin's turn comes, with the consumer known then.
+    ByConsumer(Arc<Combos<Arc<Instance>>>),
+}
+
+/// The plugins that can run for one route, in priority order.
+pub(crate) struct Chain {
+    route_id: Box<str>,
+    service_id: Option<Box<str>>,
+    steps: Vec<Step>,
+    needs: Needs,
+    has_global: bool,
+}
+
+impl Chain {
+    pub(crate) fn needs(&self) -> Needs {
+        self.needs
+    }
+
+    fn resolve<'c>(&'c self, step: &'c Step, consumer: Option<&str>) -> Option<&'c Instance> {
+        match step {
+            Step::Fixed(instance) => Some(instance),
+            Step::ByConsumer(combos) => combos
+                .lookup(Some(&self.route_id), self.service_id.as_deref(), consumer)
+                .map(|instance| &**instance),
+        }
+    }
+
+    /// Kong's `rewrite` (global plugins) and `access` phases. `Some` is the
+    /// answer a plugin made; [`Chain::response`] has not run on it yet.
+    pub(crate) fn access<'c>(
+        &'c self,
+        req: &mut PluginRequest<'_>,
+        ctx: &mut Ctx<'c>,
+        protocol: Protocol,
+    ) -> Option<Response<ResponseBody>> {
+        let bit = protocol as u8;
+        if self.has_global {
+            for step in &self.steps {
+                let Some(instance) = self.resolve(step, None) else {
+                    continue;
+                };
+                if instance.global && instance.protocols & bit != 0 {
+                    if let Flow::Exit(response) = instance.handler.rewrite(req, ctx) {
+                        return Some(response);
+                    }
+                }
+            }
+        }
+        for step in &self.steps {
+            let consumer = ctx.consumer.as_ref().map(|c| &*c.id);
+            let Some(instance) = self.resolve(step, consumer) else {
+                continue;
+            };
+            if instance.protocols & bit == 0 {
+                continue;
+            }
+            ctx.collected.push(instance);
+            if let Flow::Exit(response) = instance.handler.access(req, ctx) {
+                return Some(response);
+            }
+        }
+        None
+    }
+
+    /// Kong's `header_filter` for the plugins that ran `access`.
+    pub(crate) fn response(&self, ctx: &mut Ctx<'_>, status: StatusCode, headers: &mut HeaderMap) {
+        let collected = std::mem::take(&mut ctx.collected);
+        for instance in &collected {
+            instance.handler.response(ctx, status, headers);
+        }
+        ctx.collected = collected;
+    }
+
+    /// Kong's `body_filter` for the plugins that ran `access`.
+    pub(crate) fn response_body(
+        &self,
+        ctx: &mut Ctx<'_>,
+        status: StatusCode,
+        headers: &mut HeaderMap,
+        body: &mut Bytes,
+    ) {
+        let collected = std::mem::take(&mut ctx.collected);
+        for instance in &collected {
+            instance.handler.response_body(ctx, status, headers, body);
+        }
+        ctx.collected = collected;
+    }
+}
+
+/// State that outlives a runtime: counters and caches keep counting when
+/// the configuration changes.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) rate_limits: traffic::Counters,
+    pub(crate) cache: transform::Store,
+}
+
+/// Every plugin of one config version.
+pub(crate) struct Plugins {
+    pub(crate) consumers: Consumers,
+    /// By the router's `route_idx`.
+    chains: Vec<Option<Chain>>,
+}
+
+impl Plugins {
+    pub(crate) fn chain(&self, route_idx: usize) -> Option<&Chain> {
+        self.chains.get(route_idx).and_then(Option::as_ref)
+    }
+}
+
+/// Why a plugin configuration cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {name} ({id}) has an invalid configuration: {message}")]
+pub struct PluginError {
+    pub name: String,
+    pub id: String,
+    pub message: String,
+}
+
+/// What a handler constructor gets besides its configuration.
+pub(crate) struct BuildContext<'b> {
+    pub(crate) shared: &'b Arc<Shared>,
+    pub(crate) consumers: &'b Consumers,
+    pub(crate) plugin_id: &'b str,
+}
+
+fn handler(
+    name: &str,
+    config: &serde_json::Value,
+    cx: &BuildContext<'_>,
+) -> Option<Result<Box<dyn Plugin>, String>> {
+    fn boxed<P: Plugin + 'static>(result: Result<P, String>) -> Result<Box<dyn Plugin>, String> {
+        result.map(|p| Box::new(p) as Box<dyn Plugin>)
+    }
+    Some(match name {
+        "key-auth" => boxed(auth::KeyAuth::new(config, cx)),
+        "request-termination" => boxed(traffic::RequestTermination::new(config, cx)),
+        _ => return None,
+    })
+}
+
+/// A typed configuration from a plugin's `config` document.
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Result<T, String> {
+    T::deserialize(config).map_err(|e| e.to_string())
+}
+
+/// Builds the plugins of a snapshot: `routes` gives each router index's
+/// route and service ids. `None` when no enabled plugin applies anywhere.
+pub(crate) fn build(
+    snapshot: &ConfigSnapshot,
+    routes: &[(&str, Option<&str>)],
+    shared: &Arc<Shared>,
+) -> Result<Option<Plugins>, PluginError> {
+    let entities: Vec<PluginEntity> = snapshot.typed("plugins").map_err(|e| PluginError {
+        name: "plugins".into(),
+        id: String::new(),
+        message: e.to_string(),
+    })?;
+    if !entities.iter().any(|p| p.enabled) {
+        return Ok(None);
+    }
+    let consumers = Consumers::build(snapshot).map_err(|message| PluginError {
+        name: "consumers".into(),
+        id: String::new(),
+        message,
+    })?;
+    let mut by_name: BTreeMap<String, Combos<Arc<Instance>>> = BTreeMap::new();
+    for entity in entities.iter().filter(|p| p.enabled) {
+        let cx = BuildContext {
+            shared,
+            consumers: &consumers,
+            plugin_id: &entity.id,
+        };
+        let handler = match handler(&entity.name, &entity.config, &cx) {
+            None => {
+                tracing::warn!(
+                    plugin = %entity.name,
+                    id = %entity.id,
+                    "This data plane does not run this plugin yet; it is ignored."
+                );
+                continue;
+            }
+            Some(Err(message)) => {
+                return Err(PluginError {
+                    name: entity.name.clone(),
+                    id: entity.id.clone(),
+                    message,
+                })
+            }
+            Some(Ok(handler)) => handler,
+        };
+        let scope = Scope {
+            route: entity.route.as_ref().map(|r| r.id.as_str().into()),
+            service: entity.service.as_ref().map(|s| s.id.as_str().into()),
+            consumer: entity.consumer.as_ref().map(|c| c.id.as_str().into()),
+        };
+        let global = scope == Scope::default();
+        let instance = Instance {
+            id: entity.id.as_str().into(),
+            name: entity.name.as_str().into(),
+            priority: gatehouse_model::plugins::priority(&entity.name).unwrap_or(0),
+            protocols: protocol_bits(&entity.protocols),
+            global,
+            handler,
+        };
+        by_name
+            .entry(entity.name.clone())
+            .or_default()
+            .insert(scope, Arc::new(instance));
+    }
+    // Kong sorts by priority, highest first; equal priorities by name.
+    let mut ordered: Vec<(i32, String, Arc<Combos<Arc<Instance>>>)> = by_name
+        .into_iter()
+        .map(|(name, combos)| {
+            let priority = gatehouse_model::plugins::priority(&name).unwrap_or(0);
+            (priority, name, Arc::new(combos))
+        })
+        .collect();
+    ordered.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+
+    let chains = routes
+        .iter()
+        .map(|&(route_id, service_id)| {
+            let mut steps = Vec::new();
+            let mut needs = Needs::default();
+            let mut has_global = false;
+            for (_, _, combos) in &ordered {
+                let step = if combos.consumer_scoped() {
+                    // Any consumer could bring a configuration; whether one
+                    // can apply to this route at all is left to the lookup.
+                    Step::ByConsumer(Arc::clone(combos))
+                } else {
+                    match combos.lookup(Some(route_id), service_id, None) {
+                        Some(instance) => Step::Fixed(Arc::clone(instance)),
+                        None => continue,
+                    }
+                };
+                let mut visit = |instance: &Instance| {
+                    let n = instance.handler.needs();
+                    needs.request_body |= n.request_body;
+                    needs.response_body |= n.response_body;
+                    has_global |= instance.global;
+                };
+                match &step {
+                    Step::Fixed(instance) => visit(instance),
+                    Step::ByConsumer(combos) => combos.for_each(|i| visit(i)),
+                }
+                steps.push(step);
+            }
+            (!steps.is_empty()).then(|| Chain {
+                route_id: route_id.into(),
+                service_id: service_id.map(Into::into),
+                steps,
+                needs,
+                has_global,
+            })
+        })
+        .collect();
+    Ok(Some(Plugins { consumers, chains }))
+}
+
+/// The JSON answer Kong's `kong.response.error` / `exit` make:
+/// `{"message": …}` with Kong's content type.
+pub(crate) fn exit_message(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let body = serde_json::json!({ "message": message }).to_string();
+    exit_raw(status, "application/json; charset=utf-8", Bytes::from(body))
+}
+
+/// An answer with the given body and content type.
+pub(crate) fn exit_raw(status: StatusCode, content_type: &str, body: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Kong's `X-Consumer-*`, `X-Credential-Identifier` and
+/// `X-Anonymous-Consumer` headers (`set_consumer` in each auth plugin's
+/// handler), and the request's authenticated consumer.
+pub(crate) fn set_consumer(
+    req: &mut PluginRequest<'_>,
+    ctx: &mut Ctx<'_>,
+    consumer: Option<Arc<Consumer>>,
+    credential: Option<Credential>,
+) {
+    const ID: HeaderName = HeaderName::from_static("x-consumer-id");
+    const CUSTOM_ID: HeaderName = HeaderName::from_static("x-consumer-custom-id");
+    const USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+    const CREDENTIAL: HeaderName = HeaderName::from_static("x-credential-identifier");
+    const ANONYMOUS: HeaderName = HeaderName::from_static("x-anonymous-consumer");
+    let headers = &mut req.headers;
+    let mut set = |name: HeaderName, value: Option<HeaderValue>| match value {
+        Some(value) => {
+            headers.insert(name, value);
+        }
+        None => {
+            headers.remove(name);
+        }
+    };
+    set(ID, consumer.as_ref().map(|c| c.id_value.clone()));
+    set(CUSTOM_ID, consumer.as_ref().and_then(|c| c.custom_id_value.clone()));
+    set(USERNAME, consumer.as_ref().and_then(|c| c.username_value.clone()));
+    set(CREDENTIAL, credential.as_ref().map(|c| c.id.clone()));
+    set(
+        ANONYMOUS,
+        credential.is_none().then(|| HeaderValue::from_static("true")),
+    );
+    ctx.consumer = consumer;
+    ctx.credential = credential;
+}
+
