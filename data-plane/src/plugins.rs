@@ -141,10 +141,11 @@ pub(crate) struct Ctx<'r> {
     pub(crate) credential: Option<Credential>,
     /// The instances that ran `access`, in order.
     collected: Vec<&'r Instance>,
-    /// Headers a plugin decided on in `access` for the response
-    /// (rate-limiting counters, correlation id, CORS), by the index of
-    /// the plugin in `collected`, set in its `response`.
-    pub(crate) deferred: Vec<(HeaderName, HeaderValue)>,
+    /// rate-limiting's headers for the response, decided in `access`.
+    pub(crate) rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
+    /// cors: response headers to set (`None` removes), decided in `access`
+    /// from the request's Origin.
+    pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
     /// proxy-cache: the key and what happened, for `response`.
     pub(crate) cache: Option<transform::CacheState>,
 }
@@ -158,7 +159,8 @@ impl<'r> Ctx<'r> {
             consumer: None,
             credential: None,
             collected: Vec::with_capacity(chain.steps.len()),
-            deferred: Vec::new(),
+            rate_limit_headers: Vec::new(),
+            cors_headers: None,
             cache: None,
         }
     }
@@ -349,6 +351,11 @@ fn handler(
     Some(match name {
         "key-auth" => boxed(auth::KeyAuth::new(config, cx)),
         "request-termination" => boxed(traffic::RequestTermination::new(config, cx)),
+        "rate-limiting" => boxed(traffic::RateLimiting::new(config, cx)),
+        "request-size-limiting" => boxed(traffic::RequestSizeLimiting::new(config, cx)),
+        "ip-restriction" => boxed(traffic::IpRestriction::new(config, cx)),
+        "cors" => boxed(traffic::Cors::new(config, cx)),
+        "bot-detection" => boxed(traffic::BotDetection::new(config, cx)),
         _ => return None,
     })
 }

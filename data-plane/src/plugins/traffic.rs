@@ -2,16 +2,874 @@
 //! `request-size-limiting`, `ip-restriction`, `bot-detection`, `cors`),
 //! and `request-termination`.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use ipnet::IpNet;
+use regex::{Regex, RegexSet};
 use serde::Deserialize;
 
 use super::{exit_message, exit_raw, typed, BuildContext, Ctx, Flow, Plugin, PluginRequest};
 use crate::proxy::ResponseBody;
 
-/// Rate-limiting counters shared by runtimes (local policy).
-#[derive(Default)]
-pub(crate) struct Counters {}
+// ---------------------------------------------------------------------------
+// rate-limiting
+
+/// Rate-limiting counters (local policy), shared by runtimes so that a
+/// configuration change does not reset them. Sharded: a request holds one
+/// shard's lock for a hash lookup and an add.
+pub(crate) struct Counters {
+    shards: Box<[Mutex<HashMap<CounterKey, Window>>]>,
+}
+
+const SHARDS: usize = 64;
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CounterKey {
+    plugin: Arc<str>,
+    identifier: Box<str>,
+    period: Period,
+}
+
+/// One period's window: its start and the requests counted in it.
+#[derive(Clone, Copy)]
+struct Window {
+    start_ms: i64,
+    count: u64,
+}
+
+impl Counters {
+    fn shard(&self, key: &CounterKey) -> &Mutex<HashMap<CounterKey, Window>> {
+        // FNV-1a over the identifier: only spreads contention over shards.
+        let hash = key
+            .identifier
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        &self.shards[(hash % SHARDS as u64) as usize]
+    }
+
+    /// The count in the window starting at `start_ms`.
+    fn usage(&self, key: &CounterKey, start_ms: i64) -> u64 {
+        let shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        match shard.get(key) {
+            Some(window) if window.start_ms == start_ms => window.count,
+            _ => 0,
+        }
+    }
+
+    fn increment(&self, key: CounterKey, start_ms: i64) {
+        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        let window = shard.entry(key).or_insert(Window { start_ms, count: 0 });
+        if window.start_ms != start_ms {
+            *window = Window { start_ms, count: 0 };
+        }
+        window.count += 1;
+        let fresh = window.count == 1;
+        // Windows of identifiers that stopped coming are dropped now and
+        // then, so the map does not grow with every client ever seen.
+        if fresh && shard.len() > 4096 {
+            let now = start_ms;
+            shard.retain(|k, w| now - w.start_ms < k.period.seconds() * 1000 * 2);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Period {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Month,
+    Year,
+}
+
+impl Period {
+    const ALL: [Period; 6] = [
+        Period::Second,
+        Period::Minute,
+        Period::Hour,
+        Period::Day,
+        Period::Month,
+        Period::Year,
+    ];
+
+    /// Kong's `EXPIRATION` (`kong/plugins/rate-limiting/expiration.lua`).
+    fn seconds(self) -> i64 {
+        match self {
+            Period::Second => 1,
+            Period::Minute => 60,
+            Period::Hour => 3600,
+            Period::Day => 86400,
+            Period::Month => 2_592_000,
+            Period::Year => 31_536_000,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Period::Second => "Second",
+            Period::Minute => "Minute",
+            Period::Hour => "Hour",
+            Period::Day => "Day",
+            Period::Month => "Month",
+            Period::Year => "Year",
+        }
+    }
+
+    /// The start of the UTC window holding `now_ms`, as Kong's
+    /// `timestamp.get_timestamps` computes it.
+    fn start_ms(self, now_ms: i64) -> i64 {
+        let secs = now_ms.div_euclid(1000);
+        let start = match self {
+            Period::Second => secs,
+            Period::Minute => secs - secs.rem_euclid(60),
+            Period::Hour => secs - secs.rem_euclid(3600),
+            Period::Day => secs - secs.rem_euclid(86400),
+            Period::Month | Period::Year => {
+                let days = secs.div_euclid(86400);
+                let (year, month, _) = civil_from_days(days);
+                let month = if self == Period::Year { 1 } else { month };
+                days_from_civil(year, month, 1) * 86400
+            }
+        };
+        start * 1000
+    }
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (proleptic
+/// Gregorian calendar).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = i64::from(month);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[derive(Deserialize)]
+struct RateLimitingConfig {
+    second: Option<f64>,
+    minute: Option<f64>,
+    hour: Option<f64>,
+    day: Option<f64>,
+    month: Option<f64>,
+    year: Option<f64>,
+    limit_by: String,
+    header_name: Option<String>,
+    path: Option<String>,
+    policy: String,
+    hide_client_headers: bool,
+    error_code: f64,
+    error_message: String,
+}
+
+#[derive(Clone, Copy)]
+enum LimitBy {
+    Consumer,
+    Credential,
+    Ip,
+    Service,
+    Header,
+    Path,
+}
+
+/// `rate-limiting` (`kong/plugins/rate-limiting/handler.lua`), local
+/// policy: counters live on this node.
+pub(crate) struct RateLimiting {
+    plugin: Arc<str>,
+    limits: Vec<(Period, u64, HeaderName, HeaderName)>,
+    limit_by: LimitBy,
+    header_name: Option<HeaderName>,
+    path: Option<String>,
+    hide_client_headers: bool,
+    error_status: StatusCode,
+    error_message: String,
+    shared: Arc<super::Shared>,
+}
+
+impl RateLimiting {
+    pub(crate) fn new(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: RateLimitingConfig = typed(config)?;
+        if config.policy != "local" {
+            tracing::warn!(
+                policy = %config.policy,
+                "rate-limiting policy is not available on this data plane yet; counting locally"
+            );
+        }
+        let values = [
+            config.second,
+            config.minute,
+            config.hour,
+            config.day,
+            config.month,
+            config.year,
+        ];
+        let limits = Period::ALL
+            .iter()
+            .zip(values)
+            .filter_map(|(period, limit)| {
+                let limit = limit?;
+                let name = |prefix: &str| {
+                    HeaderName::from_bytes(format!("{prefix}-{}", period.name()).as_bytes())
+                        .map_err(|e| e.to_string())
+                };
+                Some((|| {
+                    Ok((
+                        *period,
+                        limit.max(0.0) as u64,
+                        name("x-ratelimit-limit")?,
+                        name("x-ratelimit-remaining")?,
+                    ))
+                })())
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let limit_by = match config.limit_by.as_str() {
+            "consumer" => LimitBy::Consumer,
+            "credential" => LimitBy::Credential,
+            "service" => LimitBy::Service,
+            "header" => LimitBy::Header,
+            "path" => LimitBy::Path,
+            _ => LimitBy::Ip,
+        };
+        Ok(RateLimiting {
+            plugin: cx.plugin_id.into(),
+            limits,
+            limit_by,
+            header_name: config
+                .header_name
+                .as_deref()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| e.to_string()))
+                .transpose()?,
+            path: config.path,
+            hide_client_headers: config.hide_client_headers,
+            error_status: StatusCode::from_u16(config.error_code as u16).map_err(|e| e.to_string())?,
+            error_message: config.error_message,
+            shared: Arc::clone(cx.shared),
+        })
+    }
+
+    /// Kong's `get_identifier`: falls back to the client address.
+    fn identifier(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> String {
+        let found = match self.limit_by {
+            LimitBy::Service => ctx.service_id.map(str::to_owned),
+            LimitBy::Consumer => ctx
+                .consumer
+                .as_ref()
+                .map(|c| c.id.to_string())
+                .or_else(|| {
+                    ctx.credential
+                        .as_ref()
+                        .and_then(|c| c.id.to_str().ok().map(str::to_owned))
+                }),
+            LimitBy::Credential => ctx
+                .credential
+                .as_ref()
+                .and_then(|c| c.id.to_str().ok().map(str::to_owned)),
+            LimitBy::Header => self
+                .header_name
+                .as_ref()
+                .and_then(|name| req.headers.get(name))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            LimitBy::Path => self.path.as_deref().filter(|p| *p == req.path).map(str::to_owned),
+            LimitBy::Ip => None,
+        };
+        found.unwrap_or_else(|| req.client_ip.to_string())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Plugin for RateLimiting {
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        let now = now_ms();
+        let identifier: Box<str> = self.identifier(req, ctx).into();
+        let counters = &self.shared.rate_limits;
+        let mut stop = None;
+        let mut usage = Vec::with_capacity(self.limits.len());
+        for (index, (period, limit, _, _)) in self.limits.iter().enumerate() {
+            let key = CounterKey {
+                plugin: Arc::clone(&self.plugin),
+                identifier: identifier.clone(),
+                period: *period,
+            };
+            let start = period.start_ms(now);
+            let used = counters.usage(&key, start);
+            let remaining = *limit as i64 - used as i64;
+            if remaining <= 0 {
+                stop = Some(index);
+            }
+            usage.push((key, start, remaining));
+        }
+        let mut headers = Vec::new();
+        let mut reset = 0;
+        if !self.hide_client_headers {
+            // The period reported in RateLimit-*: the fewest remaining,
+            // then the longest window (Kong's choice).
+            let mut best: Option<(i64, i64)> = None;
+            for (index, ((period, limit, limit_name, remaining_name), (_, start, remaining))) in
+                self.limits.iter().zip(&usage).enumerate()
+            {
+                let mut remaining = *remaining;
+                if stop.is_none() || stop == Some(index) {
+                    remaining -= 1;
+                }
+                let remaining = remaining.max(0);
+                let window = period.seconds();
+                let better = match best {
+                    None => true,
+                    Some((best_remaining, best_window)) => {
+                        remaining < best_remaining
+                            || (remaining == best_remaining && window > best_window)
+                    }
+                };
+                if better {
+                    best = Some((remaining, window));
+                    reset = (window - (now - start) / 1000).max(1);
+                    headers.push((RATELIMIT_LIMIT, HeaderValue::from(*limit)));
+                }
+                headers.push((limit_name.clone(), HeaderValue::from(*limit)));
+                headers.push((remaining_name.clone(), HeaderValue::from(remaining)));
+            }
+            if let Some((remaining, _)) = best {
+                // Only the last chosen limit counts: drop earlier picks.
+                let chosen_limit = headers
+                    .iter()
+                    .rev()
+                    .find(|(name, _)| *name == RATELIMIT_LIMIT)
+                    .map(|(_, v)| v.clone());
+                headers.retain(|(name, _)| *name != RATELIMIT_LIMIT);
+                if let Some(limit) = chosen_limit {
+                    headers.push((RATELIMIT_LIMIT, limit));
+                }
+                headers.push((RATELIMIT_REMAINING, HeaderValue::from(remaining)));
+                headers.push((RATELIMIT_RESET, HeaderValue::from(reset)));
+            }
+        }
+        if stop.is_some() {
+            if !self.hide_client_headers {
+                headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
+            }
+            ctx.rate_limit_headers = headers;
+            return Flow::Exit(exit_message(self.error_status, &self.error_message));
+        }
+        ctx.rate_limit_headers = headers;
+        for (key, start, _) in usage {
+            counters.increment(key, start);
+        }
+        Flow::Continue
+    }
+
+    fn response(&self, ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap) {
+        for (name, value) in ctx.rate_limit_headers.drain(..) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+// ---------------------------------------------------------------------------
+// request-size-limiting
+
+#[derive(Deserialize)]
+struct RequestSizeLimitingConfig {
+    allowed_payload_size: f64,
+    size_unit: String,
+    require_content_length: bool,
+}
+
+/// `request-size-limiting` (`kong/plugins/request-size-limiting/handler.lua`).
+pub(crate) struct RequestSizeLimiting {
+    allowed_bytes: f64,
+    require_content_length: bool,
+}
+
+impl RequestSizeLimiting {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: RequestSizeLimitingConfig = typed(config)?;
+        let factor = match config.size_unit.as_str() {
+            "bytes" => 1.0,
+            "kilobytes" => 1024.0,
+            _ => 1_048_576.0,
+        };
+        Ok(RequestSizeLimiting {
+            allowed_bytes: config.allowed_payload_size * factor,
+            require_content_length: config.require_content_length,
+        })
+    }
+
+    fn check(&self, req: &PluginRequest<'_>, length: f64) -> Flow {
+        if length <= self.allowed_bytes {
+            return Flow::Continue;
+        }
+        let expect_continue = req
+            .header("expect")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        let status = if expect_continue {
+            StatusCode::EXPECTATION_FAILED
+        } else {
+            StatusCode::PAYLOAD_TOO_LARGE
+        };
+        Flow::Exit(exit_message(status, "Request size limit exceeded"))
+    }
+}
+
+impl Plugin for RequestSizeLimiting {
+    fn needs(&self) -> super::Needs {
+        // A body without Content-Length (chunked) is measured whole.
+        super::Needs {
+            request_body: false,
+            response_body: false,
+        }
+    }
+
+    fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        if let Some(length) = req.header("content-length").and_then(|v| v.trim().parse::<f64>().ok()) {
+            return self.check(req, length);
+        }
+        let chunked = req
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if self.require_content_length && !chunked {
+            return Flow::Exit(exit_message(
+                StatusCode::LENGTH_REQUIRED,
+                "A valid Content-Length header is required",
+            ));
+        }
+        match &req.body {
+            Some(body) => self.check(req, body.len() as f64),
+            None => Flow::Continue,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ip-restriction
+
+#[derive(Deserialize)]
+struct IpRestrictionConfig {
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    status: Option<f64>,
+    message: Option<String>,
+}
+
+/// `ip-restriction` (`kong/plugins/ip-restriction/handler.lua`).
+pub(crate) struct IpRestriction {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    status: StatusCode,
+    message: Option<String>,
+}
+
+fn parse_nets(list: Option<Vec<String>>) -> Result<Vec<IpNet>, String> {
+    list.unwrap_or_default()
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("invalid ip or cidr range: {entry:?}"))
+        })
+        .collect()
+}
+
+impl IpRestriction {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: IpRestrictionConfig = typed(config)?;
+        Ok(IpRestriction {
+            allow: parse_nets(config.allow)?,
+            deny: parse_nets(config.deny)?,
+            status: match config.status {
+                Some(status) => StatusCode::from_u16(status as u16).map_err(|e| e.to_string())?,
+                None => StatusCode::FORBIDDEN,
+            },
+            message: config.message,
+        })
+    }
+}
+
+impl Plugin for IpRestriction {
+    fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        let ip = req.client_ip;
+        let denied = (!self.deny.is_empty() && self.deny.iter().any(|net| net.contains(&ip)))
+            || (!self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)));
+        if !denied {
+            return Flow::Continue;
+        }
+        let message = match &self.message {
+            Some(message) => message.clone(),
+            None => format!("IP address not allowed: {ip}"),
+        };
+        Flow::Exit(exit_message(self.status, &message))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// bot-detection
+
+/// User agents of crawlers, monitors and HTTP client libraries that
+/// bot-detection refuses by default. Our own list, covering the families
+/// Kong's `rules.lua` does: search engine and social crawlers, uptime
+/// monitors, cloud SDKs and programmatic HTTP clients, and agents that
+/// call themselves a bot, spider, crawler, scraper, indexer or archiver.
+static BOTS: LazyLock<RegexSet> = LazyLock::new(|| {
+    RegexSet::new([
+        r"(?i)(googlebot|adsbot-google|mediapartners-google|apis-google|feedfetcher-google|google-read-aloud|google.*/\+/web/snippet)",
+        r"(?i)(bingbot|bingpreview|msnbot|slurp|duckduckbot|baiduspider|yandex\w*|sogou|exabot|seznambot|naverbot|yeti|ia_archiver|archive\.org_bot)",
+        r"(facebookexternalhit|Twitterbot|LinkedInBot|Slackbot|Slack-ImgProxy|WhatsApp|TelegramBot|Discordbot|Pinterest|redditbot|Applebot|SemrushBot|AhrefsBot|MJ12bot|DotBot|PetalBot|Bytespider)",
+        r"(Pingdom\.com_bot_version_\d+|UptimeRobot|StatusCake|GomezAgent|Catchpoint|YottaaMonitor| PTST/\d)",
+        r"(Boto3?|JetS3t|aws-cli|aws-sdk-[a-z0-9-]+|s3fs)/\d+",
+        r"(Google-HTTP-Java-Client|Apache-HttpClient|Go-http-client|scalaj-http|Python-urllib|HttpMonitor|TLSProber|WinHTTP|JNLP|okhttp|aihttp|reqwest|axios|unirest-(java|python|ruby|nodejs|php|net))",
+        r"(?i)(scrapy|heritrix|nutch|larbin|htdig|masscan|zgrab|webcrawler|wget/)",
+        r"(?i)[a-z0-9_\-!\[\]:]{0,50}(archiver|indexer|scraper|bot|spider|crawl[a-z]{0,50})[/ ]v?\d+",
+        r"(?i)(spider|scrape|crawl)",
+    ])
+    .unwrap_or_else(|_| RegexSet::empty())
+});
+
+#[derive(Deserialize)]
+struct BotDetectionConfig {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+/// `bot-detection` (`kong/plugins/bot-detection/handler.lua`).
+pub(crate) struct BotDetection {
+    allow: Vec<Regex>,
+    deny: Vec<Regex>,
+}
+
+impl BotDetection {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: BotDetectionConfig = typed(config)?;
+        let compile = |list: &[String]| {
+            list.iter()
+                .map(|rule| Regex::new(rule).map_err(|e| format!("invalid rule {rule:?}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(BotDetection {
+            allow: compile(&config.allow)?,
+            deny: compile(&config.deny)?,
+        })
+    }
+}
+
+impl Plugin for BotDetection {
+    fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        let mut agents = req.headers.get_all(http::header::USER_AGENT).iter();
+        let Some(agent) = agents.next() else {
+            return Flow::Continue;
+        };
+        if agents.next().is_some() {
+            return Flow::Exit(exit_message(
+                StatusCode::BAD_REQUEST,
+                "Only one User-Agent header allowed",
+            ));
+        }
+        let agent = String::from_utf8_lossy(agent.as_bytes());
+        let agent = agent.trim();
+        if self.allow.iter().any(|rule| rule.is_match(agent)) {
+            return Flow::Continue;
+        }
+        if self.deny.iter().any(|rule| rule.is_match(agent)) || BOTS.is_match(agent) {
+            return Flow::Exit(exit_message(StatusCode::FORBIDDEN, "Forbidden"));
+        }
+        Flow::Continue
+    }
+}
+
+// ---------------------------------------------------------------------------
+// cors
+
+#[derive(Deserialize)]
+struct CorsConfig {
+    origins: Option<Vec<String>>,
+    headers: Option<Vec<String>>,
+    exposed_headers: Option<Vec<String>>,
+    methods: Option<Vec<String>>,
+    max_age: Option<f64>,
+    credentials: bool,
+    #[serde(default)]
+    private_network: bool,
+    preflight_continue: bool,
+    #[serde(default)]
+    allow_origin_absent: bool,
+}
+
+enum OriginRule {
+    /// Compared with the request origin after normalization.
+    Exact(String),
+    /// A pattern, matched against the origin's host when the entry has
+    /// no `:`, else against the normalized origin.
+    Pattern { regex: Regex, by_host: bool },
+}
+
+/// `cors` (`kong/plugins/cors/handler.lua`).
+pub(crate) struct Cors {
+    config: CorsConfig,
+    /// No origins, or only `*`.
+    allow_all: bool,
+    /// A single plain origin, sent as it is whatever the request says.
+    single: Option<HeaderValue>,
+    rules: Vec<OriginRule>,
+    /// `*` among several origins.
+    has_star: bool,
+    allow_headers: Option<HeaderValue>,
+    allow_methods: HeaderValue,
+    exposed: Option<HeaderValue>,
+}
+
+/// The origin as Kong normalizes it: scheme, host and a non-default port.
+fn normalize_origin(origin: &str) -> (String, String) {
+    let Ok(url) = url_parts(origin) else {
+        return (origin.to_owned(), origin.to_owned());
+    };
+    let (scheme, host, port) = url;
+    let port = match (scheme.as_deref(), port.as_deref()) {
+        (Some("http"), Some("80")) | (Some("https"), Some("443")) => None,
+        (_, port) => port,
+    };
+    let mut domain = String::new();
+    if let Some(scheme) = &scheme {
+        domain.push_str(scheme);
+        domain.push_str("://");
+    }
+    domain.push_str(&host);
+    if let Some(port) = port {
+        domain.push(':');
+        domain.push_str(port);
+    }
+    (domain, host)
+}
+
+/// Scheme, host and port of an origin like `https://example.com:8443`.
+fn url_parts(origin: &str) -> Result<(Option<String>, String, Option<String>), ()> {
+    let (scheme, rest) = match origin.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme.to_ascii_lowercase()), rest),
+        None => return Err(()),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if authority.is_empty() {
+        return Err(());
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') && !port.contains(']') => {
+            (host.to_owned(), Some(port.to_owned()))
+        }
+        _ => (authority.to_owned(), None),
+    };
+    Ok((scheme, host, port))
+}
+
+static PLAIN_ORIGIN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9.:/-]+$").unwrap_or_else(|_| unreachable!()));
+
+impl Cors {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: CorsConfig = typed(config)?;
+        let origins = config.origins.clone().unwrap_or_default();
+        let allow_all = origins.is_empty() || (origins.len() == 1 && origins[0] == "*");
+        let single = (origins.len() == 1 && PLAIN_ORIGIN.is_match(&origins[0]))
+            .then(|| HeaderValue::from_str(&origins[0]).ok())
+            .flatten();
+        let mut rules = Vec::new();
+        let mut has_star = false;
+        for entry in &origins {
+            if entry == "*" {
+                has_star = true;
+                continue;
+            }
+            let by_host = !entry.contains(':');
+            if PLAIN_ORIGIN.is_match(entry) {
+                let (domain, _) = normalize_origin(entry);
+                rules.push(OriginRule::Exact(domain));
+            } else {
+                let mut pattern = entry.trim_start_matches('^').to_owned();
+                if !pattern.ends_with('$') {
+                    pattern.push('$');
+                }
+                // Kong anchors the pattern at the start (`a` option).
+                let regex = Regex::new(&format!("^(?:{pattern})"))
+                    .map_err(|e| format!("invalid origin {entry:?}: {e}"))?;
+                rules.push(OriginRule::Pattern { regex, by_host });
+            }
+        }
+        let join = |list: &Option<Vec<String>>| {
+            list.as_ref()
+                .filter(|l| !l.is_empty())
+                .map(|l| HeaderValue::from_str(&l.join(",")).map_err(|e| e.to_string()))
+                .transpose()
+        };
+        Ok(Cors {
+            allow_headers: join(&config.headers)?,
+            allow_methods: match &config.methods {
+                Some(methods) => HeaderValue::from_str(&methods.join(",")).map_err(|e| e.to_string())?,
+                None => HeaderValue::from_static("GET,HEAD,PUT,PATCH,POST,DELETE,OPTIONS,TRACE,CONNECT"),
+            },
+            exposed: join(&config.exposed_headers)?,
+            allow_all,
+            single,
+            rules,
+            has_star,
+            config,
+        })
+    }
+
+    /// Kong's `configure_origin` and `configure_credentials`: the headers
+    /// to set (a `None` value removes), and whether Vary is added rather
+    /// than set.
+    fn origin_headers(&self, origin: Option<&str>, out: &mut Vec<(HeaderName, Option<HeaderValue>)>) {
+        use http::header::{ACCESS_CONTROL_ALLOW_CREDENTIALS as CREDS, ACCESS_CONTROL_ALLOW_ORIGIN as ALLOW, VARY};
+        let origin = origin.filter(|o| !o.is_empty());
+        let mut allow_all = self.allow_all;
+        if allow_all {
+            out.push((ALLOW, Some(HeaderValue::from_static("*"))));
+        } else {
+            out.push((VARY, Some(HeaderValue::from_static("Origin"))));
+            if let Some(single) = &self.single {
+                out.push((ALLOW, Some(single.clone())));
+            } else if let Some(origin) = origin {
+                if self.has_star {
+                    out.push((ALLOW, Some(HeaderValue::from_static("*"))));
+                    allow_all = true;
+                } else {
+                    let (domain, host) = normalize_origin(origin);
+                    let found = self.rules.iter().any(|rule| match rule {
+                        OriginRule::Exact(exact) => *exact == domain,
+                        OriginRule::Pattern { regex, by_host } => {
+                            regex.is_match(if *by_host { &host } else { &domain })
+                        }
+                    });
+                    out.push((ALLOW, if found { HeaderValue::from_str(&domain).ok() } else { None }));
+                }
+            } else {
+                out.push((ALLOW, None));
+            }
+        }
+        if self.config.credentials {
+            if !allow_all {
+                out.push((CREDS, Some(HeaderValue::from_static("true"))));
+            } else if let Some(origin) = origin.and_then(|o| HeaderValue::from_str(o).ok()) {
+                out.push((VARY, Some(HeaderValue::from_static("Origin"))));
+                out.push((ALLOW, Some(origin)));
+                out.push((CREDS, Some(HeaderValue::from_static("true"))));
+            }
+        }
+    }
+}
+
+fn apply(headers: &mut HeaderMap, ops: Vec<(HeaderName, Option<HeaderValue>)>, add_vary: bool) {
+    for (name, value) in ops {
+        match value {
+            Some(value) if add_vary && name == http::header::VARY => {
+                headers.append(name, value);
+            }
+            Some(value) => {
+                headers.insert(name, value);
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+impl Plugin for Cors {
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        use http::header::{
+            ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_MAX_AGE,
+            ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
+        };
+        let origin = req.header("origin").filter(|o| !o.is_empty()).map(str::to_owned);
+        let preflight = req.method == Method::OPTIONS
+            && origin.is_some()
+            && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+        if !preflight {
+            // header_filter's work depends only on the request: decided now.
+            if origin.is_some() || self.config.allow_origin_absent {
+                let mut ops = Vec::new();
+                self.origin_headers(req.headers.get(ORIGIN).and_then(|v| v.to_str().ok()), &mut ops);
+                if let Some(exposed) = &self.exposed {
+                    ops.push((http::header::ACCESS_CONTROL_EXPOSE_HEADERS, Some(exposed.clone())));
+                }
+                ctx.cors_headers = Some(ops);
+            }
+            return Flow::Continue;
+        }
+        if self.config.preflight_continue {
+            return Flow::Continue;
+        }
+        let mut ops = Vec::new();
+        self.origin_headers(origin.as_deref(), &mut ops);
+        let allow_headers = match &self.allow_headers {
+            Some(value) => Some(value.clone()),
+            None => req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned(),
+        };
+        ops.push((ACCESS_CONTROL_ALLOW_HEADERS, allow_headers));
+        ops.push((ACCESS_CONTROL_ALLOW_METHODS, Some(self.allow_methods.clone())));
+        if let Some(max_age) = self.config.max_age {
+            ops.push((ACCESS_CONTROL_MAX_AGE, Some(HeaderValue::from(max_age as i64))));
+        }
+        if self.config.private_network
+            && req.header("access-control-request-private-network") == Some("true")
+        {
+            ops.push((
+                HeaderName::from_static("access-control-allow-private-network"),
+                Some(HeaderValue::from_static("true")),
+            ));
+        }
+        let mut response = exit_raw(StatusCode::OK, "", Bytes::new());
+        response.headers_mut().remove(http::header::CONTENT_TYPE);
+        apply(response.headers_mut(), ops, false);
+        Flow::Exit(response)
+    }
+
+    fn response(&self, ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap) {
+        if let Some(ops) = ctx.cors_headers.take() {
+            apply(headers, ops, true);
+        }
+    }
+}
 
 #[derive(Deserialize)]
 struct RequestTerminationConfig {
