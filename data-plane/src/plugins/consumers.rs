@@ -85,7 +85,10 @@ impl Consumers {
         let acls: Vec<CredentialDoc> = snapshot.typed("acls").map_err(|e| e.to_string())?;
         for acl in acls {
             if let Some(group) = acl.group {
-                groups.entry(acl.consumer.id).or_default().push(group.into());
+                groups
+                    .entry(acl.consumer.id)
+                    .or_default()
+                    .push(group.into());
             }
         }
         let mut out = Consumers::default();
@@ -109,41 +112,87 @@ impl Consumers {
                 groups_value,
             });
             if let Some(username) = &consumer.username {
-                out.by_username.insert(username.clone(), Arc::clone(&consumer));
+                out.by_username
+                    .insert(username.clone(), Arc::clone(&consumer));
             }
             out.by_id.insert(consumer.id.clone(), consumer);
         }
-        let owner = |out: &Consumers, doc: &CredentialDoc| -> Option<(HeaderValue, Arc<Consumer>)> {
-            let consumer = out.by_id.get(doc.consumer.id.as_str())?;
-            Some((value(&doc.id).ok()?, Arc::clone(consumer)))
-        };
-        for doc in snapshot.typed::<CredentialDoc>("keyauth_credentials").map_err(|e| e.to_string())? {
+        let owner =
+            |out: &Consumers, doc: &CredentialDoc| -> Option<(HeaderValue, Arc<Consumer>)> {
+                let consumer = out.by_id.get(doc.consumer.id.as_str())?;
+                Some((value(&doc.id).ok()?, Arc::clone(consumer)))
+            };
+        for doc in snapshot
+            .typed::<CredentialDoc>("keyauth_credentials")
+            .map_err(|e| e.to_string())?
+        {
             if let (Some((id, consumer)), Some(key)) = (owner(&out, &doc), doc.key.as_deref()) {
-                out.keys.insert(key.into(), Owned { id, consumer, secret: () });
+                out.keys.insert(
+                    key.into(),
+                    Owned {
+                        id,
+                        consumer,
+                        secret: (),
+                    },
+                );
             }
         }
-        for doc in snapshot.typed::<CredentialDoc>("basicauth_credentials").map_err(|e| e.to_string())? {
-            if let (Some((id, consumer)), Some(username), Some(password)) =
-                (owner(&out, &doc), doc.username.as_deref(), doc.password.as_deref())
-            {
-                out.basic.insert(username.into(), Owned { id, consumer, secret: password.into() });
+        for doc in snapshot
+            .typed::<CredentialDoc>("basicauth_credentials")
+            .map_err(|e| e.to_string())?
+        {
+            if let (Some((id, consumer)), Some(username), Some(password)) = (
+                owner(&out, &doc),
+                doc.username.as_deref(),
+                doc.password.as_deref(),
+            ) {
+                out.basic.insert(
+                    username.into(),
+                    Owned {
+                        id,
+                        consumer,
+                        secret: password.into(),
+                    },
+                );
             }
         }
-        for doc in snapshot.typed::<CredentialDoc>("jwt_secrets").map_err(|e| e.to_string())? {
+        for doc in snapshot
+            .typed::<CredentialDoc>("jwt_secrets")
+            .map_err(|e| e.to_string())?
+        {
             if let (Some((id, consumer)), Some(key)) = (owner(&out, &doc), doc.key.as_deref()) {
                 let secret = JwtSecret {
                     algorithm: doc.algorithm.as_deref().unwrap_or("HS256").into(),
                     secret: doc.secret.as_deref().map(Into::into),
                     rsa_public_key: doc.rsa_public_key.as_deref().map(Into::into),
                 };
-                out.jwt.insert(key.into(), Owned { id, consumer, secret });
+                out.jwt.insert(
+                    key.into(),
+                    Owned {
+                        id,
+                        consumer,
+                        secret,
+                    },
+                );
             }
         }
-        for doc in snapshot.typed::<CredentialDoc>("hmacauth_credentials").map_err(|e| e.to_string())? {
-            if let (Some((id, consumer)), Some(username), Some(secret)) =
-                (owner(&out, &doc), doc.username.as_deref(), doc.secret.as_deref())
-            {
-                out.hmac.insert(username.into(), Owned { id, consumer, secret: secret.into() });
+        for doc in snapshot
+            .typed::<CredentialDoc>("hmacauth_credentials")
+            .map_err(|e| e.to_string())?
+        {
+            if let (Some((id, consumer)), Some(username), Some(secret)) = (
+                owner(&out, &doc),
+                doc.username.as_deref(),
+                doc.secret.as_deref(),
+            ) {
+                out.hmac.insert(
+                    username.into(),
+                    Owned {
+                        id,
+                        consumer,
+                        secret: secret.into(),
+                    },
+                );
             }
         }
         Ok(out)

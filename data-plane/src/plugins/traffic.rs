@@ -56,7 +56,9 @@ impl Counters {
         let hash = key
             .identifier
             .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
         &self.shards[(hash % SHARDS as u64) as usize]
     }
 
@@ -271,7 +273,8 @@ impl RateLimiting {
                 .transpose()?,
             path: config.path,
             hide_client_headers: config.hide_client_headers,
-            error_status: StatusCode::from_u16(config.error_code as u16).map_err(|e| e.to_string())?,
+            error_status: StatusCode::from_u16(config.error_code as u16)
+                .map_err(|e| e.to_string())?,
             error_message: config.error_message,
             shared: Arc::clone(cx.shared),
         })
@@ -281,15 +284,11 @@ impl RateLimiting {
     fn identifier(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> String {
         let found = match self.limit_by {
             LimitBy::Service => ctx.service_id.map(str::to_owned),
-            LimitBy::Consumer => ctx
-                .consumer
-                .as_ref()
-                .map(|c| c.id.to_string())
-                .or_else(|| {
-                    ctx.credential
-                        .as_ref()
-                        .and_then(|c| c.id.to_str().ok().map(str::to_owned))
-                }),
+            LimitBy::Consumer => ctx.consumer.as_ref().map(|c| c.id.to_string()).or_else(|| {
+                ctx.credential
+                    .as_ref()
+                    .and_then(|c| c.id.to_str().ok().map(str::to_owned))
+            }),
             LimitBy::Credential => ctx
                 .credential
                 .as_ref()
@@ -300,7 +299,11 @@ impl RateLimiting {
                 .and_then(|name| req.headers.get(name))
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            LimitBy::Path => self.path.as_deref().filter(|p| *p == req.path).map(str::to_owned),
+            LimitBy::Path => self
+                .path
+                .as_deref()
+                .filter(|p| *p == req.path)
+                .map(str::to_owned),
             LimitBy::Ip => None,
         };
         found.unwrap_or_else(|| req.client_ip.to_string())
@@ -460,7 +463,10 @@ impl Plugin for RequestSizeLimiting {
     }
 
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        if let Some(length) = req.header("content-length").and_then(|v| v.trim().parse::<f64>().ok()) {
+        if let Some(length) = req
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
             return self.check(req, length);
         }
         let chunked = req
@@ -688,12 +694,16 @@ fn url_parts(origin: &str) -> Result<(Option<String>, String, Option<String>), (
         None => return Err(()),
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     if authority.is_empty() {
         return Err(());
     }
     let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') && !port.contains(']') => {
+        Some((host, port))
+            if !host.ends_with(']') || authority.starts_with('[') && !port.contains(']') =>
+        {
             (host.to_owned(), Some(port.to_owned()))
         }
         _ => (authority.to_owned(), None),
@@ -743,8 +753,12 @@ impl Cors {
         Ok(Cors {
             allow_headers: join(&config.headers)?,
             allow_methods: match &config.methods {
-                Some(methods) => HeaderValue::from_str(&methods.join(",")).map_err(|e| e.to_string())?,
-                None => HeaderValue::from_static("GET,HEAD,PUT,PATCH,POST,DELETE,OPTIONS,TRACE,CONNECT"),
+                Some(methods) => {
+                    HeaderValue::from_str(&methods.join(",")).map_err(|e| e.to_string())?
+                }
+                None => {
+                    HeaderValue::from_static("GET,HEAD,PUT,PATCH,POST,DELETE,OPTIONS,TRACE,CONNECT")
+                }
             },
             exposed: join(&config.exposed_headers)?,
             allow_all,
@@ -758,8 +772,14 @@ impl Cors {
     /// Kong's `configure_origin` and `configure_credentials`: the headers
     /// to set (a `None` value removes), and whether Vary is added rather
     /// than set.
-    fn origin_headers(&self, origin: Option<&str>, out: &mut Vec<(HeaderName, Option<HeaderValue>)>) {
-        use http::header::{ACCESS_CONTROL_ALLOW_CREDENTIALS as CREDS, ACCESS_CONTROL_ALLOW_ORIGIN as ALLOW, VARY};
+    fn origin_headers(
+        &self,
+        origin: Option<&str>,
+        out: &mut Vec<(HeaderName, Option<HeaderValue>)>,
+    ) {
+        use http::header::{
+            ACCESS_CONTROL_ALLOW_CREDENTIALS as CREDS, ACCESS_CONTROL_ALLOW_ORIGIN as ALLOW, VARY,
+        };
         let origin = origin.filter(|o| !o.is_empty());
         let mut allow_all = self.allow_all;
         if allow_all {
@@ -780,7 +800,14 @@ impl Cors {
                             regex.is_match(if *by_host { &host } else { &domain })
                         }
                     });
-                    out.push((ALLOW, if found { HeaderValue::from_str(&domain).ok() } else { None }));
+                    out.push((
+                        ALLOW,
+                        if found {
+                            HeaderValue::from_str(&domain).ok()
+                        } else {
+                            None
+                        },
+                    ));
                 }
             } else {
                 out.push((ALLOW, None));
@@ -820,7 +847,10 @@ impl Plugin for Cors {
             ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_MAX_AGE,
             ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
         };
-        let origin = req.header("origin").filter(|o| !o.is_empty()).map(str::to_owned);
+        let origin = req
+            .header("origin")
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned);
         let preflight = req.method == Method::OPTIONS
             && origin.is_some()
             && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
@@ -828,9 +858,15 @@ impl Plugin for Cors {
             // header_filter's work depends only on the request: decided now.
             if origin.is_some() || self.config.allow_origin_absent {
                 let mut ops = Vec::new();
-                self.origin_headers(req.headers.get(ORIGIN).and_then(|v| v.to_str().ok()), &mut ops);
+                self.origin_headers(
+                    req.headers.get(ORIGIN).and_then(|v| v.to_str().ok()),
+                    &mut ops,
+                );
                 if let Some(exposed) = &self.exposed {
-                    ops.push((http::header::ACCESS_CONTROL_EXPOSE_HEADERS, Some(exposed.clone())));
+                    ops.push((
+                        http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                        Some(exposed.clone()),
+                    ));
                 }
                 ctx.cors_headers = Some(ops);
             }
@@ -846,9 +882,15 @@ impl Plugin for Cors {
             None => req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned(),
         };
         ops.push((ACCESS_CONTROL_ALLOW_HEADERS, allow_headers));
-        ops.push((ACCESS_CONTROL_ALLOW_METHODS, Some(self.allow_methods.clone())));
+        ops.push((
+            ACCESS_CONTROL_ALLOW_METHODS,
+            Some(self.allow_methods.clone()),
+        ));
         if let Some(max_age) = self.config.max_age {
-            ops.push((ACCESS_CONTROL_MAX_AGE, Some(HeaderValue::from(max_age as i64))));
+            ops.push((
+                ACCESS_CONTROL_MAX_AGE,
+                Some(HeaderValue::from(max_age as i64)),
+            ));
         }
         if self.config.private_network
             && req.header("access-control-request-private-network") == Some("true")
@@ -916,7 +958,8 @@ impl RequestTermination {
     fn echo(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> Response<ResponseBody> {
         let mut headers = serde_json::Map::new();
         for (name, value) in &req.headers {
-            let value = serde_json::Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
+            let value =
+                serde_json::Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
             match headers.get_mut(name.as_str()) {
                 Some(serde_json::Value::Array(list)) => list.push(value),
                 Some(first) => {
@@ -967,10 +1010,22 @@ impl Plugin for RequestTermination {
             return Flow::Exit(self.echo(req, ctx));
         }
         if let Some(body) = &self.config.body {
-            let content_type = self.config.content_type.as_deref().unwrap_or("application/json; charset=utf-8");
-            return Flow::Exit(exit_raw(self.status, content_type, Bytes::from(body.clone())));
+            let content_type = self
+                .config
+                .content_type
+                .as_deref()
+                .unwrap_or("application/json; charset=utf-8");
+            return Flow::Exit(exit_raw(
+                self.status,
+                content_type,
+                Bytes::from(body.clone()),
+            ));
         }
-        let message = self.config.message.as_deref().or(Self::default_message(self.status));
+        let message = self
+            .config
+            .message
+            .as_deref()
+            .or(Self::default_message(self.status));
         Flow::Exit(match message {
             Some(message) => exit_message(self.status, message),
             None => exit_raw(self.status, "", Bytes::new()),

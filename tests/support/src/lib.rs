@@ -470,12 +470,12 @@ pub fn serve_echo<S: Read + Write>(stream: S) {
                 headers.insert(k, serde_json::Value::String(v));
             }
         }
-        let Some((body_len, body_sum)) = read_body(&mut reader, content_length, chunked) else {
+        let Some(seen) = read_body(&mut reader, content_length, chunked) else {
             return;
         };
         let doc = serde_json::json!({
-            "method": method, "path": path, "headers": headers, "body_len": body_len,
-            "body_sum": body_sum,
+            "method": method, "path": path, "headers": headers, "body_len": seen.len,
+            "body_sum": seen.sum, "body": String::from_utf8_lossy(&seen.head),
         });
         let out = doc.to_string();
         let resp = format!(
@@ -494,16 +494,12 @@ pub fn serve_echo<S: Read + Write>(stream: S) {
     }
 }
 
-/// Reads a body without keeping it: its length and byte sum.
-fn read_body<R: BufRead>(
-    reader: &mut R,
-    content_length: usize,
-    chunked: bool,
-) -> Option<(u64, u64)> {
+/// Reads a body, keeping only its length, byte sum and first 64 KiB.
+fn read_body<R: BufRead>(reader: &mut R, content_length: usize, chunked: bool) -> Option<BodySeen> {
     let mut seen = BodySeen::default();
     if !chunked {
         seen.discard(reader, content_length)?;
-        return Some((seen.len, seen.sum));
+        return Some(seen);
     }
     loop {
         let mut size_line = String::new();
@@ -515,7 +511,7 @@ fn read_body<R: BufRead>(
                 let mut trailer = String::new();
                 reader.read_line(&mut trailer).ok()?;
                 if trailer.trim_end().is_empty() {
-                    return Some((seen.len, seen.sum));
+                    return Some(seen);
                 }
             }
         }
@@ -529,7 +525,11 @@ fn read_body<R: BufRead>(
 struct BodySeen {
     len: u64,
     sum: u64,
+    /// The first bytes, for tests that check what arrived.
+    head: Vec<u8>,
 }
+
+const BODY_KEPT: usize = 64 * 1024;
 
 impl BodySeen {
     fn discard<R: Read>(&mut self, reader: &mut R, mut n: usize) -> Option<()> {
@@ -539,6 +539,8 @@ impl BodySeen {
             reader.read_exact(&mut buf[..want]).ok()?;
             self.len += want as u64;
             self.sum += buf[..want].iter().map(|b| u64::from(*b)).sum::<u64>();
+            let room = BODY_KEPT.saturating_sub(self.head.len()).min(want);
+            self.head.extend_from_slice(&buf[..room]);
             n -= want;
         }
         Some(())

@@ -1,0 +1,619 @@
+//! Plugins through a real proxy and a real upstream: Kong's statuses,
+//! headers and bodies, and Kong's scoping precedence.
+
+use gatehouse_test_support::{EchoUpstream, Gatehouse};
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+
+use crate::{client, BIN};
+
+/// A standalone gateway in front of an echo upstream, with an Admin API
+/// helper that insists on success.
+pub(crate) struct Setup {
+    pub(crate) g: Gatehouse,
+    pub(crate) up: EchoUpstream,
+    pub(crate) c: reqwest::Client,
+    sentinels: usize,
+}
+
+/// What the proxy answered.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
+}
+
+impl Answer {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A request header as the echo upstream saw it.
+    pub(crate) fn upstream_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name].as_str().map(str::to_owned)
+    }
+}
+
+impl Setup {
+    pub(crate) fn start() -> Setup {
+        Setup {
+            up: EchoUpstream::start(),
+            g: Gatehouse::start(BIN, &[]),
+            c: client(),
+            sentinels: 0,
+        }
+    }
+
+    pub(crate) async fn admin(&self, method: &str, path: &str, body: Value) -> Value {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let r = self
+            .c
+            .request(method, format!("{}{path}", self.g.admin))
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        let status = r.status();
+        let text = r.text().await.expect("admin body");
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Value {
+        self.admin("POST", path, body).await
+    }
+
+    /// A service pointing at the echo upstream, with one route on `paths`.
+    pub(crate) async fn service_route(&self, name: &str, paths: &[&str]) -> (String, String) {
+        let s = self
+            .post(
+                "/services",
+                json!({"name": name, "url": format!("http://{}", self.up.addr)}),
+            )
+            .await;
+        let r = self
+            .post(
+                &format!("/services/{name}/routes"),
+                json!({"name": name, "paths": paths}),
+            )
+            .await;
+        (
+            s["id"].as_str().expect("id").to_owned(),
+            r["id"].as_str().expect("id").to_owned(),
+        )
+    }
+
+    /// Waits until everything configured so far is in the proxy: a new
+    /// route created last answers.
+    pub(crate) async fn synced(&mut self) {
+        self.sentinels += 1;
+        let path = format!("/sentinel-{}", self.sentinels);
+        let name = format!("sentinel-{}", self.sentinels);
+        self.service_route(&name, &[&path]).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let r = self.get(&path, &[]).await;
+            if r.status != 404 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "configuration never reached the proxy:\n{}",
+                self.g.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &str)>,
+    ) -> Answer {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.c.request(method, format!("{}{path}", self.g.proxy));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some((content_type, body)) = body {
+            request = request
+                .header("content-type", content_type)
+                .body(body.to_owned());
+        }
+        let r = request.send().await.expect("proxy request");
+        Answer {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            body: r.text().await.expect("proxy body"),
+        }
+    }
+
+    pub(crate) async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send("GET", path, headers, None).await
+    }
+}
+
+#[tokio::test]
+async fn key_auth_reads_header_query_and_body_hides_keys_and_falls_back_to_anonymous() {
+    let mut s = Setup::start();
+    s.service_route("ka", &["/ka"]).await;
+    s.service_route("hidden", &["/hidden"]).await;
+    s.service_route("anon", &["/anon"]).await;
+    let alice = s
+        .post(
+            "/consumers",
+            json!({"username": "alice", "custom_id": "a-1"}),
+        )
+        .await;
+    let cred = s
+        .post("/consumers/alice/key-auth", json!({"key": "alice-key"}))
+        .await;
+    s.post("/consumers", json!({"username": "nobody"})).await;
+    s.post(
+        "/routes/ka/plugins",
+        json!({"name": "key-auth", "config": {"key_names": ["apikey", "x_api_key"]}}),
+    )
+    .await;
+    s.post(
+        "/routes/hidden/plugins",
+        json!({"name": "key-auth", "config": {"hide_credentials": true, "key_in_body": true}}),
+    )
+    .await;
+    s.post(
+        "/routes/anon/plugins",
+        json!({"name": "key-auth", "config": {"anonymous": "nobody"}}),
+    )
+    .await;
+    s.synced().await;
+
+    let missing = s.get("/ka", &[]).await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(
+        missing.json(),
+        json!({"message": "No API key found in request"})
+    );
+    assert_eq!(missing.header("www-authenticate"), Some("Key"));
+
+    let wrong = s.get("/ka", &[("apikey", "nope")]).await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json(), json!({"message": "Unauthorized"}));
+
+    // In a header; `_` in a key name matches `-` in the header, as nginx reads it.
+    for headers in [[("apikey", "alice-key")], [("x-api-key", "alice-key")]] {
+        let ok = s.get("/ka", &headers).await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        assert_eq!(
+            ok.upstream_header("x-consumer-username").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            ok.upstream_header("x-consumer-id").as_deref(),
+            alice["id"].as_str()
+        );
+        assert_eq!(
+            ok.upstream_header("x-consumer-custom-id").as_deref(),
+            Some("a-1")
+        );
+        assert_eq!(
+            ok.upstream_header("x-credential-identifier").as_deref(),
+            cred["id"].as_str()
+        );
+        assert_eq!(ok.upstream_header("x-anonymous-consumer"), None);
+        assert_eq!(
+            ok.upstream_header("apikey").is_some(),
+            headers[0].0 == "apikey",
+            "not hidden"
+        );
+    }
+    // In the query.
+    let ok = s.get("/ka?apikey=alice-key&x=1", &[]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["path"], "/?apikey=alice-key&x=1");
+    // Two keys are refused.
+    let dup = s.get("/ka?apikey=alice-key&apikey=alice-key", &[]).await;
+    assert_eq!(dup.status, 401);
+    assert_eq!(dup.json(), json!({"message": "Duplicate API key found"}));
+
+    // hide_credentials: gone from the query (the other arguments keep their
+    // order and encoding), from the header and from the body.
+    let ok = s.get("/hidden?b=2&apikey=alice-key&a=%2F", &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["path"], "/?b=2&a=%2F");
+    let ok = s.get("/hidden", &[("apikey", "alice-key")]).await;
+    assert_eq!(ok.upstream_header("apikey"), None);
+    let ok = s
+        .send(
+            "POST",
+            "/hidden",
+            &[],
+            Some((
+                "application/x-www-form-urlencoded",
+                "apikey=alice-key&keep=1",
+            )),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["body"], "keep=1");
+    assert_eq!(ok.upstream_header("content-length").as_deref(), Some("6"));
+    let ok = s
+        .send(
+            "POST",
+            "/hidden",
+            &[],
+            Some(("application/json", r#"{"apikey":"alice-key","n":1}"#)),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["body"], r#"{"n":1}"#);
+
+    // anonymous: failures become the anonymous consumer; a key still wins.
+    let anon = s.get("/anon", &[]).await;
+    assert_eq!(anon.status, 200);
+    assert_eq!(
+        anon.upstream_header("x-consumer-username").as_deref(),
+        Some("nobody")
+    );
+    assert_eq!(
+        anon.upstream_header("x-anonymous-consumer").as_deref(),
+        Some("true")
+    );
+    let known = s
+        .get(
+            "/anon",
+            &[("apikey", "alice-key"), ("x-anonymous-consumer", "true")],
+        )
+        .await;
+    assert_eq!(
+        known.upstream_header("x-consumer-username").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        known.upstream_header("x-anonymous-consumer"),
+        None,
+        "client's header cleared"
+    );
+}
+
+#[tokio::test]
+async fn scoping_follows_kongs_precedence() {
+    let mut s = Setup::start();
+    let (svc_a, route_a1) = s.service_route("a", &["/a1"]).await;
+    s.post(
+        "/services/a/routes",
+        json!({"name": "a2", "paths": ["/a2"]}),
+    )
+    .await;
+    s.service_route("b", &["/b"]).await;
+    let bob = s.post("/consumers", json!({"username": "bob"})).await;
+    s.post("/consumers/bob/key-auth", json!({"key": "bob-key"}))
+        .await;
+    s.post("/consumers", json!({"username": "carol"})).await;
+    s.post("/consumers/carol/key-auth", json!({"key": "carol-key"}))
+        .await;
+    // Identify consumers everywhere; anonymous requests pass.
+    s.post("/consumers", json!({"username": "anon"})).await;
+    s.post(
+        "/plugins",
+        json!({"name": "key-auth", "config": {"anonymous": "anon"}}),
+    )
+    .await;
+
+    let terminate = |message: &str| json!({"name": "request-termination", "config": {"status_code": 418, "message": message}});
+    let with = |mut v: Value, scope: Value| {
+        for (k, x) in scope.as_object().expect("scope") {
+            v[k] = x.clone();
+        }
+        v
+    };
+    s.post("/plugins", terminate("global")).await;
+    s.post(
+        "/plugins",
+        with(terminate("service"), json!({"service": {"id": svc_a}})),
+    )
+    .await;
+    s.post(
+        "/plugins",
+        with(terminate("route"), json!({"route": {"id": route_a1}})),
+    )
+    .await;
+    s.post(
+        "/plugins",
+        with(
+            terminate("consumer"),
+            json!({"consumer": {"id": bob["id"]}}),
+        ),
+    )
+    .await;
+    s.post(
+        "/plugins",
+        with(
+            terminate("consumer+route"),
+            json!({"consumer": {"id": bob["id"]}, "route": {"id": route_a1}}),
+        ),
+    )
+    .await;
+    s.post(
+        "/plugins",
+        with(
+            terminate("consumer+service"),
+            json!({"consumer": {"username": "carol"}, "service": {"id": svc_a}}),
+        ),
+    )
+    .await;
+    s.synced().await;
+
+    let message = |a: Answer| {
+        assert_eq!(a.status, 418, "{}", a.body);
+        a.json()["message"].as_str().expect("message").to_owned()
+    };
+    assert_eq!(message(s.get("/a1", &[]).await), "route");
+    assert_eq!(message(s.get("/a2", &[]).await), "service");
+    assert_eq!(message(s.get("/b", &[]).await), "global");
+    // Consumer-scoped configurations, looked up after key-auth ran.
+    assert_eq!(
+        message(s.get("/a1", &[("apikey", "bob-key")]).await),
+        "consumer+route"
+    );
+    assert_eq!(
+        message(s.get("/a2", &[("apikey", "bob-key")]).await),
+        "consumer",
+        "consumer beats service"
+    );
+    assert_eq!(
+        message(s.get("/b", &[("apikey", "bob-key")]).await),
+        "consumer",
+        "consumer beats global"
+    );
+    assert_eq!(
+        message(s.get("/a2", &[("apikey", "carol-key")]).await),
+        "consumer+service"
+    );
+    assert_eq!(
+        message(s.get("/a1", &[("apikey", "carol-key")]).await),
+        "consumer+service",
+        "consumer+service beats route"
+    );
+    assert_eq!(
+        message(s.get("/b", &[("apikey", "carol-key")]).await),
+        "global"
+    );
+
+    // Disabling the route's configuration falls back to the service's.
+    let plugins = s
+        .admin("GET", &format!("/routes/{route_a1}/plugins"), Value::Null)
+        .await;
+    let route_only = plugins["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|p| p["config"]["message"] == "route" && p["consumer"].is_null())
+        .expect("route plugin")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    s.admin(
+        "PATCH",
+        &format!("/plugins/{route_only}"),
+        json!({"enabled": false}),
+    )
+    .await;
+    s.synced().await;
+    assert_eq!(message(s.get("/a1", &[]).await), "service");
+}
+
+#[tokio::test]
+async fn rate_limiting_counts_per_client_and_answers_429_with_kongs_headers() {
+    let mut s = Setup::start();
+    s.service_route("rl", &["/rl"]).await;
+    s.service_route("by-header", &["/rlh"]).await;
+    s.post(
+        "/routes/rl/plugins",
+        json!({"name": "rate-limiting", "config": {"hour": 3, "day": 10}}),
+    )
+    .await;
+    s.post(
+        "/routes/by-header/plugins",
+        json!({"name": "rate-limiting", "config": {"hour": 1, "limit_by": "header",
+               "header_name": "x-tenant", "hide_client_headers": true}}),
+    )
+    .await;
+    s.synced().await;
+
+    for remaining in [2, 1, 0] {
+        let ok = s.get("/rl", &[]).await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        assert_eq!(ok.header("x-ratelimit-limit-hour"), Some("3"));
+        assert_eq!(
+            ok.header("x-ratelimit-remaining-hour"),
+            Some(&*remaining.to_string())
+        );
+        assert_eq!(ok.header("x-ratelimit-limit-day"), Some("10"));
+        assert_eq!(ok.header("ratelimit-limit"), Some("3"));
+        assert_eq!(
+            ok.header("ratelimit-remaining"),
+            Some(&*remaining.to_string())
+        );
+        let reset: u64 = ok
+            .header("ratelimit-reset")
+            .expect("reset")
+            .parse()
+            .expect("number");
+        assert!((1..=3600).contains(&reset), "{reset}");
+    }
+    let limited = s.get("/rl", &[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(
+        limited.json(),
+        json!({"message": "API rate limit exceeded"})
+    );
+    assert_eq!(limited.header("x-ratelimit-remaining-hour"), Some("0"));
+    assert!(limited.header("retry-after").is_some());
+    assert_eq!(limited.upstream_header_absent(), true);
+
+    // By header: each tenant has its own count; the headers are hidden.
+    for tenant in ["t1", "t2"] {
+        let ok = s.get("/rlh", &[("x-tenant", tenant)]).await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.header("x-ratelimit-limit-hour"), None);
+    }
+    assert_eq!(s.get("/rlh", &[("x-tenant", "t1")]).await.status, 429);
+
+    // A configuration change elsewhere keeps the counts.
+    s.synced().await;
+    assert_eq!(s.get("/rl", &[]).await.status, 429);
+}
+
+impl Answer {
+    /// The answer came from the gateway, not the echo upstream.
+    fn upstream_header_absent(&self) -> bool {
+        serde_json::from_str::<Value>(&self.body).map_or(true, |v| v.get("headers").is_none())
+    }
+}
+
+#[tokio::test]
+async fn traffic_plugins_answer_as_kong_does() {
+    let mut s = Setup::start();
+    for name in ["deny", "allow", "size", "bots", "cors", "term"] {
+        s.service_route(name, &[&format!("/{name}")]).await;
+    }
+    s.post(
+        "/routes/deny/plugins",
+        json!({"name": "ip-restriction", "config": {"deny": ["127.0.0.0/8"]}}),
+    )
+    .await;
+    s.post(
+        "/routes/allow/plugins",
+        json!({"name": "ip-restriction", "config": {"allow": ["10.0.0.0/8", "127.0.0.1"],
+               "deny": ["10.1.0.0/16"]}}),
+    )
+    .await;
+    s.post(
+        "/routes/size/plugins",
+        json!({"name": "request-size-limiting", "config": {"allowed_payload_size": 1, "size_unit": "kilobytes"}}),
+    )
+    .await;
+    s.post(
+        "/routes/bots/plugins",
+        json!({"name": "bot-detection", "config": {"allow": ["Googlebot/2\\.1 \\(ok\\)"]}}),
+    )
+    .await;
+    s.post(
+        "/routes/cors/plugins",
+        json!({"name": "cors", "config": {"origins": ["https://a.example", "https://.*\\.b\\.example"],
+               "credentials": true, "max_age": 600, "exposed_headers": ["X-Total"]}}),
+    )
+    .await;
+    s.post(
+        "/routes/term/plugins",
+        json!({"name": "request-termination", "config": {"status_code": 200, "body": "<p>bye</p>",
+               "content_type": "text/html"}}),
+    )
+    .await;
+    s.synced().await;
+
+    let denied = s.get("/deny", &[]).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(
+        denied.json(),
+        json!({"message": "IP address not allowed: 127.0.0.1"})
+    );
+    assert_eq!(s.get("/allow", &[]).await.status, 200);
+
+    let big = "x".repeat(1025);
+    let small = "x".repeat(1024);
+    let r = s
+        .send("POST", "/size", &[], Some(("text/plain", &big)))
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json(), json!({"message": "Request size limit exceeded"}));
+    assert_eq!(
+        s.send("POST", "/size", &[], Some(("text/plain", &small)))
+            .await
+            .status,
+        200
+    );
+
+    let bot = s
+        .get(
+            "/bots",
+            &[(
+                "user-agent",
+                "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            )],
+        )
+        .await;
+    assert_eq!(bot.status, 403);
+    assert_eq!(bot.json(), json!({"message": "Forbidden"}));
+    assert_eq!(
+        s.get("/bots", &[("user-agent", "Googlebot/2.1 (ok)")])
+            .await
+            .status,
+        200,
+        "allow wins"
+    );
+    assert_eq!(
+        s.get(
+            "/bots",
+            &[(
+                "user-agent",
+                "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"
+            )]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        s.get("/bots", &[("user-agent", "curl/8.5.0")]).await.status,
+        200
+    );
+
+    // CORS preflight: answered by the gateway.
+    let pre = s
+        .send(
+            "OPTIONS",
+            "/cors",
+            &[
+                ("origin", "https://x.b.example"),
+                ("access-control-request-method", "PUT"),
+                ("access-control-request-headers", "X-One"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(pre.status, 200);
+    assert!(pre.body.is_empty());
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some("https://x.b.example")
+    );
+    assert_eq!(pre.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(pre.header("access-control-allow-headers"), Some("X-One"));
+    assert_eq!(
+        pre.header("access-control-allow-methods"),
+        Some("GET,HEAD,PUT,PATCH,POST,DELETE,OPTIONS,TRACE,CONNECT")
+    );
+    assert_eq!(pre.header("access-control-max-age"), Some("600"));
+    assert_eq!(pre.header("vary"), Some("Origin"));
+    // An actual request from a listed origin, and from another one.
+    let ok = s.get("/cors", &[("origin", "https://a.example")]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://a.example")
+    );
+    assert_eq!(ok.header("access-control-expose-headers"), Some("X-Total"));
+    let other = s.get("/cors", &[("origin", "https://evil.example")]).await;
+    assert_eq!(other.header("access-control-allow-origin"), None);
+
+    let term = s.get("/term", &[]).await;
+    assert_eq!(term.status, 200);
+    assert_eq!(term.body, "<p>bye</p>");
+    assert_eq!(term.header("content-type"), Some("text/html"));
+}
