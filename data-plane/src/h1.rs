@@ -43,7 +43,7 @@ use crate::proxy::{
     grpc_error, is_gateway_json, log_access, prepare, route_request, Decision, Downstream, Facts,
     Prepared, ProxyError, RequestHead, ResponseBody, Routed,
 };
-use crate::plugins::{Chain, Ctx, PluginRequest, Protocol};
+use crate::plugins::{log as plugin_log, Chain, Ctx, PluginRequest, Protocol};
 use crate::runtime::Runtime;
 use crate::DataPlane;
 
@@ -356,15 +356,27 @@ impl Engine<'_> {
                 body: None,
                 client_ip: self.downstream.remote.ip().to_canonical(),
                 https: self.downstream.tls,
+                target,
+                local_port: self.downstream.local_port,
                 upstream_path: None,
             };
             let mut ctx = Ctx::new(plugins, chain);
             let protocol = Protocol::of(self.downstream.tls, info.grpc);
             if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
                 chain.response(&mut ctx, response.status(), response.headers_mut());
-                return exchange
+                let size = http_body::Body::size_hint(response.body()).exact();
+                let next = exchange
                     .answer(io, buf, body_len, response, None, out)
                     .await;
+                chain.log(
+                    &mut ctx,
+                    &plugin_log::Facts {
+                        total: started.elapsed(),
+                        response_size: size.unwrap_or(0),
+                        ..plugin_log::Facts::default()
+                    },
+                );
+                return next;
             }
             plugin_req = Some(req);
             plugin_ctx = Some((chain, ctx));
@@ -740,6 +752,22 @@ impl<'r> Exchange<'_, 'r> {
             write_all(io, out).await.map_err(|_| Relay::Downstream)
         };
         self.log(status, None);
+        if let Some((chain, ctx)) = plugins {
+            chain.log(
+                ctx,
+                &plugin_log::Facts {
+                    upstream_uri: Some(&path_and_query),
+                    upstream_status: Some(status.as_u16()),
+                    proxy_latency: self.facts.proxy_latency,
+                    upstream_latency: self.facts.upstream_latency,
+                    total: self.started.elapsed(),
+                    response_size: match response.framing {
+                        Framing::Length(len) => len,
+                        _ => 0,
+                    },
+                },
+            );
+        }
         drop(peer);
         match relayed {
             Ok(()) => {

@@ -19,6 +19,8 @@
 
 mod auth;
 mod consumers;
+pub(crate) mod log;
+mod logging;
 mod traffic;
 mod transform;
 
@@ -62,6 +64,10 @@ pub(crate) trait Plugin: Send + Sync {
         _body: &mut Bytes,
     ) {
     }
+    /// Kong's `log`, after the response went out, with Kong's serialized
+    /// request (`kong.log.serialize()`); called only when [`Needs::log`].
+    /// Runs on the request's task: send the entry elsewhere, never block.
+    fn log(&self, _entry: &serde_json::Value) {}
 }
 
 /// What a plugin needs the proxy to read whole before it runs.
@@ -69,6 +75,8 @@ pub(crate) trait Plugin: Send + Sync {
 pub(crate) struct Needs {
     pub(crate) request_body: bool,
     pub(crate) response_body: bool,
+    /// The plugin has a `log` phase: the request is recorded for it.
+    pub(crate) log: bool,
 }
 
 /// Whether the request goes on or the plugin answered it.
@@ -90,6 +98,10 @@ pub(crate) struct PluginRequest<'a> {
     pub(crate) body: Option<Bytes>,
     pub(crate) client_ip: IpAddr,
     pub(crate) https: bool,
+    /// The request target as the client sent it (path and query).
+    pub(crate) target: &'a str,
+    /// The proxy port the request came to.
+    pub(crate) local_port: u16,
     /// Replaces the upstream path the route computed (request-transformer's
     /// `replace.uri`).
     pub(crate) upstream_path: Option<String>,
@@ -148,6 +160,9 @@ pub(crate) struct Ctx<'r> {
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
     /// proxy-cache: the key and what happened, for `response`.
     pub(crate) cache: Option<transform::CacheState>,
+    /// What the log phase reports, when a plugin logs.
+    log: Option<Box<log::Record>>,
+    started: std::time::SystemTime,
 }
 
 impl<'r> Ctx<'r> {
@@ -162,6 +177,8 @@ impl<'r> Ctx<'r> {
             rate_limit_headers: Vec::new(),
             cors_headers: None,
             cache: None,
+            log: None,
+            started: std::time::SystemTime::now(),
         }
     }
 }
@@ -222,6 +239,8 @@ enum Step {
 pub(crate) struct Chain {
     route_id: Box<str>,
     service_id: Option<Box<str>>,
+    /// The route and service as log entries show them.
+    entities: Option<Arc<log::Entities>>,
     steps: Vec<Step>,
     needs: Needs,
     has_global: bool,
@@ -262,6 +281,7 @@ impl Chain {
                 }
             }
         }
+        let mut exit = None;
         for step in &self.steps {
             let consumer = ctx.consumer.as_ref().map(|c| &*c.id);
             let Some(instance) = self.resolve(step, consumer) else {
@@ -271,11 +291,34 @@ impl Chain {
                 continue;
             }
             ctx.collected.push(instance);
-            if let Flow::Exit(response) = instance.handler.access(req, ctx) {
-                return Some(response);
+            // After an answer, Kong still collects the plugins that follow
+            // (their header_filter and log phases run on the answer), but
+            // runs no more access handlers.
+            if exit.is_none() {
+                if let Flow::Exit(response) = instance.handler.access(req, ctx) {
+                    exit = Some(response);
+                }
             }
         }
-        None
+        self.record(req, ctx);
+        exit
+    }
+
+    fn record(&self, req: &PluginRequest<'_>, ctx: &mut Ctx<'_>) {
+        if self.needs.log {
+            ctx.log = Some(Box::new(log::Record::new(req, ctx.started)));
+        }
+    }
+
+    /// Kong's `log` phase for the plugins that ran `access`.
+    pub(crate) fn log(&self, ctx: &mut Ctx<'_>, facts: &log::Facts<'_>) {
+        let Some(record) = ctx.log.take() else {
+            return;
+        };
+        let entry = record.entry(ctx, self.entities.as_deref(), facts);
+        for instance in &ctx.collected {
+            instance.handler.log(&entry);
+        }
     }
 
     /// Kong's `header_filter` for the plugins that ran `access`.
@@ -285,6 +328,9 @@ impl Chain {
             instance.handler.response(ctx, status, headers);
         }
         ctx.collected = collected;
+        if let Some(record) = ctx.log.as_mut() {
+            record.response(status, headers);
+        }
     }
 
     /// Kong's `body_filter` for the plugins that ran `access`.
@@ -351,6 +397,9 @@ fn handler(
     Some(match name {
         "key-auth" => boxed(auth::KeyAuth::new(config, cx)),
         "request-termination" => boxed(traffic::RequestTermination::new(config, cx)),
+        "http-log" => boxed(logging::HttpLog::new(config, cx)),
+        "file-log" => boxed(logging::FileLog::new(config, cx)),
+        "tcp-log" => boxed(logging::TcpLog::new(config, cx)),
         "rate-limiting" => boxed(traffic::RateLimiting::new(config, cx)),
         "request-size-limiting" => boxed(traffic::RequestSizeLimiting::new(config, cx)),
         "ip-restriction" => boxed(traffic::IpRestriction::new(config, cx)),
@@ -367,9 +416,18 @@ pub(crate) fn typed<T: serde::de::DeserializeOwned>(config: &serde_json::Value) 
 
 /// Builds the plugins of a snapshot: `routes` gives each router index's
 /// route and service ids. `None` when no enabled plugin applies anywhere.
+/// What a chain is built for: a route, its service, and their documents
+/// (which log plugins report).
+pub(crate) struct RouteInfo<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) service_id: Option<&'a str>,
+    pub(crate) doc: &'a str,
+    pub(crate) service_doc: Option<&'a str>,
+}
+
 pub(crate) fn build(
     snapshot: &ConfigSnapshot,
-    routes: &[(&str, Option<&str>)],
+    routes: &[RouteInfo<'_>],
     shared: &Arc<Shared>,
 ) -> Result<Option<Plugins>, PluginError> {
     let entities: Vec<PluginEntity> = snapshot.typed("plugins").map_err(|e| PluginError {
@@ -441,7 +499,8 @@ pub(crate) fn build(
 
     let chains = routes
         .iter()
-        .map(|&(route_id, service_id)| {
+        .map(|info| {
+            let (route_id, service_id) = (info.id, info.service_id);
             let mut steps = Vec::new();
             let mut needs = Needs::default();
             let mut has_global = false;
@@ -460,6 +519,7 @@ pub(crate) fn build(
                     let n = instance.handler.needs();
                     needs.request_body |= n.request_body;
                     needs.response_body |= n.response_body;
+                    needs.log |= n.log;
                     has_global |= instance.global;
                 };
                 match &step {
@@ -471,6 +531,13 @@ pub(crate) fn build(
             (!steps.is_empty()).then(|| Chain {
                 route_id: route_id.into(),
                 service_id: service_id.map(Into::into),
+                entities: needs.log.then(|| {
+                    let parse = |doc: &str| serde_json::from_str(doc).unwrap_or_default();
+                    Arc::new(log::Entities {
+                        route: parse(info.doc),
+                        service: info.service_doc.map(parse).unwrap_or_default(),
+                    })
+                }),
                 steps,
                 needs,
                 has_global,

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::balancer::{Failure, HashInput, Peer, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
 use crate::h1::{Ended, Engine, Prefixed};
-use crate::plugins::{Ctx, PluginRequest, Protocol};
+use crate::plugins::{log as plugin_log, Ctx, PluginRequest, Protocol};
 use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
 use crate::{DataPlane, ProxyConfig};
@@ -941,6 +941,8 @@ async fn forward<'r>(
             body: None,
             client_ip: downstream.remote.ip().to_canonical(),
             https: downstream.tls,
+            target: head.target,
+            local_port: downstream.local_port,
             upstream_path: None,
         };
         if chain.needs().request_body {
@@ -966,6 +968,16 @@ async fn forward<'r>(
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
         if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
             chain.response(&mut ctx, response.status(), response.headers_mut());
+            chain.log(
+                &mut ctx,
+                &plugin_log::Facts {
+                    total: started.elapsed(),
+                    response_size: http_body::Body::size_hint(response.body())
+                        .exact()
+                        .unwrap_or(0),
+                    ..plugin_log::Facts::default()
+                },
+            );
             return Ok(response);
         }
         plugin_req = Some(req);
@@ -1033,6 +1045,10 @@ async fn forward<'r>(
         .path
         .and_then(|matched| route.path_regexes.get(matched.path_idx))
         .and_then(Option::as_ref);
+    let upstream_target = plugin_ctx
+        .as_ref()
+        .filter(|(chain, _)| chain.needs().log)
+        .map(|_| path_and_query.clone());
     let uri = upstream_uri(&upstream.scheme, &peer.authority, path_and_query)?;
 
     // An HTTP/1.1 protocol upgrade (WebSocket) keeps its Upgrade and
@@ -1195,7 +1211,17 @@ async fn forward<'r>(
         return Ok(Response::from_parts(parts, Either::Left(body)));
     };
     chain.response(&mut ctx, parts.status, &mut parts.headers);
+    let log_facts = |size: u64| plugin_log::Facts {
+        upstream_uri: upstream_target.as_deref(),
+        upstream_status: Some(parts.status.as_u16()),
+        proxy_latency: facts.proxy_latency,
+        upstream_latency: facts.upstream_latency,
+        total: started.elapsed(),
+        response_size: size,
+    };
     if !chain.needs().response_body {
+        // The log phase runs when the head is ready: the body streams on.
+        chain.log(&mut ctx, &log_facts(content_length(&parts.headers).unwrap_or(0)));
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let mut bytes = body
@@ -1209,6 +1235,7 @@ async fn forward<'r>(
     chain.response_body(&mut ctx, parts.status, &mut parts.headers, &mut bytes);
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    chain.log(&mut ctx, &log_facts(bytes.len() as u64));
     Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
 }
 

@@ -25,7 +25,7 @@ use regex::Regex;
 use rustls_pki_types::ServerName;
 
 use crate::balancer::{BalancerLookup, Balancers, Peers};
-use crate::plugins::{Chain, Plugins, Shared};
+use crate::plugins::{Chain, Plugins, RouteInfo, Shared};
 use crate::tls::{
     client_config, CaCertificateEntity, CertificateEntity, CertificateIndex, ServedCertificate,
     ServiceTlsFields, SniEntity, TlsError, UpstreamTls,
@@ -246,6 +246,7 @@ impl Runtime {
         }
 
         let mut targets = Vec::with_capacity(routes.len());
+        let mut route_docs: Vec<&str> = Vec::with_capacity(routes.len());
         let mut routable = Vec::with_capacity(routes.len());
         for (doc, route) in snapshot.docs("routes").iter().zip(&routes) {
             let service = match &route.service {
@@ -287,6 +288,7 @@ impl Runtime {
             next.routes
                 .insert(key, (Arc::clone(doc), Arc::clone(&target)));
             routable.push((targets.len(), &**route));
+            route_docs.push(&**doc);
             targets.push(target);
         }
         parsed.built = next;
@@ -304,11 +306,26 @@ impl Runtime {
                         matches!(&service.upstream, Upstream::Http(http) if http.peers.reads_headers())
                     })
             });
-        let route_ids: Vec<(&str, Option<&str>)> = targets
+        let service_docs: HashMap<&str, &str> = snapshot
+            .docs("services")
             .iter()
-            .map(|route| (&*route.id, route.service.as_deref().map(|service| &*service.id)))
+            .zip(&services)
+            .map(|(doc, service)| (service.id.as_str(), &**doc))
             .collect();
-        let plugins = crate::plugins::build(snapshot, &route_ids, shared)?;
+        let route_infos: Vec<RouteInfo<'_>> = targets
+            .iter()
+            .zip(&route_docs)
+            .map(|(route, doc)| {
+                let service_id = route.service.as_deref().map(|service| &*service.id);
+                RouteInfo {
+                    id: &route.id,
+                    service_id,
+                    doc,
+                    service_doc: service_id.and_then(|id| service_docs.get(id).copied()),
+                }
+            })
+            .collect();
+        let plugins = crate::plugins::build(snapshot, &route_infos, shared)?;
         Ok(Runtime {
             version: snapshot.version,
             router,

@@ -617,3 +617,173 @@ async fn traffic_plugins_answer_as_kong_does() {
     assert_eq!(term.body, "<p>bye</p>");
     assert_eq!(term.header("content-type"), Some("text/html"));
 }
+
+/// A loopback HTTP server that keeps the bodies it is sent.
+fn body_collector() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = header.trim_end().to_ascii_lowercase();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = header.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = tx.send(format!("{} {}", line.trim_end(), String::from_utf8_lossy(&body)));
+                    let _ = reader
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A loopback TCP server that passes on the lines it reads.
+fn line_collector() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    let _ = tx.send(line);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn next_json(rx: &std::sync::mpsc::Receiver<String>) -> Value {
+    let text = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a log entry arrives");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test]
+async fn log_plugins_send_kongs_serialized_entries() {
+    let mut s = Setup::start();
+    let (http_addr, http_rx) = body_collector();
+    let (tcp_addr, tcp_rx) = line_collector();
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("access.json");
+    let (service_id, route_id) = s.service_route("logged", &["/logged"]).await;
+    s.service_route("batched", &["/batched"]).await;
+    s.post("/consumers", json!({"username": "dora"})).await;
+    s.post("/consumers/dora/key-auth", json!({"key": "dora-key"})).await;
+    s.post("/routes/logged/plugins", json!({"name": "key-auth"})).await;
+    s.post(
+        "/routes/logged/plugins",
+        json!({"name": "http-log", "config": {"http_endpoint": format!("http://user:pw@{http_addr}/logs"),
+               "headers": {"x-token": "t"}}}),
+    )
+    .await;
+    s.post(
+        "/routes/logged/plugins",
+        json!({"name": "tcp-log", "config": {"host": "127.0.0.1", "port": tcp_addr.port()}}),
+    )
+    .await;
+    s.post(
+        "/routes/logged/plugins",
+        json!({"name": "file-log", "config": {"path": file.to_str().expect("utf-8 path")}}),
+    )
+    .await;
+    s.post(
+        "/routes/batched/plugins",
+        json!({"name": "http-log", "config": {"http_endpoint": format!("http://{http_addr}/batch"),
+               "method": "PUT", "queue": {"max_batch_size": 3, "max_coalescing_delay": 2}}}),
+    )
+    .await;
+    s.synced().await;
+
+    let ok = s
+        .get("/logged/x?a=1", &[("apikey", "dora-key"), ("authorization", "Bearer secret")])
+        .await;
+    assert_eq!(ok.status, 200);
+    let denied = s.get("/logged/y", &[]).await;
+    assert_eq!(denied.status, 401);
+
+    // http-log: one entry per request.
+    let first = http_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("http-log entry");
+    let parts: Vec<&str> = first.splitn(4, ' ').collect();
+    assert_eq!(parts[..2], ["POST", "/logs"], "{first}");
+    let entry: Value = serde_json::from_str(parts[3]).expect("entry json");
+    assert_eq!(entry["request"]["method"], "GET");
+    assert_eq!(entry["request"]["uri"], "/logged/x?a=1");
+    assert_eq!(entry["request"]["querystring"], json!({"a": "1"}));
+    assert_eq!(entry["request"]["headers"]["authorization"], "REDACTED");
+    assert_eq!(entry["response"]["status"], 200);
+    assert_eq!(entry["upstream_uri"], "/x?a=1");
+    assert_eq!(entry["route"]["id"], route_id);
+    assert_eq!(entry["route"]["name"], "logged");
+    assert_eq!(entry["service"]["id"], service_id);
+    assert_eq!(entry["consumer"]["username"], "dora");
+    assert_eq!(entry["source"], "upstream");
+    assert!(entry["latencies"]["request"].as_u64().is_some());
+    assert!(entry["started_at"].as_u64().expect("started_at") > 1_700_000_000_000);
+    assert_eq!(entry["client_ip"], "127.0.0.1");
+    let second = http_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("second entry");
+    let second: Value = serde_json::from_str(second.splitn(4, ' ').nth(3).expect("body")).expect("json");
+    assert_eq!(second["response"]["status"], 401);
+    assert_eq!(second["source"], "kong");
+    assert!(second["consumer"].is_null());
+
+    // tcp-log and file-log: the same document, one per line.
+    let tcp = next_json(&tcp_rx);
+    assert_eq!(tcp["request"]["uri"], "/logged/x?a=1");
+    assert_eq!(next_json(&tcp_rx)["response"]["status"], 401);
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let logged: Value = serde_json::from_str(&lines[0]).expect("json line");
+    assert_eq!(logged["route"]["name"], "logged");
+
+    // A batch of three goes as one JSON array.
+    for _ in 0..3 {
+        assert_eq!(s.get("/batched", &[]).await.status, 200);
+    }
+    let batch = http_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("batch");
+    assert!(batch.starts_with("PUT /batch "), "{batch}");
+    let array: Value = serde_json::from_str(batch.splitn(4, ' ').nth(3).expect("body")).expect("json");
+    assert_eq!(array.as_array().map(Vec::len), Some(3), "{array}");
+}

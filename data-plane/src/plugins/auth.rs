@@ -3,15 +3,26 @@
 //! built with the configuration, and sets Kong's consumer headers.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::header::WWW_AUTHENTICATE;
-use http::{HeaderValue, Method, Response, StatusCode};
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use http::header::{AUTHORIZATION, COOKIE, DATE, PROXY_AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
+use serde_json::Value;
+use sha2::Digest as _;
 
 use super::{
-    exit_message, set_consumer, typed, BuildContext, Consumer, Credential, Ctx, Flow, Needs,
-    Plugin, PluginRequest,
+    exit_message, set_consumer, typed, BuildContext, Consumer, Consumers, Credential, Ctx, Flow,
+    Needs, Plugin, PluginRequest,
 };
 use crate::proxy::ResponseBody;
 
@@ -20,6 +31,9 @@ pub(crate) struct Denied {
     pub(crate) status: StatusCode,
     pub(crate) message: Cow<'static, str>,
     pub(crate) www_authenticate: Option<HeaderValue>,
+    /// A body other than `{"message": …}` (jwt answers its claim errors
+    /// as an object of its own).
+    pub(crate) body: Option<serde_json::Value>,
 }
 
 impl Denied {
@@ -28,11 +42,30 @@ impl Denied {
             status: StatusCode::UNAUTHORIZED,
             message: message.into(),
             www_authenticate: www,
+            body: None,
+        }
+    }
+
+    /// What Kong answers when a plugin raises a Lua error: the request
+    /// fails whatever the flow, `anonymous` included.
+    pub(crate) fn unexpected() -> Denied {
+        Denied {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: Cow::Borrowed("An unexpected error occurred"),
+            www_authenticate: None,
+            body: None,
         }
     }
 
     fn response(self) -> Response<ResponseBody> {
-        let mut response = exit_message(self.status, &self.message);
+        let mut response = match self.body {
+            Some(body) => super::exit_raw(
+                self.status,
+                "application/json; charset=utf-8",
+                bytes::Bytes::from(body.to_string()),
+            ),
+            None => exit_message(self.status, &self.message),
+        };
         if let Some(www) = self.www_authenticate {
             response.headers_mut().insert(WWW_AUTHENTICATE, www);
         }
@@ -61,6 +94,9 @@ pub(crate) fn authenticate(
             match attempt(req, ctx) {
                 Ok((consumer, credential)) => {
                     set_consumer(req, ctx, Some(consumer), Some(credential));
+                }
+                Err(denied) if denied.status.is_server_error() => {
+                    return Flow::Exit(denied.response());
                 }
                 Err(_) => match ctx.consumers.by_id_or_username(anonymous) {
                     Some(consumer) => {
@@ -272,7 +308,7 @@ impl Plugin for KeyAuth {
     fn needs(&self) -> Needs {
         Needs {
             request_body: self.config.key_in_body,
-            response_body: false,
+            ..Needs::default()
         }
     }
 

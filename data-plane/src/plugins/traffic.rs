@@ -454,14 +454,6 @@ impl RequestSizeLimiting {
 }
 
 impl Plugin for RequestSizeLimiting {
-    fn needs(&self) -> super::Needs {
-        // A body without Content-Length (chunked) is measured whole.
-        super::Needs {
-            request_body: false,
-            response_body: false,
-        }
-    }
-
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         if let Some(length) = req
             .header("content-length")
