@@ -362,7 +362,7 @@ impl Engine<'_> {
             };
             let mut ctx = Ctx::new(plugins, chain);
             let protocol = Protocol::of(self.downstream.tls, info.grpc);
-            if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
+            if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
                 chain.response(&mut ctx, response.status(), response.headers_mut());
                 let size = http_body::Body::size_hint(response.body()).exact();
                 let next = exchange

@@ -83,7 +83,14 @@ pub(crate) struct Needs {
 pub(crate) enum Flow {
     Continue,
     Exit(Response<ResponseBody>),
+    /// The plugin waits for I/O (a shared counter in Redis); what the
+    /// future yields finishes its access phase.
+    Wait(Pending),
 }
+
+/// What a waiting plugin does once its I/O is done.
+pub(crate) type Resume = Box<dyn FnOnce(&mut PluginRequest<'_>, &mut Ctx<'_>) -> Flow + Send>;
+pub(crate) type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Resume> + Send>>;
 
 /// The upstream request as plugins see and change it.
 pub(crate) struct PluginRequest<'a> {
@@ -262,7 +269,7 @@ impl Chain {
 
     /// Kong's `rewrite` (global plugins) and `access` phases. `Some` is the
     /// answer a plugin made; [`Chain::response`] has not run on it yet.
-    pub(crate) fn access<'c>(
+    pub(crate) async fn access<'c>(
         &'c self,
         req: &mut PluginRequest<'_>,
         ctx: &mut Ctx<'c>,
@@ -275,7 +282,7 @@ impl Chain {
                     continue;
                 };
                 if instance.global && instance.protocols & bit != 0 {
-                    if let Flow::Exit(response) = instance.handler.rewrite(req, ctx) {
+                    if let Some(response) = settle(instance.handler.rewrite(req, ctx), req, ctx).await {
                         return Some(response);
                     }
                 }
@@ -295,9 +302,7 @@ impl Chain {
             // (their header_filter and log phases run on the answer), but
             // runs no more access handlers.
             if exit.is_none() {
-                if let Flow::Exit(response) = instance.handler.access(req, ctx) {
-                    exit = Some(response);
-                }
+                exit = settle(instance.handler.access(req, ctx), req, ctx).await;
             }
         }
         self.record(req, ctx);
@@ -349,11 +354,31 @@ impl Chain {
     }
 }
 
+/// Runs a plugin's flow to its end: waits as long as it waits.
+async fn settle(
+    mut flow: Flow,
+    req: &mut PluginRequest<'_>,
+    ctx: &mut Ctx<'_>,
+) -> Option<Response<ResponseBody>> {
+    loop {
+        match flow {
+            Flow::Continue => return None,
+            Flow::Exit(response) => return Some(response),
+            Flow::Wait(pending) => {
+                let resume = pending.await;
+                flow = resume(req, ctx);
+            }
+        }
+    }
+}
+
 /// State that outlives a runtime: counters and caches keep counting when
 /// the configuration changes.
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) rate_limits: traffic::Counters,
+    /// Redis connections by server, kept across configurations.
+    pub(crate) redis: traffic::RedisPool,
     pub(crate) cache: transform::Store,
 }
 
@@ -384,6 +409,9 @@ pub(crate) struct BuildContext<'b> {
     pub(crate) shared: &'b Arc<Shared>,
     pub(crate) consumers: &'b Consumers,
     pub(crate) plugin_id: &'b str,
+    /// The route and service the configuration is attached to.
+    pub(crate) route_id: Option<&'b str>,
+    pub(crate) service_id: Option<&'b str>,
 }
 
 fn handler(
@@ -396,6 +424,10 @@ fn handler(
     }
     Some(match name {
         "key-auth" => boxed(auth::KeyAuth::new(config, cx)),
+        "basic-auth" => boxed(auth::BasicAuth::new(config, cx)),
+        "acl" => boxed(auth::Acl::new(config, cx)),
+        "jwt" => boxed(auth::Jwt::new(config, cx)),
+        "hmac-auth" => boxed(auth::HmacAuth::new(config, cx)),
         "request-termination" => boxed(traffic::RequestTermination::new(config, cx)),
         "http-log" => boxed(logging::HttpLog::new(config, cx)),
         "file-log" => boxed(logging::FileLog::new(config, cx)),
@@ -449,6 +481,8 @@ pub(crate) fn build(
             shared,
             consumers: &consumers,
             plugin_id: &entity.id,
+            route_id: entity.route.as_ref().map(|r| r.id.as_str()),
+            service_id: entity.service.as_ref().map(|r| r.id.as_str()),
         };
         let handler = match handler(&entity.name, &entity.config, &cx) {
             None => {

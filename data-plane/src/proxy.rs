@@ -966,7 +966,7 @@ async fn forward<'r>(
         }
         let mut ctx = Ctx::new(plugins, chain);
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
-        if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol) {
+        if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
             chain.response(&mut ctx, response.status(), response.headers_mut());
             chain.log(
                 &mut ctx,

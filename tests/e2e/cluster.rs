@@ -391,3 +391,92 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
         dp.terminate();
     }
 }
+
+/// Plugins configured on the control plane act on every data plane, and
+/// rate-limiting's redis policy counts across data planes.
+#[tokio::test]
+async fn plugins_reach_every_data_plane_and_redis_limits_count_across_them() {
+    let pg = Postgres::shared();
+    let redis = gatehouse_test_support::Redis::start();
+    let url = pg.fresh_database("gh_e2e_cluster_plugins");
+    let cluster_listen = format!("127.0.0.1:{}", free_port());
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = gen_cert(certs.path(), "cluster");
+    let cp_dir = tempfile::tempdir().expect("temp dir");
+    let cp = Gatehouse::start_role(
+        BIN,
+        "cp",
+        &cp_dir.path().join("cp"),
+        &[
+            ("GATEHOUSE_DATABASE_URL", url.as_str()),
+            ("GATEHOUSE_CLUSTER_LISTEN", cluster_listen.as_str()),
+            ("GATEHOUSE_CLUSTER_CERT", cert.as_str()),
+            ("GATEHOUSE_CLUSTER_CERT_KEY", key.as_str()),
+        ],
+    );
+    let dp_env = [
+        ("GATEHOUSE_CLUSTER_CONTROL_PLANE", cluster_listen.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT", cert.as_str()),
+        ("GATEHOUSE_CLUSTER_CERT_KEY", key.as_str()),
+    ];
+    let dp_dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let dps: Vec<Gatehouse> = dp_dirs
+        .iter()
+        .map(|d| Gatehouse::start_role(BIN, "dp", &d.path().join("dp"), &dp_env))
+        .collect();
+
+    let up = EchoUpstream::start();
+    let a = cp.admin.clone();
+    post(format!("{a}/services"), json!({"name": "echo", "url": format!("http://{}", up.addr)})).await;
+    post(format!("{a}/services/echo/routes"), json!({"name": "limited", "paths": ["/limited"]})).await;
+    post(format!("{a}/consumers"), json!({"username": "erin"})).await;
+    post(format!("{a}/consumers/erin/key-auth"), json!({"key": "erin-key"})).await;
+    post(format!("{a}/services/echo/plugins"), json!({"name": "key-auth"})).await;
+    post(
+        format!("{a}/routes/limited/plugins"),
+        json!({"name": "rate-limiting", "config": {"hour": 4, "limit_by": "consumer",
+               "policy": "redis", "redis": {"host": "127.0.0.1", "port": redis.port}}}),
+    )
+    .await;
+
+    let get = |proxy: String, key: Option<&'static str>| async move {
+        let mut request = client().get(format!("{proxy}/limited"));
+        if let Some(key) = key {
+            request = request.header("apikey", key);
+        }
+        let r = request.send().await.expect("proxy");
+        let remaining = r
+            .headers()
+            .get("x-ratelimit-remaining-hour")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (r.status().as_u16(), remaining)
+    };
+    // A route created last tells when a data plane has everything.
+    post(format!("{a}/services"), json!({"name": "ready", "url": format!("http://{}", up.addr)})).await;
+    post(format!("{a}/services/ready/routes"), json!({"paths": ["/ready"]})).await;
+    for dp in &dps {
+        let ready = format!("{}/ready", dp.proxy);
+        eventually("the configuration on the data plane", || {
+            let ready = ready.clone();
+            async move { status_of(&ready).await == 200 }
+        })
+        .await;
+        // key-auth is enforced by both data planes.
+        assert_eq!(get(dp.proxy.clone(), None).await.0, 401);
+    }
+    // Four requests for the hour, spread over two data planes, then 429 on both.
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let (status, remaining) = get(dps[i % 2].proxy.clone(), Some("erin-key")).await;
+        assert_eq!(status, 200, "request {i}");
+        seen.push(remaining.expect("remaining header"));
+    }
+    assert_eq!(seen, ["3", "2", "1", "0"], "one count for both data planes");
+    for dp in &dps {
+        assert_eq!(get(dp.proxy.clone(), Some("erin-key")).await.0, 429);
+    }
+    // The counter lives in Redis under Kong's key layout.
+    let keys = redis.command("KEYS ratelimit:*");
+    assert!(keys.contains(":hour"), "{keys}");
+}

@@ -333,3 +333,1297 @@ impl Plugin for KeyAuth {
         })
     }
 }
+
+// Helpers shared by basic-auth, jwt and hmac-auth. Kong reads credentials
+// with PCRE patterns and nginx's decoders; these reproduce what those
+// accept, byte for byte, without a regex engine on the request path.
+
+/// nginx's base64 decoding (`ngx.decode_base64`, `decode_base64url`): the
+/// text ends at the first `=`, a byte outside the alphabet fails, and the
+/// spare low bits of the last character are ignored rather than rejected.
+fn nginx_base64(input: &[u8], url: bool) -> Option<Vec<u8>> {
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone);
+    const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+    const URL_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+    let end = memchr::memchr(b'=', input).unwrap_or(input.len());
+    let engine = if url { &URL_LENIENT } else { &STANDARD_LENIENT };
+    engine.decode(&input[..end]).ok()
+}
+
+/// PCRE's `\s` without Unicode.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// The `(.+)` of Kong's unanchored `\s*[Bb]asic\s*(.+)` and
+/// `\s*[Bb]earer\s+(.+)` (`scheme` in lower case, `min_spaces` 0 or 1):
+/// what follows the leftmost scheme that matches and its spaces, or, when
+/// only spaces follow, the last of them (the greedy `\s` gives one back).
+fn scheme_argument<'v>(value: &'v [u8], scheme: &[u8], min_spaces: usize) -> Option<&'v [u8]> {
+    let (first, rest) = scheme.split_first()?;
+    for start in 0..value.len() {
+        let after = start + scheme.len();
+        if !value[start].eq_ignore_ascii_case(first) || value.get(start + 1..after) != Some(rest) {
+            continue;
+        }
+        let tail = &value[after..];
+        let spaces = tail.iter().take_while(|&&b| is_space(b)).count();
+        if spaces < min_spaces {
+            continue;
+        }
+        if spaces < tail.len() {
+            return Some(&tail[spaces..]);
+        }
+        if spaces > min_spaces {
+            return Some(&tail[spaces - 1..]);
+        }
+    }
+    None
+}
+
+/// Request header `name` (Kong's normalisation) as raw bytes, first value.
+fn first_header<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
+    let name: Vec<u8> = name
+        .iter()
+        .map(|&b| if b == b'_' { b'-' } else { b.to_ascii_lowercase() })
+        .collect();
+    let name = HeaderName::from_bytes(&name).ok()?;
+    headers.get(name).map(HeaderValue::as_bytes)
+}
+
+/// An identifier for `X-Credential-Identifier`; the credential's id when
+/// the text cannot be a header value.
+fn identifier(text: &[u8], fallback: &HeaderValue) -> HeaderValue {
+    HeaderValue::from_bytes(text).unwrap_or_else(|_| fallback.clone())
+}
+
+fn header_value(text: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(text).map_err(|_| format!("{text:?} cannot be sent in a header"))
+}
+
+/// `ngx.time()`.
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Equality that takes as long whatever the first difference, for
+/// comparing password hashes.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The hash functions Kong's HMAC signatures use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MacDigest {
+    Sha1,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl MacDigest {
+    /// Whether `tag` is the HMAC of `message` under `key`, compared in
+    /// constant time.
+    fn verify(self, key: &[u8], message: &[u8], tag: &[u8]) -> bool {
+        fn check<M: Mac + KeyInit>(key: &[u8], message: &[u8], tag: &[u8]) -> bool {
+            match <M as KeyInit>::new_from_slice(key) {
+                Ok(mut mac) => {
+                    mac.update(message);
+                    mac.verify_slice(tag).is_ok()
+                }
+                Err(_) => false,
+            }
+        }
+        match self {
+            MacDigest::Sha1 => check::<Hmac<sha1::Sha1>>(key, message, tag),
+            MacDigest::Sha256 => check::<Hmac<sha2::Sha256>>(key, message, tag),
+            MacDigest::Sha384 => check::<Hmac<sha2::Sha384>>(key, message, tag),
+            MacDigest::Sha512 => check::<Hmac<sha2::Sha512>>(key, message, tag),
+        }
+    }
+}
+
+// basic-auth
+
+#[derive(Deserialize)]
+struct BasicAuthConfig {
+    #[serde(default)]
+    anonymous: Option<String>,
+    #[serde(default)]
+    hide_credentials: bool,
+    #[serde(default)]
+    realm: Option<String>,
+}
+
+/// `basic-auth` (`kong/plugins/basic-auth/access.lua`).
+pub(crate) struct BasicAuth {
+    anonymous: Option<String>,
+    hide_credentials: bool,
+    www_authenticate: HeaderValue,
+}
+
+/// A user and password decoded from a `Basic` header.
+struct UserPassword {
+    decoded: Vec<u8>,
+    user: std::ops::Range<usize>,
+    password: std::ops::Range<usize>,
+}
+
+impl UserPassword {
+    /// Kong's unanchored `([^:]+):(.*)`: the user is the first run of
+    /// non-colons a colon follows; `.` stops the password at a newline.
+    fn split(decoded: Vec<u8>) -> Option<UserPassword> {
+        let start = decoded.iter().position(|&b| b != b':')?;
+        let colon = start + memchr::memchr(b':', &decoded[start..])?;
+        let end = memchr::memchr(b'\n', &decoded[colon + 1..]).map_or(decoded.len(), |n| colon + 1 + n);
+        Some(UserPassword {
+            user: start..colon,
+            password: colon + 1..end,
+            decoded,
+        })
+    }
+
+    fn user(&self) -> &[u8] {
+        &self.decoded[self.user.clone()]
+    }
+
+    fn password(&self) -> &[u8] {
+        &self.decoded[self.password.clone()]
+    }
+}
+
+impl BasicAuth {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<BasicAuth, String> {
+        let config: BasicAuthConfig = typed(config)?;
+        let realm = config.realm.as_deref().unwrap_or("service");
+        Ok(BasicAuth {
+            www_authenticate: header_value(&format!("Basic realm=\"{realm}\""))?,
+            anonymous: config.anonymous,
+            hide_credentials: config.hide_credentials,
+        })
+    }
+
+    fn denied(&self) -> Denied {
+        Denied::unauthorized("Unauthorized", Some(self.www_authenticate.clone()))
+    }
+
+    /// Kong's `retrieve_credentials` for one header. With
+    /// `hide_credentials` the header is removed whatever it held, except
+    /// when it decoded to text without a colon: Kong returns before
+    /// hiding then.
+    fn credentials_in(
+        &self,
+        req: &mut PluginRequest<'_>,
+        name: HeaderName,
+        value: Option<&HeaderValue>,
+    ) -> Option<UserPassword> {
+        let decoded = value
+            .and_then(|v| scheme_argument(v.as_bytes(), b"basic", 0))
+            .and_then(|arg| nginx_base64(arg, false));
+        let found = match decoded {
+            Some(decoded) => Some(UserPassword::split(decoded)?),
+            None => None,
+        };
+        if self.hide_credentials {
+            req.headers.remove(name);
+        }
+        found
+    }
+
+    fn attempt(&self, req: &mut PluginRequest<'_>, consumers: &Consumers) -> Result<Authenticated, Denied> {
+        let authorization = req.headers.get(AUTHORIZATION).cloned();
+        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
+        if authorization.is_none() && proxy_authorization.is_none() {
+            return Err(self.denied());
+        }
+        let lookup = |given: UserPassword| {
+            let owned = std::str::from_utf8(given.user())
+                .ok()
+                .and_then(|user| consumers.basic.get(user));
+            owned.map(|owned| (owned, given))
+        };
+        // Proxy-Authorization first; a user it names that does not exist
+        // sends Kong on to Authorization, a wrong password does not.
+        let mut found = self
+            .credentials_in(req, PROXY_AUTHORIZATION, proxy_authorization.as_ref())
+            .and_then(lookup);
+        if found.is_none() {
+            let given = self
+                .credentials_in(req, AUTHORIZATION, authorization.as_ref())
+                .ok_or_else(|| self.denied())?;
+            found = lookup(given);
+        }
+        let (owned, given) = found.ok_or_else(|| self.denied())?;
+        let password = std::str::from_utf8(given.password()).map_err(|_| self.denied())?;
+        let digest = gatehouse_model::entities::basic_auth_hash(&owned.consumer.id, password);
+        if !constant_time_eq(digest.as_bytes(), owned.secret.as_bytes()) {
+            return Err(self.denied());
+        }
+        Ok((
+            Arc::clone(&owned.consumer),
+            Credential {
+                id: identifier(given.user(), &owned.id),
+            },
+        ))
+    }
+}
+
+impl Plugin for BasicAuth {
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
+            self.attempt(req, ctx.consumers)
+        })
+    }
+}
+
+// acl
+
+#[derive(Deserialize)]
+struct AclConfig {
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+    #[serde(default)]
+    deny: Option<Vec<String>>,
+    #[serde(default)]
+    hide_groups_header: bool,
+}
+
+/// `acl` (`kong/plugins/acl/handler.lua`). Nothing here sets Kong's
+/// `authenticated_groups`, so the consumer's own groups always decide and
+/// `always_use_authenticated_groups` changes nothing.
+pub(crate) struct Acl {
+    /// A non-empty `deny` makes the list a deny list (Kong's test).
+    deny: bool,
+    /// `None`: an allow list that was never given (`deny: []`), which Kong
+    /// fails on as soon as it compares groups.
+    groups: Option<Vec<Box<str>>>,
+    hide_groups_header: bool,
+}
+
+/// What acl decides for one request.
+#[derive(Debug, PartialEq, Eq)]
+enum AclVerdict {
+    Forbidden,
+    Unauthorized,
+    Unexpected,
+    /// Allowed; the upstream gets these groups (none: the header is
+    /// removed, as nginx does when Kong sets it to an empty string).
+    Allowed(Option<HeaderValue>),
+}
+
+impl Acl {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Acl, String> {
+        let config: AclConfig = typed(config)?;
+        let deny = config.deny.as_ref().is_some_and(|d| !d.is_empty());
+        let groups = if deny { config.deny } else { config.allow };
+        Ok(Acl {
+            deny,
+            groups: groups.map(|g| g.into_iter().map(Into::into).collect()),
+            hide_groups_header: config.hide_groups_header,
+        })
+    }
+
+    fn verdict(&self, consumer: Option<&Consumer>, has_credential: bool) -> AclVerdict {
+        let unidentified = if has_credential {
+            AclVerdict::Forbidden
+        } else {
+            AclVerdict::Unauthorized
+        };
+        let Some(consumer) = consumer else {
+            return unidentified;
+        };
+        if consumer.groups.is_empty() && !self.deny {
+            return unidentified;
+        }
+        let Some(listed) = &self.groups else {
+            return AclVerdict::Unexpected;
+        };
+        let member = listed.iter().any(|g| consumer.groups.binary_search(g).is_ok());
+        if member == self.deny {
+            AclVerdict::Forbidden
+        } else {
+            AclVerdict::Allowed(consumer.groups_value.clone())
+        }
+    }
+}
+
+impl Plugin for Acl {
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        const CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
+        match self.verdict(ctx.consumer.as_deref(), ctx.credential.is_some()) {
+            AclVerdict::Forbidden => Flow::Exit(exit_message(
+                StatusCode::FORBIDDEN,
+                "You cannot consume this service",
+            )),
+            AclVerdict::Unauthorized => Flow::Exit(exit_message(StatusCode::UNAUTHORIZED, "Unauthorized")),
+            AclVerdict::Unexpected => {
+                tracing::error!("acl has neither an allow nor a non-empty deny list");
+                Flow::Exit(Denied::unexpected().response())
+            }
+            AclVerdict::Allowed(groups) => {
+                if !self.hide_groups_header {
+                    match groups {
+                        Some(groups) => {
+                            req.headers.insert(CONSUMER_GROUPS, groups);
+                        }
+                        None => {
+                            req.headers.remove(CONSUMER_GROUPS);
+                        }
+                    }
+                }
+                Flow::Continue
+            }
+        }
+    }
+}
+
+// jwt
+
+#[derive(Deserialize)]
+struct JwtConfig {
+    #[serde(default)]
+    uri_param_names: Option<Vec<String>>,
+    #[serde(default)]
+    cookie_names: Option<Vec<String>>,
+    #[serde(default)]
+    key_claim_name: Option<String>,
+    #[serde(default)]
+    secret_is_base64: bool,
+    #[serde(default)]
+    claims_to_verify: Option<Vec<String>>,
+    #[serde(default)]
+    anonymous: Option<String>,
+    #[serde(default = "enabled")]
+    run_on_preflight: bool,
+    #[serde(default)]
+    maximum_expiration: Option<f64>,
+    #[serde(default)]
+    header_names: Option<Vec<String>>,
+    #[serde(default)]
+    realm: Option<String>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// The `alg`s Kong's jwt parser knows (`alg_verify` in `jwt_parser.lua`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JwtAlg {
+    Hs256,
+    Hs384,
+    Hs512,
+    Rs256,
+    Rs384,
+    Rs512,
+    Es256,
+    Es384,
+    Es512,
+    Ps256,
+    Ps384,
+    Ps512,
+    EdDsa,
+}
+
+impl JwtAlg {
+    const ALL: [JwtAlg; 13] = [
+        JwtAlg::Hs256,
+        JwtAlg::Hs384,
+        JwtAlg::Hs512,
+        JwtAlg::Rs256,
+        JwtAlg::Rs384,
+        JwtAlg::Rs512,
+        JwtAlg::Es256,
+        JwtAlg::Es384,
+        JwtAlg::Es512,
+        JwtAlg::Ps256,
+        JwtAlg::Ps384,
+        JwtAlg::Ps512,
+        JwtAlg::EdDsa,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            JwtAlg::Hs256 => "HS256",
+            JwtAlg::Hs384 => "HS384",
+            JwtAlg::Hs512 => "HS512",
+            JwtAlg::Rs256 => "RS256",
+            JwtAlg::Rs384 => "RS384",
+            JwtAlg::Rs512 => "RS512",
+            JwtAlg::Es256 => "ES256",
+            JwtAlg::Es384 => "ES384",
+            JwtAlg::Es512 => "ES512",
+            JwtAlg::Ps256 => "PS256",
+            JwtAlg::Ps384 => "PS384",
+            JwtAlg::Ps512 => "PS512",
+            JwtAlg::EdDsa => "EdDSA",
+        }
+    }
+
+    fn parse(name: &str) -> Option<JwtAlg> {
+        JwtAlg::ALL.into_iter().find(|alg| alg.name() == name)
+    }
+
+    fn mac(self) -> Option<MacDigest> {
+        match self {
+            JwtAlg::Hs256 => Some(MacDigest::Sha256),
+            JwtAlg::Hs384 => Some(MacDigest::Sha384),
+            JwtAlg::Hs512 => Some(MacDigest::Sha512),
+            _ => None,
+        }
+    }
+
+    /// The signature length Kong asserts (a Lua error, so a 500) before
+    /// verifying.
+    fn asserted_len(self) -> Option<usize> {
+        match self {
+            JwtAlg::Es256 => Some(64),
+            JwtAlg::Es384 => Some(96),
+            JwtAlg::Es512 => Some(132),
+            JwtAlg::Ps256 | JwtAlg::Ps384 | JwtAlg::Ps512 => Some(256),
+            _ => None,
+        }
+    }
+
+    /// The public key of a credential for this algorithm, parsed once.
+    fn public_key(self, pem: &str) -> Result<(DecodingKey, jsonwebtoken::Algorithm), String> {
+        use jsonwebtoken::Algorithm as A;
+        let (algorithm, key) = match self {
+            JwtAlg::Rs256 => (A::RS256, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Rs384 => (A::RS384, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Rs512 => (A::RS512, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Ps256 => (A::PS256, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Ps384 => (A::PS384, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Ps512 => (A::PS512, DecodingKey::from_rsa_pem(pem.as_bytes())),
+            JwtAlg::Es256 => (A::ES256, DecodingKey::from_ec_pem(pem.as_bytes())),
+            JwtAlg::Es384 => (A::ES384, DecodingKey::from_ec_pem(pem.as_bytes())),
+            JwtAlg::EdDsa => (A::EdDSA, DecodingKey::from_ed_pem(pem.as_bytes())),
+            JwtAlg::Es512 => return Err("ES512 (P-521) signatures cannot be verified here".into()),
+            JwtAlg::Hs256 | JwtAlg::Hs384 | JwtAlg::Hs512 => {
+                return Err("an HMAC algorithm has no public key".into())
+            }
+        };
+        key.map(|key| (key, algorithm)).map_err(|e| e.to_string())
+    }
+}
+
+/// What a jwt credential verifies with, prepared when the plugin is built.
+enum JwtKey {
+    /// `secret_is_base64`: the decoded secret.
+    Secret(Vec<u8>),
+    Public(DecodingKey, jsonwebtoken::Algorithm),
+    /// Kong's "Invalid key/secret": no secret, no public key, or a base64
+    /// secret that does not decode.
+    Missing,
+    /// A public key Kong's `openssl_pkey.new` would fail on: a 500.
+    Unusable(Box<str>),
+}
+
+/// A registered claim `claims_to_verify` may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegisteredClaim {
+    Exp,
+    Nbf,
+}
+
+impl RegisteredClaim {
+    fn name(self) -> &'static str {
+        match self {
+            RegisteredClaim::Exp => "exp",
+            RegisteredClaim::Nbf => "nbf",
+        }
+    }
+
+    /// Kong's check of a numeric claim against `now`.
+    fn check(self, value: f64, now: i64) -> Option<&'static str> {
+        let now = now as f64;
+        match self {
+            RegisteredClaim::Exp => (value <= now).then_some("token expired"),
+            RegisteredClaim::Nbf => (value > now).then_some("token not valid yet"),
+        }
+    }
+}
+
+/// Why a jwt request is not authenticated.
+#[derive(Debug, PartialEq)]
+enum JwtFailure {
+    /// No token: the 401 without `error="invalid_token"`.
+    NoToken,
+    Invalid(Cow<'static, str>),
+    /// Claim errors, which Kong sends as the body itself.
+    Claims(serde_json::Map<String, Value>),
+    /// A Lua error in Kong: 500 whatever the flow.
+    Unexpected,
+}
+
+/// A token Kong found: a text, or `true` for a query argument without `=`
+/// (what `kong.request.get_query` gives for `?jwt`).
+#[derive(Debug, PartialEq)]
+enum Token<'r> {
+    Text(Cow<'r, [u8]>),
+    Flag,
+}
+
+/// A token split and decoded as Kong's `jwt_parser.lua` does.
+#[derive(Debug)]
+struct DecodedJwt<'t> {
+    /// `header.claims` as the token carries them: what is signed.
+    signing_input: &'t [u8],
+    header: Value,
+    claims: Value,
+    alg: JwtAlg,
+    signature: Vec<u8>,
+}
+
+impl DecodedJwt<'_> {
+    fn decode(token: &[u8]) -> Result<DecodedJwt<'_>, JwtFailure> {
+        let bad = |why: &'static str| JwtFailure::Invalid(Cow::Owned(format!("Bad token; {why}")));
+        let mut parts = token.splitn(3, |&b| b == b'.');
+        let header_64 = parts.next().unwrap_or_default();
+        // A token with fewer than three parts fails inside Kong's pcall,
+        // which reports every failure there as invalid JSON.
+        let (Some(claims_64), Some(signature_64)) = (parts.next(), parts.next()) else {
+            return Err(bad("invalid JSON"));
+        };
+        let json = |part: &[u8]| nginx_base64(part, true).and_then(|raw| serde_json::from_slice::<Value>(&raw).ok());
+        let (Some(header), Some(claims)) = (json(header_64), json(claims_64)) else {
+            return Err(bad("invalid JSON"));
+        };
+        let alg = lua_field(&header, "alg")?
+            .and_then(Value::as_str)
+            .and_then(JwtAlg::parse)
+            .ok_or_else(|| bad("invalid alg"))?;
+        if claims == Value::Bool(false) {
+            return Err(bad("invalid claims"));
+        }
+        let signature = nginx_base64(signature_64, true).ok_or_else(|| bad("invalid signature"))?;
+        Ok(DecodedJwt {
+            signing_input: &token[..header_64.len() + 1 + claims_64.len()],
+            header,
+            claims,
+            alg,
+            signature,
+        })
+    }
+
+    /// Kong's `verify_registered_claims` and `check_maximum_expiration`.
+    fn check_claims(
+        &self,
+        claims: &[RegisteredClaim],
+        maximum_expiration: f64,
+        now: i64,
+    ) -> Result<(), JwtFailure> {
+        let mut errors = serde_json::Map::new();
+        for &claim in claims {
+            let problem = match lua_field(&self.claims, claim.name())? {
+                Some(Value::Number(n)) => claim.check(n.as_f64().unwrap_or(f64::NAN), now),
+                _ => Some("must be a number"),
+            };
+            if let Some(problem) = problem {
+                errors.insert(claim.name().to_owned(), problem.into());
+            }
+        }
+        if errors.is_empty() && maximum_expiration > 0.0 {
+            let within = match lua_field(&self.claims, "exp")? {
+                Some(Value::Number(exp)) => exp.as_f64().is_some_and(|exp| exp - now as f64 <= maximum_expiration),
+                _ => false,
+            };
+            if !within {
+                errors.insert("exp".into(), "exceeds maximum allowed expiration".into());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(JwtFailure::Claims(errors))
+        }
+    }
+}
+
+/// `value[key]` as Lua evaluates it on what cjson decoded: objects answer,
+/// arrays and strings have no such field, and indexing a number, a boolean
+/// or `null` raises an error.
+fn lua_field<'v>(value: &'v Value, key: &str) -> Result<Option<&'v Value>, JwtFailure> {
+    match value {
+        Value::Object(map) => Ok(map.get(key)),
+        Value::Array(_) | Value::String(_) => Ok(None),
+        Value::Number(_) | Value::Bool(_) | Value::Null => Err(JwtFailure::Unexpected),
+    }
+}
+
+/// Lua truthiness: only a missing value and `false` are false (`null`
+/// decodes to a userdata, which is true).
+fn lua_truthy(value: Option<&Value>) -> Option<&Value> {
+    value.filter(|v| **v != Value::Bool(false))
+}
+
+/// Verifies `signature` over `input` with a prepared public key, after
+/// Kong's length assertions.
+fn verify_public(alg: JwtAlg, key: &JwtKey, input: &[u8], signature: &[u8]) -> Result<bool, JwtFailure> {
+    match key {
+        JwtKey::Public(key, algorithm) => {
+            if alg.asserted_len().is_some_and(|len| len != signature.len()) {
+                return Err(JwtFailure::Unexpected);
+            }
+            let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature);
+            Ok(jsonwebtoken::crypto::verify(&encoded, input, key, *algorithm).unwrap_or(false))
+        }
+        JwtKey::Unusable(why) => {
+            tracing::error!("jwt credential key is unusable: {why}");
+            Err(JwtFailure::Unexpected)
+        }
+        JwtKey::Secret(_) | JwtKey::Missing => Err(JwtFailure::Invalid("Invalid key/secret".into())),
+    }
+}
+
+/// nginx's `$cookie_NAME` (`ngx_http_parse_multi_header_lines`): the first
+/// `NAME=value` among the `Cookie` headers' `;`/`,`-separated parts, the
+/// name compared without case, the value up to the next `;`.
+fn cookie<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
+    for header in headers.get_all(COOKIE) {
+        let v = header.as_bytes();
+        let mut p = 0;
+        while p < v.len() {
+            if v[p..].len() >= name.len() && v[p..p + name.len()].eq_ignore_ascii_case(name) {
+                p += name.len();
+                while p < v.len() && v[p] == b' ' {
+                    p += 1;
+                }
+                if p < v.len() {
+                    p += 1;
+                    if v[p - 1] == b'=' {
+                        while p < v.len() && v[p] == b' ' {
+                            p += 1;
+                        }
+                        let end = memchr::memchr(b';', &v[p..]).map_or(v.len(), |n| p + n);
+                        return Some(&v[p..end]);
+                    }
+                }
+            }
+            while p < v.len() {
+                p += 1;
+                if matches!(v[p - 1], b';' | b',') {
+                    break;
+                }
+            }
+            while p < v.len() && v[p] == b' ' {
+                p += 1;
+            }
+        }
+    }
+    None
+}
+
+/// `jwt` (`kong/plugins/jwt/handler.lua`, `jwt_parser.lua`).
+pub(crate) struct Jwt {
+    uri_param_names: Vec<String>,
+    cookie_names: Vec<String>,
+    header_names: Vec<HeaderName>,
+    key_claim_name: String,
+    secret_is_base64: bool,
+    claims_to_verify: Vec<RegisteredClaim>,
+    maximum_expiration: f64,
+    anonymous: Option<String>,
+    run_on_preflight: bool,
+    www_authenticate: HeaderValue,
+    www_authenticate_error: HeaderValue,
+    no_key_claim: Cow<'static, str>,
+    empty_key_claim: Cow<'static, str>,
+    no_credential: Cow<'static, str>,
+    /// By credential key: the keys that need preparing (public keys, and
+    /// base64 secrets when `secret_is_base64`); other secrets are used as
+    /// the consumer index holds them.
+    keys: HashMap<Box<str>, JwtKey>,
+}
+
+impl Jwt {
+    pub(crate) fn new(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Jwt, String> {
+        Jwt::build(typed(config)?, cx.consumers)
+    }
+
+    fn build(config: JwtConfig, consumers: &Consumers) -> Result<Jwt, String> {
+        let claims_to_verify = config
+            .claims_to_verify
+            .unwrap_or_default()
+            .iter()
+            .map(|c| match c.as_str() {
+                "exp" => Ok(RegisteredClaim::Exp),
+                "nbf" => Ok(RegisteredClaim::Nbf),
+                other => Err(format!("unknown claim to verify: {other}")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (www, www_error) = match &config.realm {
+            // Kong 3.9 separates the realm and the error with a space only.
+            Some(realm) => (
+                format!("Bearer realm=\"{realm}\""),
+                format!("Bearer realm=\"{realm}\" error=\"invalid_token\""),
+            ),
+            None => ("Bearer".to_owned(), "Bearer error=\"invalid_token\"".to_owned()),
+        };
+        let mut keys = HashMap::new();
+        for (key, owned) in &consumers.jwt {
+            let Some(alg) = JwtAlg::parse(&owned.secret.algorithm) else {
+                continue;
+            };
+            let prepared = if alg.mac().is_some() {
+                if !config.secret_is_base64 {
+                    continue;
+                }
+                owned
+                    .secret
+                    .secret
+                    .as_deref()
+                    .and_then(|s| nginx_base64(s.as_bytes(), true))
+                    .map_or(JwtKey::Missing, JwtKey::Secret)
+            } else {
+                match owned.secret.rsa_public_key.as_deref() {
+                    None => JwtKey::Missing,
+                    Some(pem) => match alg.public_key(pem) {
+                        Ok((key, algorithm)) => JwtKey::Public(key, algorithm),
+                        Err(why) => JwtKey::Unusable(why.into()),
+                    },
+                }
+            };
+            keys.insert(key.clone(), prepared);
+        }
+        let claim = config.key_claim_name.unwrap_or_else(|| "iss".to_owned());
+        Ok(Jwt {
+            uri_param_names: config.uri_param_names.unwrap_or_default(),
+            cookie_names: config.cookie_names.unwrap_or_default(),
+            header_names: config
+                .header_names
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(header_key(n).as_bytes()).ok())
+                .collect(),
+            secret_is_base64: config.secret_is_base64,
+            claims_to_verify,
+            maximum_expiration: config.maximum_expiration.unwrap_or(0.0),
+            anonymous: config.anonymous,
+            run_on_preflight: config.run_on_preflight,
+            www_authenticate: header_value(&www)?,
+            www_authenticate_error: header_value(&www_error)?,
+            no_key_claim: format!("No mandatory '{claim}' in claims").into(),
+            empty_key_claim: format!("Invalid '{claim}' in claims").into(),
+            no_credential: format!("No credentials found for given '{claim}'").into(),
+            key_claim_name: claim,
+            keys,
+        })
+    }
+
+    /// Kong's `retrieve_tokens`: every distinct token in the query, the
+    /// cookies and the `Bearer` headers.
+    fn tokens<'r>(&self, req: &'r PluginRequest<'_>) -> Vec<Token<'r>> {
+        let mut tokens: Vec<Token<'r>> = Vec::new();
+        let mut add = |token: Token<'r>| {
+            if !tokens.contains(&token) {
+                tokens.push(token);
+            }
+        };
+        if let Some(query) = req.query.as_deref() {
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else {
+                    continue;
+                };
+                if name.is_empty() || !self.uri_param_names.iter().any(|n| *n == name) {
+                    continue;
+                }
+                if !pair.contains('=') {
+                    add(Token::Flag);
+                } else if !value.is_empty() {
+                    add(Token::Text(Cow::Owned(value.into_owned().into_bytes())));
+                }
+            }
+        }
+        for name in &self.cookie_names {
+            if let Some(value) = cookie(&req.headers, name.as_bytes()).filter(|v| !v.is_empty()) {
+                add(Token::Text(Cow::Borrowed(value)));
+            }
+        }
+        for name in &self.header_names {
+            let token = req
+                .headers
+                .get(name)
+                .and_then(|v| scheme_argument(v.as_bytes(), b"bearer", 1));
+            if let Some(token) = token {
+                add(Token::Text(Cow::Borrowed(token)));
+            }
+        }
+        tokens
+    }
+
+    fn attempt(&self, req: &PluginRequest<'_>, consumers: &Consumers, now: i64) -> Result<Authenticated, JwtFailure> {
+        let tokens = self.tokens(req);
+        let token = match tokens.as_slice() {
+            [] => return Err(JwtFailure::NoToken),
+            [Token::Text(token)] => token,
+            [Token::Flag] => return Err(JwtFailure::Invalid("Unrecognizable token".into())),
+            _ => return Err(JwtFailure::Invalid("Multiple tokens provided".into())),
+        };
+        let jwt = DecodedJwt::decode(token)?;
+        let claim = match lua_truthy(lua_field(&jwt.claims, &self.key_claim_name)?) {
+            Some(value) => Some(value),
+            None => lua_truthy(lua_field(&jwt.header, &self.key_claim_name)?),
+        };
+        let key = match claim {
+            None => return Err(JwtFailure::Invalid(self.no_key_claim.clone())),
+            Some(Value::String(key)) if key.is_empty() => {
+                return Err(JwtFailure::Invalid(self.empty_key_claim.clone()))
+            }
+            Some(Value::String(key)) => key.as_str(),
+            // Kong's lookup by a key that is not a string fails.
+            Some(_) => return Err(JwtFailure::Unexpected),
+        };
+        let owned = consumers
+            .jwt
+            .get(key)
+            .ok_or_else(|| JwtFailure::Invalid(self.no_credential.clone()))?;
+        if *owned.secret.algorithm != *jwt.alg.name() {
+            return Err(JwtFailure::Invalid("Invalid algorithm".into()));
+        }
+        let verified = match jwt.alg.mac() {
+            Some(digest) => {
+                let secret = if self.secret_is_base64 {
+                    match self.keys.get(key) {
+                        Some(JwtKey::Secret(secret)) => Some(secret.as_slice()),
+                        _ => None,
+                    }
+                } else {
+                    owned.secret.secret.as_deref().map(str::as_bytes)
+                };
+                let secret = secret.ok_or_else(|| JwtFailure::Invalid("Invalid key/secret".into()))?;
+                digest.verify(secret, jwt.signing_input, &jwt.signature)
+            }
+            None => {
+                let prepared = self.keys.get(key).unwrap_or(&JwtKey::Missing);
+                verify_public(jwt.alg, prepared, jwt.signing_input, &jwt.signature)?
+            }
+        };
+        if !verified {
+            return Err(JwtFailure::Invalid("Invalid signature".into()));
+        }
+        jwt.check_claims(&self.claims_to_verify, self.maximum_expiration, now)?;
+        Ok((
+            Arc::clone(&owned.consumer),
+            Credential {
+                id: identifier(key.as_bytes(), &owned.id),
+            },
+        ))
+    }
+
+    fn denied(&self, failure: JwtFailure) -> Denied {
+        let with_error = Some(self.www_authenticate_error.clone());
+        match failure {
+            JwtFailure::NoToken => Denied::unauthorized("Unauthorized", Some(self.www_authenticate.clone())),
+            JwtFailure::Invalid(message) => Denied::unauthorized(message, with_error),
+            JwtFailure::Claims(errors) => Denied {
+                body: Some(Value::Object(errors)),
+                ..Denied::unauthorized("", with_error)
+            },
+            JwtFailure::Unexpected => Denied::unexpected(),
+        }
+    }
+}
+
+impl Plugin for Jwt {
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        if !self.run_on_preflight && req.method == Method::OPTIONS {
+            return Flow::Continue;
+        }
+        authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
+            self.attempt(req, ctx.consumers, now()).map_err(|f| self.denied(f))
+        })
+    }
+}
+
+// hmac-auth
+
+const HMAC_NOT_VALID: &str = "HMAC signature cannot be verified";
+const HMAC_NOT_SAME: &str = "HMAC signature does not match";
+const HMAC_NO_DATE: &str =
+    "HMAC signature cannot be verified, a valid date or x-date header is required for HMAC Authentication";
+
+#[derive(Deserialize)]
+struct HmacAuthConfig {
+    #[serde(default)]
+    hide_credentials: bool,
+    clock_skew: f64,
+    #[serde(default)]
+    anonymous: Option<String>,
+    #[serde(default)]
+    validate_request_body: bool,
+    #[serde(default)]
+    enforce_headers: Option<Vec<String>>,
+    algorithms: Vec<String>,
+    #[serde(default)]
+    realm: Option<String>,
+}
+
+/// `hmac-auth` (`kong/plugins/hmac-auth/access.lua`).
+pub(crate) struct HmacAuth {
+    hide_credentials: bool,
+    clock_skew: f64,
+    anonymous: Option<String>,
+    validate_request_body: bool,
+    enforce_headers: Vec<String>,
+    /// The allowed `algorithm` values with their digest.
+    algorithms: Vec<(Box<str>, MacDigest)>,
+    www_authenticate: HeaderValue,
+}
+
+/// The fields of an `hmac` authorization header.
+#[derive(Debug, PartialEq, Eq)]
+struct HmacParams<'h> {
+    username: &'h [u8],
+    algorithm: &'h [u8],
+    headers: &'h [u8],
+    signature: &'h [u8],
+}
+
+impl<'h> HmacParams<'h> {
+    /// Kong's unanchored
+    /// `\s*[Hh]mac\s*username="(.+)",\s*algorithm="(.+)",\s*headers="(.+)",\s*signature="(.+)"`.
+    /// Each greedy `(.+)` ends at the last place from which the rest of the
+    /// pattern still matches; that place does not depend on where the
+    /// field began, so the ends are found once each, from the last field
+    /// back, in linear time.
+    fn parse(value: &'h [u8]) -> Option<HmacParams<'h>> {
+        const SEPARATORS: [&[u8]; 3] = [b"algorithm=\"", b"headers=\"", b"signature=\""];
+        // Where the field after `",\s*word` begins, when that is at `at`.
+        let after_separator = |at: usize, word: &[u8]| -> Option<usize> {
+            let rest = value.get(at..)?.strip_prefix(b"\",")?;
+            let spaces = rest.iter().take_while(|&&b| is_space(b)).count();
+            rest[spaces..].starts_with(word).then(|| at + 2 + spaces + word.len())
+        };
+        let mut ends = [0usize; 4];
+        ends[3] = memchr::memrchr(b'"', value)?;
+        for field in (0..3).rev() {
+            let next_end = ends[field + 1];
+            ends[field] = (0..value.len())
+                .rev()
+                .find(|&at| after_separator(at, SEPARATORS[field]).is_some_and(|start| start < next_end))?;
+        }
+        let username_start = (0..value.len()).find_map(|at| {
+            if !value[at].eq_ignore_ascii_case(&b'h') || value.get(at + 1..at + 4) != Some(b"mac") {
+                return None;
+            }
+            let rest = &value[at + 4..];
+            let spaces = rest.iter().take_while(|&&b| is_space(b)).count();
+            let start = at + 4 + spaces + "username=\"".len();
+            (rest[spaces..].starts_with(b"username=\"") && start < ends[0]).then_some(start)
+        })?;
+        let mut starts = [username_start, 0, 0, 0];
+        for field in 0..3 {
+            starts[field + 1] = after_separator(ends[field], SEPARATORS[field])?;
+        }
+        Some(HmacParams {
+            username: &value[starts[0]..ends[0]],
+            algorithm: &value[starts[1]..ends[1]],
+            headers: &value[starts[2]..ends[2]],
+            signature: &value[starts[3]..ends[3]],
+        })
+    }
+
+    /// The signed header names: Penlight's `split(list, " ")`, which is a
+    /// plain split except that a lone space gives one empty name.
+    fn header_names(&self) -> Vec<&'h [u8]> {
+        if self.headers == b" " {
+            return vec![b""];
+        }
+        self.headers.split(|&b| b == b' ').collect()
+    }
+}
+
+/// The text Kong signs: each listed header as `name: value`, `name:` when
+/// absent, `@request-target` and `request-line` built from the request.
+fn hmac_signing_string(req: &PluginRequest<'_>, names: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    let request_uri = |out: &mut Vec<u8>| {
+        out.extend_from_slice(req.path.as_bytes());
+        if let Some(query) = req.query.as_deref() {
+            out.push(b'?');
+            out.extend_from_slice(query.as_bytes());
+        }
+    };
+    for (i, &name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        match first_header(&req.headers, name) {
+            Some(value) => {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+            }
+            None if name == b"@request-target" => {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend(req.method.as_str().bytes().map(|b| b.to_ascii_lowercase()));
+                out.push(b' ');
+                request_uri(&mut out);
+            }
+            None if name == b"request-line" => {
+                out.extend_from_slice(req.method.as_str().as_bytes());
+                out.push(b' ');
+                request_uri(&mut out);
+                // The plugin request does not carry the HTTP version.
+                out.extend_from_slice(b" HTTP/1.1");
+            }
+            None => {
+                out.extend_from_slice(name);
+                out.push(b':');
+            }
+        }
+    }
+    out
+}
+
+/// nginx's `ngx_parse_http_time` (`ngx.parse_http_time`): RFC 1123, RFC
+/// 850 and asctime dates. Like nginx, it checks neither the weekday nor
+/// what follows the time, and accepts a day 0.
+fn parse_http_time(value: &[u8]) -> Option<i64> {
+    #[derive(PartialEq)]
+    enum Form {
+        Rfc1123,
+        Rfc850,
+        Asctime,
+    }
+    const MDAY: [i64; 12] = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let len = value.len();
+    let at = |i: usize| value.get(i).copied().unwrap_or(0);
+    let digit = |i: usize| at(i).is_ascii_digit().then(|| i64::from(at(i) - b'0'));
+    let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
+
+    let mut p = value.iter().position(|&b| b == b',' || b == b' ').unwrap_or(len);
+    let mut form = if at(p) == b' ' { Form::Asctime } else { Form::Rfc1123 };
+    p += 1;
+    while p < len && value[p] == b' ' {
+        p += 1;
+    }
+    if len.saturating_sub(p) < 18 {
+        return None;
+    }
+    let mut day = 0;
+    if form != Form::Asctime {
+        day = two(p)?;
+        p += 2;
+        match at(p) {
+            b' ' if len - p >= 18 => form = Form::Rfc1123,
+            b'-' => form = Form::Rfc850,
+            _ => return None,
+        }
+        p += 1;
+    }
+    let month = match at(p) {
+        b'J' if at(p + 1) == b'a' => 0,
+        b'J' if at(p + 2) == b'n' => 5,
+        b'J' => 6,
+        b'F' => 1,
+        b'M' if at(p + 2) == b'r' => 2,
+        b'M' => 4,
+        b'A' if at(p + 1) == b'p' => 3,
+        b'A' => 7,
+        b'S' => 8,
+        b'O' => 9,
+        b'N' => 10,
+        b'D' => 11,
+        _ => return None,
+    };
+    p += 3;
+    if (form == Form::Rfc1123 && at(p) != b' ') || (form == Form::Rfc850 && at(p) != b'-') {
+        return None;
+    }
+    p += 1;
+    let mut year = 0;
+    match form {
+        Form::Rfc1123 => {
+            year = two(p)? * 100 + two(p + 2)?;
+            p += 4;
+        }
+        Form::Rfc850 => {
+            year = two(p)?;
+            year += if year < 70 { 2000 } else { 1900 };
+            p += 2;
+        }
+        Form::Asctime => {
+            if at(p) == b' ' {
+                p += 1;
+            }
+            day = digit(p)?;
+            p += 1;
+            if at(p) != b' ' {
+                day = day * 10 + digit(p)?;
+                p += 1;
+            }
+            if len.saturating_sub(p) < 14 {
+                return None;
+            }
+        }
+    }
+    // " HH:MM:SS" from p.
+    if at(p) != b' ' || at(p + 3) != b':' || at(p + 6) != b':' {
+        return None;
+    }
+    let (hour, minute, second) = (two(p + 1)?, two(p + 4)?, two(p + 7)?);
+    if form == Form::Asctime {
+        if at(p + 9) != b' ' {
+            return None;
+        }
+        year = two(p + 10)? * 100 + two(p + 12)?;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    if day == 29 && month == 1 {
+        if year % 4 != 0 || (year % 100 == 0 && year % 400 != 0) {
+            return None;
+        }
+    } else if day > MDAY[month] {
+        return None;
+    }
+    Some(days_from_civil(year, month as i64 + 1, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date; linear in `day`,
+/// so day 0 is the last day of the month before.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+impl HmacAuth {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<HmacAuth, String> {
+        HmacAuth::build(typed(config)?)
+    }
+
+    fn build(config: HmacAuthConfig) -> Result<HmacAuth, String> {
+        let algorithms = config
+            .algorithms
+            .iter()
+            .map(|name| {
+                let digest = match name.as_str() {
+                    "hmac-sha1" => MacDigest::Sha1,
+                    "hmac-sha256" => MacDigest::Sha256,
+                    "hmac-sha384" => MacDigest::Sha384,
+                    "hmac-sha512" => MacDigest::Sha512,
+                    other => return Err(format!("unknown algorithm {other}")),
+                };
+                Ok((name.as_str().into(), digest))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let www = match &config.realm {
+            Some(realm) => format!("hmac realm=\"{realm}\""),
+            None => "hmac".to_owned(),
+        };
+        Ok(HmacAuth {
+            hide_credentials: config.hide_credentials,
+            clock_skew: config.clock_skew,
+            anonymous: config.anonymous,
+            validate_request_body: config.validate_request_body,
+            enforce_headers: config.enforce_headers.unwrap_or_default(),
+            algorithms,
+            www_authenticate: header_value(&www)?,
+        })
+    }
+
+    fn denied(&self, message: &'static str) -> Denied {
+        Denied::unauthorized(message, Some(self.www_authenticate.clone()))
+    }
+
+    fn date_within_skew(&self, headers: &HeaderMap, name: &[u8], now: i64) -> bool {
+        first_header(headers, name)
+            .and_then(parse_http_time)
+            .is_some_and(|time| (now.saturating_sub(time)).unsigned_abs() as f64 <= self.clock_skew)
+    }
+
+    /// Kong's `validate_body`: the `Digest` must be the body's SHA-256, and
+    /// without one the body must be empty.
+    fn body_matches(req: &PluginRequest<'_>) -> bool {
+        let body = req.body.as_deref().unwrap_or_default();
+        match req.headers.get("digest") {
+            None => body.is_empty(),
+            Some(received) => {
+                let expected = format!("SHA-256={}", STANDARD.encode(sha2::Sha256::digest(body)));
+                received.as_bytes() == expected.as_bytes()
+            }
+        }
+    }
+
+    fn attempt(&self, req: &mut PluginRequest<'_>, consumers: &Consumers, now: i64) -> Result<Authenticated, Denied> {
+        let authorization = req.headers.get(AUTHORIZATION).cloned();
+        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
+        if authorization.is_none() && proxy_authorization.is_none() {
+            return Err(self.denied("Unauthorized"));
+        }
+        if !(self.date_within_skew(&req.headers, b"x-date", now)
+            || self.date_within_skew(&req.headers, DATE.as_str().as_bytes(), now))
+        {
+            return Err(self.denied(HMAC_NO_DATE));
+        }
+        let params = match proxy_authorization.as_ref().and_then(|v| HmacParams::parse(v.as_bytes())) {
+            Some(params) => {
+                if self.hide_credentials {
+                    req.headers.remove(PROXY_AUTHORIZATION);
+                }
+                Some(params)
+            }
+            None => {
+                if self.hide_credentials {
+                    req.headers.remove(AUTHORIZATION);
+                }
+                authorization.as_ref().and_then(|v| HmacParams::parse(v.as_bytes()))
+            }
+        };
+        let params = params.ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
+        let names = params.header_names();
+        if self.enforce_headers.iter().any(|h| !names.contains(&h.as_bytes())) {
+            return Err(self.denied(HMAC_NOT_VALID));
+        }
+        let digest = self
+            .algorithms
+            .iter()
+            .find(|(name, _)| name.as_bytes() == params.algorithm)
+            .map(|&(_, digest)| digest)
+            .ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
+        let owned = std::str::from_utf8(params.username)
+            .ok()
+            .and_then(|username| consumers.hmac.get(username))
+            .ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
+        let signing_string = hmac_signing_string(req, &names);
+        let signature_ok = nginx_base64(params.signature, false)
+            .is_some_and(|signature| digest.verify(owned.secret.as_bytes(), &signing_string, &signature));
+        if !signature_ok || (self.validate_request_body && !HmacAuth::body_matches(req)) {
+            return Err(self.denied(HMAC_NOT_SAME));
+        }
+        Ok((
+            Arc::clone(&owned.consumer),
+            Credential {
+                id: identifier(params.username, &owned.id),
+            },
+        ))
+    }
+}
+
+impl Plugin for HmacAuth {
+    fn needs(&self) -> Needs {
+        Needs {
+            request_body: self.validate_request_body,
+            ..Needs::default()
+        }
+    }
+
+    fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
+        authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
+            self.attempt(req, ctx.consumers, now())
+        })
+    }
+}

@@ -120,6 +120,18 @@ impl Period {
         }
     }
 
+    /// The period as Kong's Redis keys name it.
+    fn key_name(self) -> &'static str {
+        match self {
+            Period::Second => "second",
+            Period::Minute => "minute",
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Month => "month",
+            Period::Year => "year",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Period::Second => "Second",
@@ -189,9 +201,24 @@ struct RateLimitingConfig {
     header_name: Option<String>,
     path: Option<String>,
     policy: String,
+    fault_tolerant: bool,
     hide_client_headers: bool,
     error_code: f64,
     error_message: String,
+    #[serde(default)]
+    redis: Option<RedisConfig>,
+}
+
+#[derive(Deserialize)]
+struct RedisConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    timeout: Option<f64>,
+    username: Option<String>,
+    password: Option<String>,
+    database: Option<i64>,
+    #[serde(default)]
+    ssl: Option<bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -204,29 +231,83 @@ enum LimitBy {
     Path,
 }
 
-/// `rate-limiting` (`kong/plugins/rate-limiting/handler.lua`), local
-/// policy: counters live on this node.
-pub(crate) struct RateLimiting {
+/// Redis connections by server, shared by every rate-limiting instance
+/// and kept across configurations. The lock is taken when a
+/// configuration is built, never by a request.
+#[derive(Default)]
+pub(crate) struct RedisPool {
+    servers: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>>>,
+}
+
+/// One Redis server as a rate-limiting configuration names it.
+struct RedisTarget {
+    info: redis::ConnectionInfo,
+    timeout: std::time::Duration,
+    connection: Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
+    /// Kong's key prefix parts: the plugin's route and service ids.
+    scope: String,
+}
+
+impl RedisTarget {
+    async fn connection(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        self.connection
+            .get_or_try_init(|| async {
+                let client = redis::Client::open(self.info.clone())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1);
+                redis::aio::ConnectionManager::new_with_config(client, config).await
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// Kong's script: count this request and read what was there before, in
+/// one round trip; the first count of a window sets its expiry.
+static INCREMENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"local n = redis.call('incr', KEYS[1])
+if n == 1 then redis.call('expire', KEYS[1], ARGV[1]) end
+return n - 1",
+    )
+});
+
+/// What every request of one rate-limiting configuration shares.
+struct Limits {
     plugin: Arc<str>,
     limits: Vec<(Period, u64, HeaderName, HeaderName)>,
     limit_by: LimitBy,
     header_name: Option<HeaderName>,
     path: Option<String>,
     hide_client_headers: bool,
+    fault_tolerant: bool,
     error_status: StatusCode,
     error_message: String,
+}
+
+/// `rate-limiting` (`kong/plugins/rate-limiting/handler.lua`). The local
+/// policy counts on this node; the redis policy counts in Redis with
+/// Kong's keys, so every data plane shares the counts.
+pub(crate) struct RateLimiting {
+    limits: Arc<Limits>,
+    redis: Option<Arc<RedisTarget>>,
     shared: Arc<super::Shared>,
 }
 
+const EMPTY_UUID: &str = "00000000-0000-0000-0000-000000000000";
+
 impl RateLimiting {
     pub(crate) fn new(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Self, String> {
+        // Kong's keys: `ratelimit:<route id>:<service id>:…` of the
+        // plugin's own scope.
+        let plugin_doc_scope = format!(
+            "{}:{}",
+            cx.route_id.unwrap_or(EMPTY_UUID),
+            cx.service_id.unwrap_or(EMPTY_UUID)
+        );
         let config: RateLimitingConfig = typed(config)?;
-        if config.policy != "local" {
-            tracing::warn!(
-                policy = %config.policy,
-                "rate-limiting policy is not available on this data plane yet; counting locally"
-            );
-        }
         let values = [
             config.second,
             config.minute,
@@ -262,33 +343,89 @@ impl RateLimiting {
             "path" => LimitBy::Path,
             _ => LimitBy::Ip,
         };
+        let redis = match config.policy.as_str() {
+            "redis" => {
+                let r = config
+                    .redis
+                    .as_ref()
+                    .ok_or("the redis policy needs config.redis")?;
+                if r.ssl == Some(true) {
+                    return Err("redis over TLS is not supported by this data plane yet".into());
+                }
+                let host = r.host.clone().ok_or("the redis policy needs config.redis.host")?;
+                let port = r.port.unwrap_or(6379);
+                let info = redis::ConnectionInfo {
+                    addr: redis::ConnectionAddr::Tcp(host.clone(), port),
+                    redis: redis::RedisConnectionInfo {
+                        db: r.database.unwrap_or(0),
+                        username: r.username.clone(),
+                        password: r.password.clone(),
+                        protocol: redis::ProtocolVersion::RESP2,
+                    },
+                };
+                let server = format!(
+                    "{host}:{port}/{}/{}/{}",
+                    r.database.unwrap_or(0),
+                    r.username.as_deref().unwrap_or(""),
+                    r.password.as_deref().unwrap_or("")
+                );
+                let connection = {
+                    let mut servers = cx
+                        .shared
+                        .redis
+                        .servers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    Arc::clone(servers.entry(server).or_default())
+                };
+                Some(Arc::new(RedisTarget {
+                    info,
+                    timeout: std::time::Duration::from_millis(r.timeout.unwrap_or(2000.0).max(1.0) as u64),
+                    connection,
+                    scope: plugin_doc_scope,
+                }))
+            }
+            // Kong's `cluster` policy counts in Kong's database, which data
+            // planes do not have: count locally, as Kong's hybrid mode does.
+            _ => None,
+        };
         Ok(RateLimiting {
-            plugin: cx.plugin_id.into(),
-            limits,
-            limit_by,
-            header_name: config
-                .header_name
-                .as_deref()
-                .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| e.to_string()))
-                .transpose()?,
-            path: config.path,
-            hide_client_headers: config.hide_client_headers,
-            error_status: StatusCode::from_u16(config.error_code as u16)
-                .map_err(|e| e.to_string())?,
-            error_message: config.error_message,
+            limits: Arc::new(Limits {
+                plugin: cx.plugin_id.into(),
+                limits,
+                limit_by,
+                header_name: config
+                    .header_name
+                    .as_deref()
+                    .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| e.to_string()))
+                    .transpose()?,
+                path: config.path,
+                hide_client_headers: config.hide_client_headers,
+                fault_tolerant: config.fault_tolerant,
+                error_status: StatusCode::from_u16(config.error_code as u16)
+                    .map_err(|e| e.to_string())?,
+                error_message: config.error_message,
+            }),
+            redis,
             shared: Arc::clone(cx.shared),
         })
     }
+}
 
+impl Limits {
     /// Kong's `get_identifier`: falls back to the client address.
     fn identifier(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> String {
         let found = match self.limit_by {
             LimitBy::Service => ctx.service_id.map(str::to_owned),
-            LimitBy::Consumer => ctx.consumer.as_ref().map(|c| c.id.to_string()).or_else(|| {
-                ctx.credential
-                    .as_ref()
-                    .and_then(|c| c.id.to_str().ok().map(str::to_owned))
-            }),
+            LimitBy::Consumer => ctx
+                .consumer
+                .as_ref()
+                .map(|c| c.id.to_string())
+                .or_else(|| {
+                    ctx.credential
+                        .as_ref()
+                        .and_then(|c| c.id.to_str().ok().map(str::to_owned))
+                }),
             LimitBy::Credential => ctx
                 .credential
                 .as_ref()
@@ -299,14 +436,68 @@ impl RateLimiting {
                 .and_then(|name| req.headers.get(name))
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            LimitBy::Path => self
-                .path
-                .as_deref()
-                .filter(|p| *p == req.path)
-                .map(str::to_owned),
+            LimitBy::Path => self.path.as_deref().filter(|p| *p == req.path).map(str::to_owned),
             LimitBy::Ip => None,
         };
         found.unwrap_or_else(|| req.client_ip.to_string())
+    }
+
+    /// Kong's verdict from the counts before this request (`used`, one
+    /// per limit): the period that stops the request, if any, and the
+    /// headers for the client.
+    fn verdict(&self, now: i64, used: &[u64]) -> (bool, Vec<(HeaderName, HeaderValue)>) {
+        let remaining: Vec<i64> = self
+            .limits
+            .iter()
+            .zip(used)
+            .map(|((_, limit, _, _), used)| *limit as i64 - *used as i64)
+            .collect();
+        let stop = remaining.iter().rposition(|r| *r <= 0);
+        let mut headers = Vec::new();
+        if self.hide_client_headers {
+            return (stop.is_some(), headers);
+        }
+        // RateLimit-* report one period: the fewest remaining, then the
+        // longest window.
+        let mut best: Option<(i64, i64, u64)> = None;
+        let mut reset = 0;
+        for (index, ((period, limit, limit_name, remaining_name), remaining)) in
+            self.limits.iter().zip(&remaining).enumerate()
+        {
+            let mut remaining = *remaining;
+            if stop.is_none() || stop == Some(index) {
+                remaining -= 1;
+            }
+            let remaining = remaining.max(0);
+            let window = period.seconds();
+            let better = best.is_none_or(|(best_remaining, best_window, _)| {
+                remaining < best_remaining || (remaining == best_remaining && window > best_window)
+            });
+            if better {
+                best = Some((remaining, window, *limit));
+                reset = (window - (now - period.start_ms(now)) / 1000).max(1);
+            }
+            headers.push((limit_name.clone(), HeaderValue::from(*limit)));
+            headers.push((remaining_name.clone(), HeaderValue::from(remaining)));
+        }
+        if let Some((remaining, _, limit)) = best {
+            headers.push((RATELIMIT_LIMIT, HeaderValue::from(limit)));
+            headers.push((RATELIMIT_REMAINING, HeaderValue::from(remaining)));
+            headers.push((RATELIMIT_RESET, HeaderValue::from(reset)));
+            if stop.is_some() {
+                headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
+            }
+        }
+        (stop.is_some(), headers)
+    }
+
+    fn finish(&self, ctx: &mut Ctx<'_>, stop: bool, headers: Vec<(HeaderName, HeaderValue)>) -> Flow {
+        ctx.rate_limit_headers = headers;
+        if stop {
+            Flow::Exit(exit_message(self.error_status, &self.error_message))
+        } else {
+            Flow::Continue
+        }
     }
 }
 
@@ -319,81 +510,81 @@ fn now_ms() -> i64 {
 impl Plugin for RateLimiting {
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         let now = now_ms();
-        let identifier: Box<str> = self.identifier(req, ctx).into();
+        let limits = &self.limits;
+        let identifier = limits.identifier(req, ctx);
+        if let Some(redis) = &self.redis {
+            let redis = Arc::clone(redis);
+            let limits = Arc::clone(limits);
+            return Flow::Wait(Box::pin(async move {
+                let counted = async {
+                    let mut connection = redis.connection().await?;
+                    let mut used = Vec::with_capacity(limits.limits.len());
+                    for (period, _, _, _) in &limits.limits {
+                        let key = format!(
+                            "ratelimit:{}:{}:{}:{}",
+                            redis.scope,
+                            identifier,
+                            period.start_ms(now),
+                            period.key_name()
+                        );
+                        let before: i64 = INCREMENT
+                            .key(key)
+                            .arg(period.seconds())
+                            .invoke_async(&mut connection)
+                            .await?;
+                        used.push(before.max(0) as u64);
+                    }
+                    Ok::<_, redis::RedisError>(used)
+                };
+                let counted = tokio::time::timeout(redis.timeout * 2, counted).await;
+                let resume: super::Resume = match counted {
+                    Ok(Ok(used)) => Box::new(move |_req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>| {
+                        let (stop, headers) = limits.verdict(now, &used);
+                        limits.finish(ctx, stop, headers)
+                    }),
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(error)) => error.to_string(),
+                            _ => "timed out".to_owned(),
+                        };
+                        tracing::error!(%error, "rate-limiting: failed to get usage from Redis");
+                        let tolerant = limits.fault_tolerant;
+                        Box::new(move |_req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>| {
+                            if tolerant {
+                                Flow::Continue
+                            } else {
+                                Flow::Exit(exit_message(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    "An unexpected error occurred",
+                                ))
+                            }
+                        })
+                    }
+                };
+                resume
+            }));
+        }
+        let identifier: Box<str> = identifier.into();
         let counters = &self.shared.rate_limits;
-        let mut stop = None;
-        let mut usage = Vec::with_capacity(self.limits.len());
-        for (index, (period, limit, _, _)) in self.limits.iter().enumerate() {
+        let mut keys = Vec::with_capacity(limits.limits.len());
+        let mut used = Vec::with_capacity(limits.limits.len());
+        for (period, _, _, _) in &limits.limits {
             let key = CounterKey {
-                plugin: Arc::clone(&self.plugin),
+                plugin: Arc::clone(&limits.plugin),
                 identifier: identifier.clone(),
                 period: *period,
             };
             let start = period.start_ms(now);
-            let used = counters.usage(&key, start);
-            let remaining = *limit as i64 - used as i64;
-            if remaining <= 0 {
-                stop = Some(index);
-            }
-            usage.push((key, start, remaining));
+            used.push(counters.usage(&key, start));
+            keys.push((key, start));
         }
-        let mut headers = Vec::new();
-        let mut reset = 0;
-        if !self.hide_client_headers {
-            // The period reported in RateLimit-*: the fewest remaining,
-            // then the longest window (Kong's choice).
-            let mut best: Option<(i64, i64)> = None;
-            for (index, ((period, limit, limit_name, remaining_name), (_, start, remaining))) in
-                self.limits.iter().zip(&usage).enumerate()
-            {
-                let mut remaining = *remaining;
-                if stop.is_none() || stop == Some(index) {
-                    remaining -= 1;
-                }
-                let remaining = remaining.max(0);
-                let window = period.seconds();
-                let better = match best {
-                    None => true,
-                    Some((best_remaining, best_window)) => {
-                        remaining < best_remaining
-                            || (remaining == best_remaining && window > best_window)
-                    }
-                };
-                if better {
-                    best = Some((remaining, window));
-                    reset = (window - (now - start) / 1000).max(1);
-                    headers.push((RATELIMIT_LIMIT, HeaderValue::from(*limit)));
-                }
-                headers.push((limit_name.clone(), HeaderValue::from(*limit)));
-                headers.push((remaining_name.clone(), HeaderValue::from(remaining)));
-            }
-            if let Some((remaining, _)) = best {
-                // Only the last chosen limit counts: drop earlier picks.
-                let chosen_limit = headers
-                    .iter()
-                    .rev()
-                    .find(|(name, _)| *name == RATELIMIT_LIMIT)
-                    .map(|(_, v)| v.clone());
-                headers.retain(|(name, _)| *name != RATELIMIT_LIMIT);
-                if let Some(limit) = chosen_limit {
-                    headers.push((RATELIMIT_LIMIT, limit));
-                }
-                headers.push((RATELIMIT_REMAINING, HeaderValue::from(remaining)));
-                headers.push((RATELIMIT_RESET, HeaderValue::from(reset)));
+        let (stop, headers) = limits.verdict(now, &used);
+        if !stop {
+            for (key, start) in keys {
+                counters.increment(key, start);
             }
         }
-        if stop.is_some() {
-            if !self.hide_client_headers {
-                headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
-            }
-            ctx.rate_limit_headers = headers;
-            return Flow::Exit(exit_message(self.error_status, &self.error_message));
-        }
-        ctx.rate_limit_headers = headers;
-        for (key, start, _) in usage {
-            counters.increment(key, start);
-        }
-        Flow::Continue
+        limits.finish(ctx, stop, headers)
     }
 
     fn response(&self, ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap) {
