@@ -87,7 +87,7 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
         cfg.admin_access_log != "off",
         Arc::clone(&cluster),
     );
-    spawn_admin(&mut tasks, admin_listeners, &state, &shutdown_rx)?;
+    spawn_admin(&mut tasks, admin_listeners, &state, None, &shutdown_rx)?;
 
     info!(addr = %cluster_listener.local_addr()?, "Cluster listener for data planes.");
     let service = ConfigSyncServer::new(SyncService { cluster })
@@ -317,6 +317,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     )?;
     std::fs::create_dir_all(&cfg.prefix)
         .with_context(|| format!("cannot create prefix {}", cfg.prefix.display()))?;
+    let status_listeners = crate::status::bind_status(&cfg).await?;
     let (proxy_listeners, default_certificate) = bind_proxies(&cfg).await?;
     let dp = DataPlane::new(proxy_config(&cfg, default_certificate));
     let mut held = (0, String::new());
@@ -347,6 +348,7 @@ async fn serve_dp(cfg: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let mut tasks = tokio::task::JoinSet::new();
+    crate::status::spawn_status(&mut tasks, status_listeners, &dp, &shutdown_rx)?;
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
     // Ends after writing the last version, once the sync task drops its
     // sender at shutdown.

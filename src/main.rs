@@ -12,6 +12,7 @@ mod cluster_tls;
 mod config;
 mod deck;
 mod standalone;
+mod status;
 mod tls;
 
 /// Kong-compatible API gateway: Admin API, proxy, control and data planes.

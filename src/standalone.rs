@@ -130,11 +130,20 @@ pub(crate) fn spawn_admin(
     tasks: &mut tokio::task::JoinSet<()>,
     listeners: Vec<TcpListener>,
     state: &Arc<AdminState>,
+    dp: Option<&Arc<DataPlane>>,
     shutdown: &watch::Receiver<()>,
 ) -> anyhow::Result<()> {
     for listener in listeners {
         info!(addr = %listener.local_addr()?, "Admin API listening.");
-        let app = admin::router(state.clone());
+        let mut app = admin::router(state.clone());
+        // Kong serves the prometheus metrics on the Admin API too, where
+        // the node proxies.
+        if let Some(dp) = dp {
+            app = app.route(
+                "/metrics",
+                axum::routing::get(crate::status::metrics).with_state(Arc::clone(dp)),
+            );
+        }
         let mut rx = shutdown.clone();
         tasks.spawn(async move {
             let res = axum::serve(listener, app)
@@ -188,6 +197,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // Bind every listener before touching the database, so a busy port
     // fails fast with a clear message.
     let admin_listeners = bind_admin(&cfg).await?;
+    let status_listeners = crate::status::bind_status(&cfg).await?;
     let (proxy_listeners, default_certificate) = bind_proxies(&cfg).await?;
 
     let url = cfg.database_url();
@@ -233,7 +243,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.admin_access_log != "off",
         Some(Arc::new(DataPlaneHealth(dp.clone()))),
     );
-    spawn_admin(&mut tasks, admin_listeners, &state, &shutdown_rx)?;
+    spawn_admin(&mut tasks, admin_listeners, &state, Some(&dp), &shutdown_rx)?;
+    crate::status::spawn_status(&mut tasks, status_listeners, &dp, &shutdown_rx)?;
     spawn_proxies(&mut tasks, proxy_listeners, &dp, &shutdown_rx, grace)?;
     run_until_signal(tasks, shutdown_tx, grace).await;
     let _ = std::fs::remove_file(pid_file);

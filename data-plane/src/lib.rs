@@ -180,6 +180,12 @@ impl DataPlane {
         Ok(())
     }
 
+    /// The prometheus plugin's metrics in Prometheus' text format, with
+    /// Kong's names (`kong_http_requests_total`, …).
+    pub fn metrics(&self) -> String {
+        self.plugin_state.metrics.render(self.version())
+    }
+
     /// Version of the configuration in use (0 before the first `apply`).
     pub fn version(&self) -> u64 {
         self.runtime.load().version

@@ -21,6 +21,7 @@ mod auth;
 mod consumers;
 pub(crate) mod log;
 mod logging;
+mod metrics;
 mod traffic;
 mod transform;
 
@@ -167,6 +168,11 @@ pub(crate) struct Ctx<'r> {
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
     /// proxy-cache: the key and what happened, for `response`.
     pub(crate) cache: Option<transform::CacheState>,
+    /// correlation-id: the id sent upstream, for `echo_downstream`.
+    pub(crate) correlation_id: Option<HeaderValue>,
+    /// The captures of the route's regex path (Kong's `uri_captures`),
+    /// for request-transformer's templates; set by the proxy.
+    pub(crate) uri_captures: Option<transform::UriCaptures>,
     /// What the log phase reports, when a plugin logs.
     log: Option<Box<log::Record>>,
     started: std::time::SystemTime,
@@ -184,6 +190,8 @@ impl<'r> Ctx<'r> {
             rate_limit_headers: Vec::new(),
             cors_headers: None,
             cache: None,
+            correlation_id: None,
+            uri_captures: None,
             log: None,
             started: std::time::SystemTime::now(),
         }
@@ -379,6 +387,8 @@ pub(crate) struct Shared {
     pub(crate) rate_limits: traffic::Counters,
     /// Redis connections by server, kept across configurations.
     pub(crate) redis: traffic::RedisPool,
+    /// What the prometheus plugin counts.
+    pub(crate) metrics: metrics::Metrics,
     pub(crate) cache: transform::Store,
 }
 
@@ -430,6 +440,7 @@ fn handler(
         "hmac-auth" => boxed(auth::HmacAuth::new(config, cx)),
         "request-termination" => boxed(traffic::RequestTermination::new(config, cx)),
         "http-log" => boxed(logging::HttpLog::new(config, cx)),
+        "prometheus" => boxed(metrics::Prometheus::new(config, cx)),
         "file-log" => boxed(logging::FileLog::new(config, cx)),
         "tcp-log" => boxed(logging::TcpLog::new(config, cx)),
         "rate-limiting" => boxed(traffic::RateLimiting::new(config, cx)),
@@ -437,6 +448,10 @@ fn handler(
         "ip-restriction" => boxed(traffic::IpRestriction::new(config, cx)),
         "cors" => boxed(traffic::Cors::new(config, cx)),
         "bot-detection" => boxed(traffic::BotDetection::new(config, cx)),
+        "request-transformer" => boxed(transform::RequestTransformer::new(config, cx)),
+        "response-transformer" => boxed(transform::ResponseTransformer::new(config, cx)),
+        "correlation-id" => boxed(transform::CorrelationId::new(config, cx)),
+        "proxy-cache" => boxed(transform::ProxyCache::new(config, cx)),
         _ => return None,
     })
 }

@@ -40,9 +40,13 @@ impl Answer {
 
 impl Setup {
     pub(crate) fn start() -> Setup {
+        Setup::start_with(&[])
+    }
+
+    pub(crate) fn start_with(env: &[(&str, &str)]) -> Setup {
         Setup {
             up: EchoUpstream::start(),
-            g: Gatehouse::start(BIN, &[]),
+            g: Gatehouse::start(BIN, env),
             c: client(),
             sentinels: 0,
         }
@@ -786,4 +790,59 @@ async fn log_plugins_send_kongs_serialized_entries() {
     assert!(batch.starts_with("PUT /batch "), "{batch}");
     let array: Value = serde_json::from_str(batch.splitn(4, ' ').nth(3).expect("body")).expect("json");
     assert_eq!(array.as_array().map(Vec::len), Some(3), "{array}");
+}
+
+#[tokio::test]
+async fn prometheus_counts_with_kongs_metric_names_on_the_status_and_admin_apis() {
+    let status_port = gatehouse_test_support::free_port();
+    let listen = format!("127.0.0.1:{status_port}");
+    let mut s = Setup::start_with(&[("GATEHOUSE_STATUS_LISTEN", &listen)]);
+    s.service_route("metered", &["/metered"]).await;
+    s.post("/consumers", json!({"username": "fay"})).await;
+    s.post("/consumers/fay/key-auth", json!({"key": "fay-key"})).await;
+    s.post("/routes/metered/plugins", json!({"name": "key-auth"})).await;
+    s.post(
+        "/plugins",
+        json!({"name": "prometheus", "config": {"per_consumer": true, "status_code_metrics": true,
+               "latency_metrics": true, "bandwidth_metrics": true}}),
+    )
+    .await;
+    s.synced().await;
+    let ready = s.c.get(format!("http://{listen}/status/ready")).send().await.expect("ready");
+    assert_eq!(ready.status(), 200);
+
+    for _ in 0..3 {
+        assert_eq!(s.get("/metered/a", &[("apikey", "fay-key")]).await.status, 200);
+    }
+    assert_eq!(s.get("/metered/a", &[]).await.status, 401);
+
+    let scrape = |url: String| {
+        let c = s.c.clone();
+        async move {
+            let r = c.get(url).send().await.expect("scrape");
+            assert_eq!(r.status(), 200);
+            assert!(r
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/plain")));
+            r.text().await.expect("text")
+        }
+    };
+    let text = scrape(format!("http://{listen}/metrics")).await;
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no {needle} in:\n{text}"))
+            .to_owned()
+    };
+    assert!(line(r#"kong_http_requests_total{code="200",consumer="fay",route="metered",service="metered",source="service",workspace="default"}"#).ends_with(" 3"));
+    assert!(line(r#"kong_http_requests_total{code="401",consumer="",route="metered",service="metered",source="kong",workspace="default"}"#).ends_with(" 1"));
+    assert!(line(r#"kong_request_latency_ms_count{route="metered",service="metered",workspace="default"}"#).ends_with(" 4"));
+    assert!(line(r#"kong_upstream_latency_ms_count{route="metered",service="metered",workspace="default"}"#).ends_with(" 3"));
+    assert!(line(r#"kong_kong_latency_ms_bucket{route="metered",service="metered",workspace="default",le="+Inf"}"#).ends_with(" 4"));
+    assert!(text.contains(r#"kong_bandwidth_bytes{consumer="fay",direction="egress",route="metered",service="metered",workspace="default"}"#));
+    // The standalone Admin API serves the same registry.
+    let admin = scrape(format!("{}/metrics", s.g.admin)).await;
+    assert!(admin.contains("kong_http_requests_total"), "{admin}");
 }

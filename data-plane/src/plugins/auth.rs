@@ -37,7 +37,10 @@ pub(crate) struct Denied {
 }
 
 impl Denied {
-    pub(crate) fn unauthorized(message: impl Into<Cow<'static, str>>, www: Option<HeaderValue>) -> Denied {
+    pub(crate) fn unauthorized(
+        message: impl Into<Cow<'static, str>>,
+        www: Option<HeaderValue>,
+    ) -> Denied {
         Denied {
             status: StatusCode::UNAUTHORIZED,
             message: message.into(),
@@ -108,7 +111,10 @@ pub(crate) fn authenticate(
                             "anonymous consumer {anonymous} is configured but doesn't exist"
                         );
                         tracing::error!("{message}");
-                        return Flow::Exit(exit_message(StatusCode::INTERNAL_SERVER_ERROR, &message));
+                        return Flow::Exit(exit_message(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &message,
+                        ));
                     }
                 },
             }
@@ -149,7 +155,9 @@ pub(crate) fn without_query_arg(query: &str, name: &str) -> Option<String> {
 
 /// A request body as Kong's `kong.request.get_body()` reads it: JSON or
 /// form-urlencoded, by content type (multipart is not read).
-pub(crate) fn body_args(req: &PluginRequest<'_>) -> Option<serde_json::Map<String, serde_json::Value>> {
+pub(crate) fn body_args(
+    req: &PluginRequest<'_>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
     let body = req.body.as_ref()?;
     let content_type = req.content_type().to_ascii_lowercase();
     if content_type.starts_with("application/json") {
@@ -199,7 +207,10 @@ pub(crate) struct KeyAuth {
 }
 
 impl KeyAuth {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<KeyAuth, String> {
+    pub(crate) fn new(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<KeyAuth, String> {
         let config: KeyAuthConfig = typed(config)?;
         let www = match &config.realm {
             Some(realm) => format!("Key realm=\"{realm}\""),
@@ -213,7 +224,9 @@ impl KeyAuth {
     }
 
     fn find_key(&self, req: &mut PluginRequest<'_>) -> Result<String, Denied> {
-        let denied = |message: &'static str| Denied::unauthorized(message, Some(self.www_authenticate.clone()));
+        let denied = |message: &'static str| {
+            Denied::unauthorized(message, Some(self.www_authenticate.clone()))
+        };
         let config = &self.config;
         let mut query: Option<Vec<(String, String)>> = None;
         let mut body: Option<Option<serde_json::Map<String, serde_json::Value>>> = None;
@@ -278,8 +291,14 @@ impl KeyAuth {
 }
 
 /// Writes back a body read by [`body_args`], in its content type.
-pub(crate) fn set_body_args(req: &mut PluginRequest<'_>, map: &serde_json::Map<String, serde_json::Value>) {
-    let json = req.content_type().to_ascii_lowercase().starts_with("application/json");
+pub(crate) fn set_body_args(
+    req: &mut PluginRequest<'_>,
+    map: &serde_json::Map<String, serde_json::Value>,
+) {
+    let json = req
+        .content_type()
+        .to_ascii_lowercase()
+        .starts_with("application/json");
     let bytes = if json {
         serde_json::to_vec(map).unwrap_or_default()
     } else {
@@ -387,7 +406,13 @@ fn scheme_argument<'v>(value: &'v [u8], scheme: &[u8], min_spaces: usize) -> Opt
 fn first_header<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
     let name: Vec<u8> = name
         .iter()
-        .map(|&b| if b == b'_' { b'-' } else { b.to_ascii_lowercase() })
+        .map(|&b| {
+            if b == b'_' {
+                b'-'
+            } else {
+                b.to_ascii_lowercase()
+            }
+        })
         .collect();
     let name = HeaderName::from_bytes(&name).ok()?;
     headers.get(name).map(HeaderValue::as_bytes)
@@ -479,7 +504,8 @@ impl UserPassword {
     fn split(decoded: Vec<u8>) -> Option<UserPassword> {
         let start = decoded.iter().position(|&b| b != b':')?;
         let colon = start + memchr::memchr(b':', &decoded[start..])?;
-        let end = memchr::memchr(b'\n', &decoded[colon + 1..]).map_or(decoded.len(), |n| colon + 1 + n);
+        let end =
+            memchr::memchr(b'\n', &decoded[colon + 1..]).map_or(decoded.len(), |n| colon + 1 + n);
         Some(UserPassword {
             user: start..colon,
             password: colon + 1..end,
@@ -497,7 +523,10 @@ impl UserPassword {
 }
 
 impl BasicAuth {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<BasicAuth, String> {
+    pub(crate) fn new(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<BasicAuth, String> {
         let config: BasicAuthConfig = typed(config)?;
         let realm = config.realm.as_deref().unwrap_or("service");
         Ok(BasicAuth {
@@ -534,7 +563,11 @@ impl BasicAuth {
         found
     }
 
-    fn attempt(&self, req: &mut PluginRequest<'_>, consumers: &Consumers) -> Result<Authenticated, Denied> {
+    fn attempt(
+        &self,
+        req: &mut PluginRequest<'_>,
+        consumers: &Consumers,
+    ) -> Result<Authenticated, Denied> {
         let authorization = req.headers.get(AUTHORIZATION).cloned();
         let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
         if authorization.is_none() && proxy_authorization.is_none() {
@@ -617,7 +650,10 @@ enum AclVerdict {
 
 impl Acl {
     pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Acl, String> {
-        let config: AclConfig = typed(config)?;
+        Acl::build(typed(config)?)
+    }
+
+    fn build(config: AclConfig) -> Result<Acl, String> {
         let deny = config.deny.as_ref().is_some_and(|d| !d.is_empty());
         let groups = if deny { config.deny } else { config.allow };
         Ok(Acl {
@@ -642,7 +678,9 @@ impl Acl {
         let Some(listed) = &self.groups else {
             return AclVerdict::Unexpected;
         };
-        let member = listed.iter().any(|g| consumer.groups.binary_search(g).is_ok());
+        let member = listed
+            .iter()
+            .any(|g| consumer.groups.binary_search(g).is_ok());
         if member == self.deny {
             AclVerdict::Forbidden
         } else {
@@ -659,7 +697,9 @@ impl Plugin for Acl {
                 StatusCode::FORBIDDEN,
                 "You cannot consume this service",
             )),
-            AclVerdict::Unauthorized => Flow::Exit(exit_message(StatusCode::UNAUTHORIZED, "Unauthorized")),
+            AclVerdict::Unauthorized => {
+                Flow::Exit(exit_message(StatusCode::UNAUTHORIZED, "Unauthorized"))
+            }
             AclVerdict::Unexpected => {
                 tracing::error!("acl has neither an allow nor a non-empty deny list");
                 Flow::Exit(Denied::unexpected().response())
@@ -889,7 +929,9 @@ impl DecodedJwt<'_> {
         let (Some(claims_64), Some(signature_64)) = (parts.next(), parts.next()) else {
             return Err(bad("invalid JSON"));
         };
-        let json = |part: &[u8]| nginx_base64(part, true).and_then(|raw| serde_json::from_slice::<Value>(&raw).ok());
+        let json = |part: &[u8]| {
+            nginx_base64(part, true).and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
+        };
         let (Some(header), Some(claims)) = (json(header_64), json(claims_64)) else {
             return Err(bad("invalid JSON"));
         };
@@ -929,7 +971,9 @@ impl DecodedJwt<'_> {
         }
         if errors.is_empty() && maximum_expiration > 0.0 {
             let within = match lua_field(&self.claims, "exp")? {
-                Some(Value::Number(exp)) => exp.as_f64().is_some_and(|exp| exp - now as f64 <= maximum_expiration),
+                Some(Value::Number(exp)) => exp
+                    .as_f64()
+                    .is_some_and(|exp| exp - now as f64 <= maximum_expiration),
                 _ => false,
             };
             if !within {
@@ -963,7 +1007,12 @@ fn lua_truthy(value: Option<&Value>) -> Option<&Value> {
 
 /// Verifies `signature` over `input` with a prepared public key, after
 /// Kong's length assertions.
-fn verify_public(alg: JwtAlg, key: &JwtKey, input: &[u8], signature: &[u8]) -> Result<bool, JwtFailure> {
+fn verify_public(
+    alg: JwtAlg,
+    key: &JwtKey,
+    input: &[u8],
+    signature: &[u8],
+) -> Result<bool, JwtFailure> {
     match key {
         JwtKey::Public(key, algorithm) => {
             if alg.asserted_len().is_some_and(|len| len != signature.len()) {
@@ -976,7 +1025,9 @@ fn verify_public(alg: JwtAlg, key: &JwtKey, input: &[u8], signature: &[u8]) -> R
             tracing::error!("jwt credential key is unusable: {why}");
             Err(JwtFailure::Unexpected)
         }
-        JwtKey::Secret(_) | JwtKey::Missing => Err(JwtFailure::Invalid("Invalid key/secret".into())),
+        JwtKey::Secret(_) | JwtKey::Missing => {
+            Err(JwtFailure::Invalid("Invalid key/secret".into()))
+        }
     }
 }
 
@@ -1062,7 +1113,10 @@ impl Jwt {
                 format!("Bearer realm=\"{realm}\""),
                 format!("Bearer realm=\"{realm}\" error=\"invalid_token\""),
             ),
-            None => ("Bearer".to_owned(), "Bearer error=\"invalid_token\"".to_owned()),
+            None => (
+                "Bearer".to_owned(),
+                "Bearer error=\"invalid_token\"".to_owned(),
+            ),
         };
         let mut keys = HashMap::new();
         for (key, owned) in &consumers.jwt {
@@ -1156,7 +1210,12 @@ impl Jwt {
         tokens
     }
 
-    fn attempt(&self, req: &PluginRequest<'_>, consumers: &Consumers, now: i64) -> Result<Authenticated, JwtFailure> {
+    fn attempt(
+        &self,
+        req: &PluginRequest<'_>,
+        consumers: &Consumers,
+        now: i64,
+    ) -> Result<Authenticated, JwtFailure> {
         let tokens = self.tokens(req);
         let token = match tokens.as_slice() {
             [] => return Err(JwtFailure::NoToken),
@@ -1195,7 +1254,8 @@ impl Jwt {
                 } else {
                     owned.secret.secret.as_deref().map(str::as_bytes)
                 };
-                let secret = secret.ok_or_else(|| JwtFailure::Invalid("Invalid key/secret".into()))?;
+                let secret =
+                    secret.ok_or_else(|| JwtFailure::Invalid("Invalid key/secret".into()))?;
                 digest.verify(secret, jwt.signing_input, &jwt.signature)
             }
             None => {
@@ -1218,7 +1278,9 @@ impl Jwt {
     fn denied(&self, failure: JwtFailure) -> Denied {
         let with_error = Some(self.www_authenticate_error.clone());
         match failure {
-            JwtFailure::NoToken => Denied::unauthorized("Unauthorized", Some(self.www_authenticate.clone())),
+            JwtFailure::NoToken => {
+                Denied::unauthorized("Unauthorized", Some(self.www_authenticate.clone()))
+            }
             JwtFailure::Invalid(message) => Denied::unauthorized(message, with_error),
             JwtFailure::Claims(errors) => Denied {
                 body: Some(Value::Object(errors)),
@@ -1235,7 +1297,8 @@ impl Plugin for Jwt {
             return Flow::Continue;
         }
         authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
-            self.attempt(req, ctx.consumers, now()).map_err(|f| self.denied(f))
+            self.attempt(req, ctx.consumers, now())
+                .map_err(|f| self.denied(f))
         })
     }
 }
@@ -1297,15 +1360,17 @@ impl<'h> HmacParams<'h> {
         let after_separator = |at: usize, word: &[u8]| -> Option<usize> {
             let rest = value.get(at..)?.strip_prefix(b"\",")?;
             let spaces = rest.iter().take_while(|&&b| is_space(b)).count();
-            rest[spaces..].starts_with(word).then(|| at + 2 + spaces + word.len())
+            rest[spaces..]
+                .starts_with(word)
+                .then(|| at + 2 + spaces + word.len())
         };
         let mut ends = [0usize; 4];
         ends[3] = memchr::memrchr(b'"', value)?;
         for field in (0..3).rev() {
             let next_end = ends[field + 1];
-            ends[field] = (0..value.len())
-                .rev()
-                .find(|&at| after_separator(at, SEPARATORS[field]).is_some_and(|start| start < next_end))?;
+            ends[field] = (0..value.len()).rev().find(|&at| {
+                after_separator(at, SEPARATORS[field]).is_some_and(|start| start < next_end)
+            })?;
         }
         let username_start = (0..value.len()).find_map(|at| {
             if !value[at].eq_ignore_ascii_case(&b'h') || value.get(at + 1..at + 4) != Some(b"mac") {
@@ -1342,13 +1407,9 @@ impl<'h> HmacParams<'h> {
 /// absent, `@request-target` and `request-line` built from the request.
 fn hmac_signing_string(req: &PluginRequest<'_>, names: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    let request_uri = |out: &mut Vec<u8>| {
-        out.extend_from_slice(req.path.as_bytes());
-        if let Some(query) = req.query.as_deref() {
-            out.push(b'?');
-            out.extend_from_slice(query.as_bytes());
-        }
-    };
+    // Kong signs `$request_uri`: the target as sent, whatever plugins that
+    // ran before did to the query.
+    let request_uri = |out: &mut Vec<u8>| out.extend_from_slice(req.target.as_bytes());
     for (i, &name) in names.iter().enumerate() {
         if i > 0 {
             out.push(b'\n');
@@ -1398,8 +1459,15 @@ fn parse_http_time(value: &[u8]) -> Option<i64> {
     let digit = |i: usize| at(i).is_ascii_digit().then(|| i64::from(at(i) - b'0'));
     let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
 
-    let mut p = value.iter().position(|&b| b == b',' || b == b' ').unwrap_or(len);
-    let mut form = if at(p) == b' ' { Form::Asctime } else { Form::Rfc1123 };
+    let mut p = value
+        .iter()
+        .position(|&b| b == b',' || b == b' ')
+        .unwrap_or(len);
+    let mut form = if at(p) == b' ' {
+        Form::Asctime
+    } else {
+        Form::Rfc1123
+    };
     p += 1;
     while p < len && value[p] == b' ' {
         p += 1;
@@ -1501,7 +1569,10 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 }
 
 impl HmacAuth {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<HmacAuth, String> {
+    pub(crate) fn new(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<HmacAuth, String> {
         HmacAuth::build(typed(config)?)
     }
 
@@ -1558,7 +1629,12 @@ impl HmacAuth {
         }
     }
 
-    fn attempt(&self, req: &mut PluginRequest<'_>, consumers: &Consumers, now: i64) -> Result<Authenticated, Denied> {
+    fn attempt(
+        &self,
+        req: &mut PluginRequest<'_>,
+        consumers: &Consumers,
+        now: i64,
+    ) -> Result<Authenticated, Denied> {
         let authorization = req.headers.get(AUTHORIZATION).cloned();
         let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
         if authorization.is_none() && proxy_authorization.is_none() {
@@ -1569,7 +1645,10 @@ impl HmacAuth {
         {
             return Err(self.denied(HMAC_NO_DATE));
         }
-        let params = match proxy_authorization.as_ref().and_then(|v| HmacParams::parse(v.as_bytes())) {
+        let params = match proxy_authorization
+            .as_ref()
+            .and_then(|v| HmacParams::parse(v.as_bytes()))
+        {
             Some(params) => {
                 if self.hide_credentials {
                     req.headers.remove(PROXY_AUTHORIZATION);
@@ -1580,12 +1659,18 @@ impl HmacAuth {
                 if self.hide_credentials {
                     req.headers.remove(AUTHORIZATION);
                 }
-                authorization.as_ref().and_then(|v| HmacParams::parse(v.as_bytes()))
+                authorization
+                    .as_ref()
+                    .and_then(|v| HmacParams::parse(v.as_bytes()))
             }
         };
         let params = params.ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
         let names = params.header_names();
-        if self.enforce_headers.iter().any(|h| !names.contains(&h.as_bytes())) {
+        if self
+            .enforce_headers
+            .iter()
+            .any(|h| !names.contains(&h.as_bytes()))
+        {
             return Err(self.denied(HMAC_NOT_VALID));
         }
         let digest = self
@@ -1599,8 +1684,9 @@ impl HmacAuth {
             .and_then(|username| consumers.hmac.get(username))
             .ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
         let signing_string = hmac_signing_string(req, &names);
-        let signature_ok = nginx_base64(params.signature, false)
-            .is_some_and(|signature| digest.verify(owned.secret.as_bytes(), &signing_string, &signature));
+        let signature_ok = nginx_base64(params.signature, false).is_some_and(|signature| {
+            digest.verify(owned.secret.as_bytes(), &signing_string, &signature)
+        });
         if !signature_ok || (self.validate_request_body && !HmacAuth::body_matches(req)) {
             return Err(self.denied(HMAC_NOT_SAME));
         }
@@ -1625,5 +1711,608 @@ impl Plugin for HmacAuth {
         authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
             self.attempt(req, ctx.consumers, now())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::consumers::{JwtSecret, Owned};
+
+    fn request<'a>(method: Method, target: &'a str, headers: &[(&str, &str)]) -> PluginRequest<'a> {
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(Cow::Borrowed(query))),
+            None => (target, None),
+        };
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        PluginRequest {
+            method,
+            path,
+            query,
+            headers: map,
+            body: None,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            https: false,
+            target,
+            local_port: 8000,
+            upstream_path: None,
+        }
+    }
+
+    fn consumer(username: &str, groups: &[&str]) -> Arc<Consumer> {
+        let mut groups: Vec<Box<str>> = groups.iter().map(|g| (*g).into()).collect();
+        groups.sort();
+        let groups_value =
+            (!groups.is_empty()).then(|| HeaderValue::from_str(&groups.join(", ")).unwrap());
+        Arc::new(Consumer {
+            id: "c-1".into(),
+            username: Some(username.into()),
+            custom_id: None,
+            id_value: HeaderValue::from_static("c-1"),
+            username_value: Some(HeaderValue::from_str(username).unwrap()),
+            custom_id_value: None,
+            groups,
+            groups_value,
+        })
+    }
+
+    #[test]
+    fn nginx_base64_stops_at_padding_and_ignores_spare_bits() {
+        assert_eq!(nginx_base64(b"Zm9v", false).unwrap(), b"foo");
+        assert_eq!(nginx_base64(b"Zm9vYg", false).unwrap(), b"foob");
+        assert_eq!(
+            nginx_base64(b"Zm9vYg==trailing junk", false).unwrap(),
+            b"foob"
+        );
+        // "Yh" leaves non-zero spare bits, which nginx drops.
+        assert_eq!(nginx_base64(b"Zm9vYh", false).unwrap(), b"foob");
+        assert_eq!(
+            nginx_base64(b"Zm9vY", false),
+            None,
+            "one char over a quantum"
+        );
+        assert_eq!(nginx_base64(b"Zm9 v", false), None);
+        assert_eq!(nginx_base64(b"-_8", true).unwrap(), [0xfb, 0xff]);
+        assert_eq!(nginx_base64(b"-_8", false), None);
+        assert_eq!(nginx_base64(b"+/8", false).unwrap(), [0xfb, 0xff]);
+    }
+
+    #[test]
+    fn scheme_argument_follows_kongs_unanchored_patterns() {
+        assert_eq!(
+            scheme_argument(b"Basic Ym9i", b"basic", 0),
+            Some(&b"Ym9i"[..])
+        );
+        assert_eq!(
+            scheme_argument(b"basicYm9i", b"basic", 0),
+            Some(&b"Ym9i"[..])
+        );
+        assert_eq!(
+            scheme_argument(b"xx Basic  Ym9i ", b"basic", 0),
+            Some(&b"Ym9i "[..])
+        );
+        // `(.+)` takes back one space when nothing else follows.
+        assert_eq!(scheme_argument(b"Basic   ", b"basic", 0), Some(&b" "[..]));
+        assert_eq!(scheme_argument(b"Basic", b"basic", 0), None);
+        assert_eq!(scheme_argument(b"BASIC Ym9i", b"basic", 0), None);
+        assert_eq!(
+            scheme_argument(b"Bearer tok", b"bearer", 1),
+            Some(&b"tok"[..])
+        );
+        assert_eq!(scheme_argument(b"Bearertok", b"bearer", 1), None);
+        assert_eq!(
+            scheme_argument(b"Bearerx bearer tok", b"bearer", 1),
+            Some(&b"tok"[..])
+        );
+        assert_eq!(scheme_argument(b"Bearer ", b"bearer", 1), None);
+        assert_eq!(scheme_argument(b"Bearer  ", b"bearer", 1), Some(&b" "[..]));
+    }
+
+    #[test]
+    fn basic_user_password_split() {
+        let split = |s: &[u8]| {
+            UserPassword::split(s.to_vec()).map(|u| (u.user().to_vec(), u.password().to_vec()))
+        };
+        assert_eq!(split(b"bob:s:3"), Some((b"bob".to_vec(), b"s:3".to_vec())));
+        assert_eq!(split(b"bob:"), Some((b"bob".to_vec(), Vec::new())));
+        // Leading colons are skipped by the unanchored search.
+        assert_eq!(split(b"::bob:pw"), Some((b"bob".to_vec(), b"pw".to_vec())));
+        assert_eq!(
+            split(b"bob:pw\nrest"),
+            Some((b"bob".to_vec(), b"pw".to_vec()))
+        );
+        assert_eq!(split(b":pw"), None);
+        assert_eq!(split(b"bob"), None);
+    }
+
+    #[test]
+    fn basic_auth_checks_the_stored_hash() {
+        let mut consumers = Consumers::default();
+        let bob = consumer("bob", &[]);
+        consumers.basic.insert(
+            "bob".into(),
+            Owned {
+                id: HeaderValue::from_static("cred-1"),
+                consumer: Arc::clone(&bob),
+                secret: gatehouse_model::entities::basic_auth_hash(&bob.id, "s:3").into(),
+            },
+        );
+        let plugin = BasicAuth {
+            anonymous: None,
+            hide_credentials: true,
+            www_authenticate: HeaderValue::from_static("Basic realm=\"service\""),
+        };
+        let mut req = request(Method::GET, "/", &[("authorization", "Basic Ym9iOnM6Mw==")]);
+        let (who, credential) = plugin.attempt(&mut req, &consumers).ok().unwrap();
+        assert_eq!(&*who.id, "c-1");
+        assert_eq!(credential.id, "bob");
+        assert!(req.headers.get(AUTHORIZATION).is_none(), "hidden");
+
+        // bob:wrong
+        let mut req = request(Method::GET, "/", &[("authorization", "Basic Ym9iOndyb25n")]);
+        let denied = plugin.attempt(&mut req, &consumers).err().unwrap();
+        assert_eq!(
+            (denied.status, &*denied.message),
+            (StatusCode::UNAUTHORIZED, "Unauthorized")
+        );
+        assert_eq!(denied.www_authenticate.unwrap(), "Basic realm=\"service\"");
+
+        // A proxy header naming an unknown user falls back to Authorization.
+        let mut req = request(
+            Method::GET,
+            "/",
+            &[
+                ("proxy-authorization", "Basic bm9ib2R5Onh4"),
+                ("authorization", "Basic Ym9iOnM6Mw=="),
+            ],
+        );
+        assert!(plugin.attempt(&mut req, &consumers).is_ok());
+    }
+
+    #[test]
+    fn hmac_params_parse_like_kongs_greedy_pattern() {
+        let parsed = HmacParams::parse(
+            br#"hmac username="bob", algorithm="hmac-sha256", headers="date @request-target", signature="c2ln""#,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed,
+            HmacParams {
+                username: b"bob",
+                algorithm: b"hmac-sha256",
+                headers: b"date @request-target",
+                signature: b"c2ln",
+            }
+        );
+        let tight =
+            HmacParams::parse(br#"Hmac username="u",algorithm="a",headers="h",signature="s""#)
+                .unwrap();
+        assert_eq!((tight.username, tight.signature), (&b"u"[..], &b"s"[..]));
+        // Greedy fields reach the last place the rest still matches.
+        let greedy = HmacParams::parse(
+            br#"hmac username="a", algorithm="b", headers="c", signature="d", extra="e""#,
+        )
+        .unwrap();
+        assert_eq!(greedy.signature, br#"d", extra="e"#);
+        let nested = HmacParams::parse(
+            br#"hmac username="x", algorithm="y", headers="z", signature="s"", algorithm="b", headers="c", signature="d""#,
+        )
+        .unwrap();
+        assert_eq!(
+            nested.username,
+            br#"x", algorithm="y", headers="z", signature="s""#
+        );
+        assert_eq!(nested.signature, b"d");
+        assert_eq!(
+            HmacParams::parse(br#"hmac username="u", headers="h", signature="s""#),
+            None
+        );
+        assert_eq!(
+            HmacParams::parse(br#"HMAC username="u",algorithm="a",headers="h",signature="s""#),
+            None
+        );
+        assert_eq!(
+            HmacParams::parse(br#"hmac username="", algorithm="a", headers="h", signature="s""#),
+            None
+        );
+
+        let names = |headers: &'static [u8]| {
+            HmacParams {
+                username: b"",
+                algorithm: b"",
+                headers,
+                signature: b"",
+            }
+            .header_names()
+        };
+        assert_eq!(names(b"date  digest"), vec![&b"date"[..], b"", b"digest"]);
+        assert_eq!(names(b" "), vec![&b""[..]]);
+    }
+
+    #[test]
+    fn hmac_signing_string_and_signature() {
+        let req = request(
+            Method::GET,
+            "/x?a=1",
+            &[
+                ("date", "Thu, 01 Jan 2026 00:00:00 GMT"),
+                ("content-md5", "md5"),
+            ],
+        );
+        let names: [&[u8]; 3] = [b"date", b"@request-target", b"x-missing"];
+        let signing = hmac_signing_string(&req, &names);
+        assert_eq!(
+            signing,
+            b"date: Thu, 01 Jan 2026 00:00:00 GMT\n@request-target: get /x?a=1\nx-missing:"
+        );
+        // Reference values computed independently (Python's hmac module).
+        let sha256 = nginx_base64(b"TlEVXkYdbfELuoSYCeVYlX7BII6U/kHUIaPvqXbYihk=", false).unwrap();
+        let sha1 = nginx_base64(b"VB252ykR3YBTG9dy0lScegWudzQ=", false).unwrap();
+        assert!(MacDigest::Sha256.verify(b"secret", &signing, &sha256));
+        assert!(MacDigest::Sha1.verify(b"secret", &signing, &sha1));
+        assert!(!MacDigest::Sha256.verify(b"secreT", &signing, &sha256));
+        assert!(!MacDigest::Sha384.verify(b"secret", &signing, &sha256));
+
+        let names: [&[u8]; 2] = [b"Content_MD5", b"request-line"];
+        assert_eq!(
+            hmac_signing_string(&req, &names),
+            b"Content_MD5: md5\nGET /x?a=1 HTTP/1.1"
+        );
+    }
+
+    #[test]
+    fn hmac_auth_checks_date_algorithm_and_body() {
+        let mut consumers = Consumers::default();
+        consumers.hmac.insert(
+            "bob".into(),
+            Owned {
+                id: HeaderValue::from_static("cred-1"),
+                consumer: consumer("bob", &[]),
+                secret: "secret".into(),
+            },
+        );
+        let config = serde_json::json!({
+            "hide_credentials": false, "clock_skew": 300, "validate_request_body": true,
+            "enforce_headers": ["date"], "algorithms": ["hmac-sha256"],
+        });
+        let plugin = HmacAuth::build(typed(&config).unwrap()).unwrap();
+        let now = parse_http_time(b"Thu, 01 Jan 2026 00:00:00 GMT").unwrap();
+        let auth = r#"hmac username="bob", algorithm="hmac-sha256", headers="date @request-target x-missing", signature="TlEVXkYdbfELuoSYCeVYlX7BII6U/kHUIaPvqXbYihk=""#;
+        let headers = [
+            ("date", "Thu, 01 Jan 2026 00:00:00 GMT"),
+            ("authorization", auth),
+        ];
+        let message = |req: &mut PluginRequest<'_>, now| {
+            plugin
+                .attempt(req, &consumers, now)
+                .err()
+                .map(|d| d.message)
+        };
+
+        assert_eq!(
+            message(&mut request(Method::GET, "/x?a=1", &headers), now),
+            None
+        );
+        assert_eq!(
+            message(&mut request(Method::GET, "/x?a=1", &headers), now + 301).as_deref(),
+            Some(HMAC_NO_DATE)
+        );
+        assert_eq!(
+            message(&mut request(Method::GET, "/x?a=2", &headers), now).as_deref(),
+            Some(HMAC_NOT_SAME)
+        );
+        let mut with_body = request(Method::GET, "/x?a=1", &headers);
+        with_body.body = Some(bytes::Bytes::from_static(b"hello"));
+        assert_eq!(
+            message(&mut with_body, now).as_deref(),
+            Some(HMAC_NOT_SAME),
+            "a body needs a digest"
+        );
+        with_body.headers.insert(
+            "digest",
+            HeaderValue::from_static("SHA-256=LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ="),
+        );
+        assert_eq!(message(&mut with_body, now), None);
+
+        let sha1 = auth.replace("hmac-sha256", "hmac-sha1");
+        let headers = [
+            ("date", "Thu, 01 Jan 2026 00:00:00 GMT"),
+            ("authorization", sha1.as_str()),
+        ];
+        assert_eq!(
+            message(&mut request(Method::GET, "/x?a=1", &headers), now).as_deref(),
+            Some(HMAC_NOT_VALID),
+            "algorithm not allowed"
+        );
+    }
+
+    #[test]
+    fn http_dates_parse_as_nginx_does() {
+        let expected = Some(784_111_777);
+        assert_eq!(parse_http_time(b"Sun, 06 Nov 1994 08:49:37 GMT"), expected);
+        assert_eq!(parse_http_time(b"Sunday, 06-Nov-94 08:49:37 GMT"), expected);
+        assert_eq!(parse_http_time(b"Sun Nov  6 08:49:37 1994"), expected);
+        // nginx checks neither the weekday nor the zone.
+        assert_eq!(parse_http_time(b"Mon, 06 Nov 1994 08:49:37 XYZ"), expected);
+        assert_eq!(
+            parse_http_time(b"Thu, 29 Feb 1996 00:00:00 GMT"),
+            Some(825_552_000)
+        );
+        assert_eq!(
+            parse_http_time(b"Thu, 01 Mar 1996 00:00:00 GMT"),
+            Some(825_552_000 + 86_400)
+        );
+        assert_eq!(
+            parse_http_time(b"Thu, 00 Mar 1996 00:00:00 GMT"),
+            Some(825_552_000),
+            "day 0"
+        );
+        assert_eq!(parse_http_time(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(parse_http_time(b"Thu, 29 Feb 1900 00:00:00 GMT"), None);
+        assert!(parse_http_time(b"Thu, 30 Apr 1996 00:00:00 GMT").is_some());
+        assert_eq!(parse_http_time(b"Thu, 31 Apr 1996 00:00:00 GMT"), None);
+        assert_eq!(parse_http_time(b"Thu, 01 Jan 2026 24:00:00 GMT"), None);
+        assert_eq!(parse_http_time(b"Thu, 01 Xyz 2026 00:00:00 GMT"), None);
+        assert_eq!(parse_http_time(b"01 Jan 2026 00:00:00 GMT"), None);
+        assert_eq!(parse_http_time(b"2026-01-01T00:00:00Z"), None);
+        assert_eq!(parse_http_time(b""), None);
+    }
+
+    #[test]
+    fn cookies_are_found_as_nginx_finds_them() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; JWT = tok ;b=2"));
+        headers.append(COOKIE, HeaderValue::from_static("c=3"));
+        assert_eq!(cookie(&headers, b"jwt"), Some(&b"tok "[..]));
+        assert_eq!(cookie(&headers, b"c"), Some(&b"3"[..]));
+        assert_eq!(cookie(&headers, b"b"), Some(&b"2"[..]));
+        assert_eq!(cookie(&headers, b"d"), None);
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("jwtx=1, jwt=2"));
+        assert_eq!(cookie(&headers, b"jwt"), Some(&b"2"[..]));
+    }
+
+    fn jwt_consumers(key: &str, secret: &str) -> Consumers {
+        let mut consumers = Consumers::default();
+        consumers.jwt.insert(
+            key.into(),
+            Owned {
+                id: HeaderValue::from_static("cred-1"),
+                consumer: consumer("bob", &[]),
+                secret: JwtSecret {
+                    algorithm: "HS256".into(),
+                    secret: Some(secret.into()),
+                    rsa_public_key: None,
+                },
+            },
+        );
+        consumers
+    }
+
+    fn jwt_plugin(config: serde_json::Value, consumers: &Consumers) -> Jwt {
+        let mut full = serde_json::json!({
+            "uri_param_names": ["jwt"], "cookie_names": [], "header_names": ["authorization"],
+            "key_claim_name": "iss", "secret_is_base64": false, "run_on_preflight": true,
+            "maximum_expiration": 0,
+        });
+        full.as_object_mut()
+            .unwrap()
+            .extend(config.as_object().unwrap().clone());
+        Jwt::build(typed(&full).unwrap(), consumers).unwrap()
+    }
+
+    /// HS256 with "jwt-shared-secret-1": `{"iss":"jwt-key-1","sub":"bob"}`.
+    const VALID: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqd3Qta2V5LTEiLCJzdWIiOiJib2IifQ.FkJS2yqwxIkgu_73gaqE-YeMvQDljNfPtQnnaAteA60";
+    /// Same secret: `{"iss":"jwt-key-1","exp":1000000000}`.
+    const EXPIRED: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqd3Qta2V5LTEiLCJleHAiOjEwMDAwMDAwMDB9.Ym5zjFh63kwlOA5CSZLUc9BV-XO5ObpSAM8M5EUjq_Q";
+
+    #[test]
+    fn jwt_tokens_are_gathered_from_query_cookies_and_headers() {
+        let consumers = Consumers::default();
+        let plugin = jwt_plugin(serde_json::json!({"cookie_names": ["tok"]}), &consumers);
+        let req = request(
+            Method::GET,
+            "/?jwt=a&jwt=&other=b",
+            &[("cookie", "tok=a"), ("authorization", "Bearer c")],
+        );
+        assert_eq!(
+            plugin.tokens(&req),
+            vec![
+                Token::Text(Cow::Borrowed(b"a")),
+                Token::Text(Cow::Borrowed(b"c"))
+            ]
+        );
+        let req = request(Method::GET, "/?jwt", &[]);
+        assert_eq!(plugin.tokens(&req), vec![Token::Flag]);
+    }
+
+    #[test]
+    fn jwt_verifies_signature_key_and_claims() {
+        let consumers = jwt_consumers("jwt-key-1", "jwt-shared-secret-1");
+        let plugin = jwt_plugin(serde_json::json!({"claims_to_verify": ["exp"]}), &consumers);
+        let run = |plugin: &Jwt, target: &str, now: i64| {
+            plugin
+                .attempt(&request(Method::GET, target, &[]), &consumers, now)
+                .map(|(_, credential)| credential.id)
+        };
+        let now = 1_700_000_000;
+        let expired = format!("/?jwt={EXPIRED}");
+        let mut errors = serde_json::Map::new();
+        errors.insert("exp".into(), "token expired".into());
+        assert_eq!(run(&plugin, &expired, now), Err(JwtFailure::Claims(errors)));
+        assert_eq!(
+            run(&plugin, &expired, 999_999_999),
+            Ok(HeaderValue::from_static("jwt-key-1"))
+        );
+
+        let valid = format!("/?jwt={VALID}");
+        let mut errors = serde_json::Map::new();
+        errors.insert("exp".into(), "must be a number".into());
+        assert_eq!(run(&plugin, &valid, now), Err(JwtFailure::Claims(errors)));
+        let lenient = jwt_plugin(serde_json::json!({}), &consumers);
+        assert_eq!(
+            run(&lenient, &valid, now),
+            Ok(HeaderValue::from_static("jwt-key-1"))
+        );
+
+        let tampered = format!("/?jwt={}", VALID.replace("FkJS", "FkJT"));
+        assert_eq!(
+            run(&lenient, &tampered, now),
+            Err(JwtFailure::Invalid("Invalid signature".into()))
+        );
+        let other_secret = jwt_consumers("jwt-key-1", "another");
+        assert_eq!(
+            lenient
+                .attempt(&request(Method::GET, &valid, &[]), &other_secret, now)
+                .err(),
+            Some(JwtFailure::Invalid("Invalid signature".into()))
+        );
+        let unknown = jwt_consumers("jwt-key-2", "jwt-shared-secret-1");
+        assert_eq!(
+            lenient
+                .attempt(&request(Method::GET, &valid, &[]), &unknown, now)
+                .err(),
+            Some(JwtFailure::Invalid(
+                "No credentials found for given 'iss'".into()
+            ))
+        );
+        let by_sub = jwt_plugin(serde_json::json!({"key_claim_name": "kid"}), &consumers);
+        assert_eq!(
+            run(&by_sub, &valid, now),
+            Err(JwtFailure::Invalid("No mandatory 'kid' in claims".into()))
+        );
+    }
+
+    #[test]
+    fn jwt_maximum_expiration_and_base64_secrets() {
+        // "jwt-shared-secret-1" in base64url.
+        let consumers = jwt_consumers("jwt-key-1", "and0LXNoYXJlZC1zZWNyZXQtMQ");
+        let plugin = jwt_plugin(
+            serde_json::json!({"secret_is_base64": true, "claims_to_verify": ["exp"], "maximum_expiration": 60}),
+            &consumers,
+        );
+        let expired = format!("/?jwt={EXPIRED}");
+        let req = request(Method::GET, &expired, &[]);
+        assert!(plugin.attempt(&req, &consumers, 999_999_990).is_ok());
+        let mut errors = serde_json::Map::new();
+        errors.insert("exp".into(), "exceeds maximum allowed expiration".into());
+        assert_eq!(
+            plugin.attempt(&req, &consumers, 999_999_000).err(),
+            Some(JwtFailure::Claims(errors))
+        );
+        let not_base64 = jwt_consumers("jwt-key-1", "not base64!");
+        let plugin = jwt_plugin(serde_json::json!({"secret_is_base64": true}), &not_base64);
+        assert_eq!(
+            plugin.attempt(&req, &not_base64, 0).err(),
+            Some(JwtFailure::Invalid("Invalid key/secret".into()))
+        );
+    }
+
+    #[test]
+    fn jwt_decoding_reports_kongs_errors() {
+        let bad = |why: &str| Err(JwtFailure::Invalid(format!("Bad token; {why}").into()));
+        let decode = |token: &str| DecodedJwt::decode(token.as_bytes()).map(|jwt| jwt.alg);
+        let header = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let claims = header(r#"{"iss":"k"}"#);
+        assert_eq!(decode("abc"), bad("invalid JSON"));
+        assert_eq!(
+            decode(&format!("{}.{claims}", header(r#"{"alg":"HS256"}"#))),
+            bad("invalid JSON")
+        );
+        assert_eq!(
+            decode(&format!("{}.{claims}.", header(r#"{"alg":"HS256"}"#))),
+            Ok(JwtAlg::Hs256)
+        );
+        assert_eq!(
+            decode(&format!("{}.{claims}.sig", header(r#"{"alg":"none"}"#))),
+            bad("invalid alg")
+        );
+        assert_eq!(
+            decode(&format!("{}.{claims}.sig", header("[1]"))),
+            bad("invalid alg")
+        );
+        assert_eq!(
+            decode(&format!("{}.{claims}.sig", header("7"))),
+            Err(JwtFailure::Unexpected)
+        );
+        assert_eq!(
+            decode(&format!(
+                "{}.{}.sig",
+                header(r#"{"alg":"ES256"}"#),
+                header("false")
+            )),
+            bad("invalid claims")
+        );
+        assert_eq!(
+            decode(&format!("{}.{claims}.s.g", header(r#"{"alg":"EdDSA"}"#))),
+            bad("invalid signature")
+        );
+    }
+
+    #[test]
+    fn jwt_public_keys_are_parsed_once_and_checked() {
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (key, algorithm) = JwtAlg::Es256
+            .public_key(&key_pair.public_key_pem())
+            .unwrap();
+        assert_eq!(algorithm, jsonwebtoken::Algorithm::ES256);
+        let signing =
+            jsonwebtoken::EncodingKey::from_ec_pem(key_pair.serialize_pem().as_bytes()).unwrap();
+        let signature = jsonwebtoken::crypto::sign(b"h.c", &signing, algorithm).unwrap();
+        let signature = nginx_base64(signature.as_bytes(), true).unwrap();
+        let public = JwtKey::Public(key, algorithm);
+        assert_eq!(
+            verify_public(JwtAlg::Es256, &public, b"h.c", &signature),
+            Ok(true)
+        );
+        assert_eq!(
+            verify_public(JwtAlg::Es256, &public, b"h.d", &signature),
+            Ok(false)
+        );
+        assert_eq!(
+            verify_public(JwtAlg::Es256, &public, b"h.c", &signature[1..]),
+            Err(JwtFailure::Unexpected),
+            "Kong asserts a 64-byte ES256 signature"
+        );
+        assert!(JwtAlg::Rs256.public_key("not a key").is_err());
+        assert!(JwtAlg::Es512
+            .public_key(&key_pair.public_key_pem())
+            .is_err());
+        assert_eq!(
+            verify_public(JwtAlg::Rs256, &JwtKey::Missing, b"", b""),
+            Err(JwtFailure::Invalid("Invalid key/secret".into()))
+        );
+    }
+
+    #[test]
+    fn acl_decides_from_the_consumers_groups() {
+        let acl = |config: serde_json::Value| Acl::build(typed(&config).unwrap()).unwrap();
+        let allow = acl(serde_json::json!({"allow": ["gold", "silver"]}));
+        let deny = acl(serde_json::json!({"deny": ["blocked"]}));
+        let gold = consumer("bob", &["gold", "admin"]);
+        let blocked = consumer("eve", &["blocked"]);
+        let none = consumer("ann", &[]);
+        assert_eq!(
+            allow.verdict(Some(&gold), true),
+            AclVerdict::Allowed(Some(HeaderValue::from_static("admin, gold")))
+        );
+        assert_eq!(allow.verdict(Some(&blocked), true), AclVerdict::Forbidden);
+        assert_eq!(allow.verdict(Some(&none), true), AclVerdict::Forbidden);
+        assert_eq!(allow.verdict(Some(&none), false), AclVerdict::Unauthorized);
+        assert_eq!(allow.verdict(None, false), AclVerdict::Unauthorized);
+        assert_eq!(deny.verdict(Some(&blocked), true), AclVerdict::Forbidden);
+        assert_eq!(deny.verdict(Some(&none), true), AclVerdict::Allowed(None));
+        assert_eq!(deny.verdict(None, true), AclVerdict::Forbidden);
+        let empty_deny = acl(serde_json::json!({"deny": []}));
+        assert_eq!(
+            empty_deny.verdict(Some(&gold), true),
+            AclVerdict::Unexpected
+        );
     }
 }
