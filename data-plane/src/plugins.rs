@@ -456,6 +456,34 @@ fn handler(
     })
 }
 
+/// Plugins this data plane does not run whose absence would let through
+/// what they exist to stop, or change what a request does: requests
+/// they apply to are refused (500) rather than served without them.
+/// Other missing plugins (metrics and log sinks) are skipped with a
+/// warning.
+const FAIL_CLOSED: [&str; 8] = [
+    "oauth2",
+    "session",
+    "pre-function",
+    "post-function",
+    "redirect",
+    "response-ratelimiting",
+    "grpc-gateway",
+    "grpc-web",
+];
+
+/// Stands in for a [`FAIL_CLOSED`] plugin: refuses every request.
+struct Unavailable;
+
+impl Plugin for Unavailable {
+    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        Flow::Exit(exit_message(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "An unexpected error occurred",
+        ))
+    }
+}
+
 /// A typed configuration from a plugin's `config` document.
 pub(crate) fn typed<T: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Result<T, String> {
     T::deserialize(config).map_err(|e| e.to_string())
@@ -500,6 +528,14 @@ pub(crate) fn build(
             service_id: entity.service.as_ref().map(|r| r.id.as_str()),
         };
         let handler = match handler(&entity.name, &entity.config, &cx) {
+            None if FAIL_CLOSED.contains(&entity.name.as_str()) => {
+                tracing::error!(
+                    plugin = %entity.name,
+                    id = %entity.id,
+                    "This data plane does not run this plugin yet; requests it applies to get 500."
+                );
+                Box::new(Unavailable) as Box<dyn Plugin>
+            }
             None => {
                 tracing::warn!(
                     plugin = %entity.name,

@@ -483,7 +483,7 @@ impl Answer {
 #[tokio::test]
 async fn traffic_plugins_answer_as_kong_does() {
     let mut s = Setup::start();
-    for name in ["deny", "allow", "size", "bots", "cors", "term"] {
+    for name in ["deny", "allow", "size", "bots", "cors", "term", "redir"] {
         s.service_route(name, &[&format!("/{name}")]).await;
     }
     s.post(
@@ -519,7 +519,14 @@ async fn traffic_plugins_answer_as_kong_does() {
                "content_type": "text/html"}}),
     )
     .await;
+    // A plugin this data plane does not run yet, and that changes what a
+    // request does: refused rather than served without it.
+    s.post("/routes/redir/plugins", json!({"name": "redirect", "config": {"location": "https://example.com"}})).await;
     s.synced().await;
+
+    let redir = s.get("/redir", &[]).await;
+    assert_eq!(redir.status, 500);
+    assert_eq!(redir.json(), json!({"message": "An unexpected error occurred"}));
 
     let denied = s.get("/deny", &[]).await;
     assert_eq!(denied.status, 403);

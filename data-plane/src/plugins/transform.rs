@@ -218,16 +218,16 @@ impl Args {
     /// request-transformer's `rename`: moves a present argument, replacing
     /// any under the new name.
     fn rename(&mut self, old: &str, new: &str) -> bool {
-        if old == new {
+        if old == new || self.get(old).is_none() {
             return false;
         }
-        match self.remove(old) {
-            Some(value) => {
-                self.set(new, value);
-                true
-            }
-            None => false,
+        if self.get(new).is_some() {
+            let value = self.remove(old).unwrap_or(Arg::Flag);
+            self.set(new, value);
+        } else if let Some((key, _)) = self.0.iter_mut().find(|(k, _)| k == old) {
+            new.clone_into(key);
         }
+        true
     }
 
     /// request-transformer's `append_value`: a string becomes a list, a
@@ -2644,6 +2644,10 @@ pub(crate) struct ProxyCache {
 
 impl ProxyCache {
     pub(crate) fn new(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Self, String> {
+        ProxyCache::with_store(config, Arc::clone(cx.shared))
+    }
+
+    fn with_store(config: &serde_json::Value, shared: Arc<Shared>) -> Result<Self, String> {
         let config: ProxyCacheConfig = typed(config)?;
         let methods = config
             .request_method
@@ -2652,7 +2656,7 @@ impl ProxyCache {
             .collect::<Result<_, _>>()?;
         let shown = config.response_headers.unwrap_or_default();
         Ok(ProxyCache {
-            shared: Arc::clone(cx.shared),
+            shared,
             methods,
             response_codes: config.response_code,
             content_types: config.content_type.iter().map(|ct| parse_media_type(ct)).collect(),
@@ -3140,19 +3144,12 @@ mod tests {
 
     #[test]
     fn builds_kongs_cache_key() {
-        let shared = Arc::new(Shared::default());
-        let consumers = super::super::Consumers::default();
-        let cx = BuildContext {
-            shared: &shared,
-            consumers: &consumers,
-            plugin_id: "p",
-        };
-        let cache = ProxyCache::new(
+        let cache = ProxyCache::with_store(
             &serde_json::json!({
                 "response_code": [200], "request_method": ["GET"], "content_type": ["application/json"],
                 "strategy": "memory", "vary_headers": ["X_Foo"],
             }),
-            &cx,
+            Arc::new(Shared::default()),
         )
         .unwrap();
         let mut headers = HeaderMap::new();
