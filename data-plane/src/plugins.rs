@@ -21,6 +21,7 @@ mod auth;
 mod consumers;
 pub(crate) mod log;
 mod logging;
+mod otel;
 mod metrics;
 mod traffic;
 mod transform;
@@ -175,6 +176,8 @@ pub(crate) struct Ctx<'r> {
     pub(crate) uri_captures: Option<transform::UriCaptures>,
     /// What the log phase reports, when a plugin logs.
     log: Option<Box<log::Record>>,
+    /// opentelemetry: the request's trace.
+    otel: Option<otel::RequestTrace>,
     started: std::time::SystemTime,
 }
 
@@ -193,6 +196,7 @@ impl<'r> Ctx<'r> {
             correlation_id: None,
             uri_captures: None,
             log: None,
+            otel: None,
             started: std::time::SystemTime::now(),
         }
     }
@@ -443,11 +447,13 @@ fn handler(
         "prometheus" => boxed(metrics::Prometheus::new(config, cx)),
         "file-log" => boxed(logging::FileLog::new(config, cx)),
         "tcp-log" => boxed(logging::TcpLog::new(config, cx)),
+        "udp-log" => boxed(logging::UdpLog::new(config, cx)),
         "rate-limiting" => boxed(traffic::RateLimiting::new(config, cx)),
         "request-size-limiting" => boxed(traffic::RequestSizeLimiting::new(config, cx)),
         "ip-restriction" => boxed(traffic::IpRestriction::new(config, cx)),
         "cors" => boxed(traffic::Cors::new(config, cx)),
         "bot-detection" => boxed(traffic::BotDetection::new(config, cx)),
+        "opentelemetry" => boxed(otel::OpenTelemetry::new(config, cx)),
         "request-transformer" => boxed(transform::RequestTransformer::new(config, cx)),
         "response-transformer" => boxed(transform::ResponseTransformer::new(config, cx)),
         "correlation-id" => boxed(transform::CorrelationId::new(config, cx)),

@@ -729,6 +729,13 @@ async fn log_plugins_send_kongs_serialized_entries() {
         json!({"name": "file-log", "config": {"path": file.to_str().expect("utf-8 path")}}),
     )
     .await;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    s.post(
+        "/routes/logged/plugins",
+        json!({"name": "udp-log", "config": {"host": "127.0.0.1", "port": udp.local_addr().expect("addr").port()}}),
+    )
+    .await;
     s.post(
         "/routes/batched/plugins",
         json!({"name": "http-log", "config": {"http_endpoint": format!("http://{http_addr}/batch"),
@@ -788,6 +795,12 @@ async fn log_plugins_send_kongs_serialized_entries() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     let logged: Value = serde_json::from_str(&lines[0]).expect("json line");
     assert_eq!(logged["route"]["name"], "logged");
+
+    // udp-log: one datagram per entry.
+    let mut datagram = [0u8; 65536];
+    let n = udp.recv(&mut datagram).expect("a datagram");
+    let entry: Value = serde_json::from_slice(&datagram[..n]).expect("json datagram");
+    assert_eq!(entry["request"]["uri"], "/logged/x?a=1");
 
     // A batch of three goes as one JSON array.
     for _ in 0..3 {

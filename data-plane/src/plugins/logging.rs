@@ -1,4 +1,4 @@
-//! Log plugins (`http-log`, `file-log`, `tcp-log`): each configured
+//! Log plugins (`http-log`, `file-log`, `tcp-log`, `udp-log`): each configured
 //! instance owns a background task fed through a bounded queue, so a slow
 //! or unreachable log sink never holds a request. The queue is dropped
 //! with the instance when a new configuration replaces it; the task then
@@ -366,6 +366,61 @@ async fn connect(config: &TcpLogConfig) -> std::io::Result<LogStream> {
 }
 
 impl Plugin for TcpLog {
+    fn needs(&self) -> Needs {
+        logs()
+    }
+
+    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        Flow::Continue
+    }
+
+    fn log(&self, entry: &serde_json::Value) {
+        self.queue.push(entry);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// udp-log
+
+#[derive(Deserialize)]
+struct UdpLogConfig {
+    host: String,
+    port: u16,
+}
+
+/// `udp-log` (`kong/plugins/udp-log/handler.lua`): each entry as one
+/// datagram of JSON.
+pub(crate) struct UdpLog {
+    queue: Queue,
+}
+
+impl UdpLog {
+    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+        let config: UdpLogConfig = typed(config)?;
+        let queue = Queue::start("udp-log", 10_000, move |mut receiver: mpsc::Receiver<Bytes>| async move {
+            let socket = match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::error!(%error, "udp-log cannot open a socket; entries are dropped.");
+                    return;
+                }
+            };
+            while let Some(line) = receiver.recv().await {
+                // Kong sends the JSON document alone, without a newline.
+                let datagram = line.slice(..line.len().saturating_sub(1));
+                if let Err(error) = socket
+                    .send_to(&datagram, (config.host.as_str(), config.port))
+                    .await
+                {
+                    tracing::warn!(%error, host = %config.host, port = config.port, "udp-log could not send.");
+                }
+            }
+        })?;
+        Ok(UdpLog { queue })
+    }
+}
+
+impl Plugin for UdpLog {
     fn needs(&self) -> Needs {
         logs()
     }

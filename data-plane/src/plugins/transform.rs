@@ -2571,7 +2571,9 @@ const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 const X_CACHE_KEY: HeaderName = HeaderName::from_static("x-cache-key");
 const KONG_DEBUG: HeaderName = HeaderName::from_static("kong-debug");
 
-/// Headers a stored response never replays (`overwritable_header`).
+/// Headers a stored response never replays (`overwritable_header`), and
+/// `Date`: nginx hides the upstream's and writes its own, which a hit then
+/// gets too.
 fn overwritable(name: &HeaderName) -> bool {
     const HOP_BY_HOP: [&str; 9] = [
         "connection",
@@ -2584,7 +2586,9 @@ fn overwritable(name: &HeaderName) -> bool {
         "upgrade",
         "content-length",
     ];
-    !HOP_BY_HOP.contains(&name.as_str()) && !name.as_str().contains("ratelimit-remaining")
+    *name != http::header::DATE
+        && !HOP_BY_HOP.contains(&name.as_str())
+        && !name.as_str().contains("ratelimit-remaining")
 }
 
 fn sha256_hex(input: &str) -> String {
