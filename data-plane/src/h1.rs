@@ -731,7 +731,10 @@ impl<'r> Exchange<'_, 'r> {
             &conn.buf[..response.len],
             response.status,
             &mut peer,
-            plugins.as_mut().map(|(chain, ctx)| (*chain, &mut **ctx)),
+            plugins
+                .as_mut()
+                .filter(|(chain, _)| chain.filters_response())
+                .map(|(chain, ctx)| (*chain, &mut **ctx)),
         );
         if self.engine.dp.cfg.latency_headers {
             push_latency(out, &self.facts, self.started);

@@ -21,8 +21,8 @@ mod auth;
 mod consumers;
 pub(crate) mod log;
 mod logging;
-mod otel;
 mod metrics;
+mod otel;
 mod traffic;
 mod transform;
 
@@ -53,6 +53,12 @@ pub(crate) trait Plugin: Send + Sync {
         Flow::Continue
     }
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow;
+    /// Whether [`Plugin::response`] does anything: when no plugin of a
+    /// chain does, the HTTP/1.1 engine copies the upstream's response
+    /// head without building a header map. The default is the safe one.
+    fn filters_response(&self) -> bool {
+        true
+    }
     /// Kong's `header_filter`, on the upstream's response or on an answer
     /// a plugin made.
     fn response(&self, _ctx: &mut Ctx<'_>, _status: StatusCode, _headers: &mut HeaderMap) {}
@@ -263,11 +269,17 @@ pub(crate) struct Chain {
     steps: Vec<Step>,
     needs: Needs,
     has_global: bool,
+    /// A plugin of the chain changes response heads, or one logs them.
+    filters_response: bool,
 }
 
 impl Chain {
     pub(crate) fn needs(&self) -> Needs {
         self.needs
+    }
+
+    pub(crate) fn filters_response(&self) -> bool {
+        self.filters_response
     }
 
     fn resolve<'c>(&'c self, step: &'c Step, consumer: Option<&str>) -> Option<&'c Instance> {
@@ -482,6 +494,10 @@ const FAIL_CLOSED: [&str; 8] = [
 struct Unavailable;
 
 impl Plugin for Unavailable {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         Flow::Exit(exit_message(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -595,6 +611,7 @@ pub(crate) fn build(
             let mut steps = Vec::new();
             let mut needs = Needs::default();
             let mut has_global = false;
+            let mut filters_response = false;
             for (_, _, combos) in &ordered {
                 let step = if combos.consumer_scoped() {
                     // Any consumer could bring a configuration; whether one
@@ -612,6 +629,7 @@ pub(crate) fn build(
                     needs.response_body |= n.response_body;
                     needs.log |= n.log;
                     has_global |= instance.global;
+                    filters_response |= n.log || instance.handler.filters_response();
                 };
                 match &step {
                     Step::Fixed(instance) => visit(instance),
@@ -632,6 +650,7 @@ pub(crate) fn build(
                 steps,
                 needs,
                 has_global,
+                filters_response,
             })
         })
         .collect();

@@ -33,7 +33,7 @@ pub(crate) struct Denied {
     pub(crate) www_authenticate: Option<HeaderValue>,
     /// A body other than `{"message": …}` (jwt answers its claim errors
     /// as an object of its own).
-    pub(crate) body: Option<serde_json::Value>,
+    pub(crate) body: Option<Box<serde_json::Value>>,
 }
 
 impl Denied {
@@ -1283,7 +1283,7 @@ impl Jwt {
             }
             JwtFailure::Invalid(message) => Denied::unauthorized(message, with_error),
             JwtFailure::Claims(errors) => Denied {
-                body: Some(Value::Object(errors)),
+                body: Some(Box::new(Value::Object(errors))),
                 ..Denied::unauthorized("", with_error)
             },
             JwtFailure::Unexpected => Denied::unexpected(),
@@ -1817,7 +1817,7 @@ mod tests {
     #[test]
     fn basic_user_password_split() {
         let split = |s: &[u8]| {
-            UserPassword::split(s.to_vec()).map(|u| (u.user().to_vec(), u.password().to_vec()))
+            UserPassword::split(Vec::from(s)).map(|u| (u.user().to_vec(), u.password().to_vec()))
         };
         assert_eq!(split(b"bob:s:3"), Some((b"bob".to_vec(), b"s:3".to_vec())));
         assert_eq!(split(b"bob:"), Some((b"bob".to_vec(), Vec::new())));

@@ -211,6 +211,10 @@ impl HttpSink {
 }
 
 impl Plugin for HttpLog {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         logs()
     }
@@ -277,6 +281,10 @@ impl FileLog {
 }
 
 impl Plugin for FileLog {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         logs()
     }
@@ -366,6 +374,10 @@ async fn connect(config: &TcpLogConfig) -> std::io::Result<LogStream> {
 }
 
 impl Plugin for TcpLog {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         logs()
     }
@@ -421,6 +433,10 @@ impl UdpLog {
 }
 
 impl Plugin for UdpLog {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         logs()
     }

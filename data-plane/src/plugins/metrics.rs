@@ -146,6 +146,10 @@ fn text(value: &Value) -> Option<&str> {
 }
 
 impl Plugin for Prometheus {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         Needs {
             log: true,

@@ -508,6 +508,10 @@ fn now_ms() -> i64 {
 }
 
 impl Plugin for RateLimiting {
+    fn filters_response(&self) -> bool {
+        !self.limits.hide_client_headers
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         let now = now_ms();
         let limits = &self.limits;
@@ -645,6 +649,10 @@ impl RequestSizeLimiting {
 }
 
 impl Plugin for RequestSizeLimiting {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         if let Some(length) = req
             .header("content-length")
@@ -715,6 +723,10 @@ impl IpRestriction {
 }
 
 impl Plugin for IpRestriction {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         let ip = req.client_ip;
         let denied = (!self.deny.is_empty() && self.deny.iter().any(|net| net.contains(&ip)))
@@ -783,6 +795,10 @@ impl BotDetection {
 }
 
 impl Plugin for BotDetection {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         let mut agents = req.headers.get_all(http::header::USER_AGENT).iter();
         let Some(agent) = agents.next() else {
@@ -1182,6 +1198,10 @@ impl RequestTermination {
 }
 
 impl Plugin for RequestTermination {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         if let (Some(trigger), Some(header)) = (&self.config.trigger, &self.trigger_header) {
             let in_header = req.headers.contains_key(header.as_str());

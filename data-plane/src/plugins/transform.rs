@@ -173,7 +173,11 @@ fn escape_component(s: &str) -> percent_encoding::PercentEncode<'_> {
 impl Args {
     fn parse(raw: &[u8]) -> Args {
         let mut args = Args::default();
-        for pair in raw.split(|&b| b == b'&').filter(|p| !p.is_empty()).take(MAX_ARGS) {
+        for pair in raw
+            .split(|&b| b == b'&')
+            .filter(|p| !p.is_empty())
+            .take(MAX_ARGS)
+        {
             let (key, value) = match pair.iter().position(|&b| b == b'=') {
                 Some(eq) => (&pair[..eq], Some(&pair[eq + 1..])),
                 None => (pair, None),
@@ -330,7 +334,11 @@ impl UriCaptures {
         let named: Vec<(String, String)> = regex
             .capture_names()
             .flatten()
-            .filter_map(|name| captures.name(name).map(|m| (name.to_owned(), m.as_str().to_owned())))
+            .filter_map(|name| {
+                captures
+                    .name(name)
+                    .map(|m| (name.to_owned(), m.as_str().to_owned()))
+            })
             .collect();
         let entries = positional.iter().flatten().count() + named.len();
         (entries > 1).then_some(UriCaptures { positional, named })
@@ -563,8 +571,8 @@ mod lua {
     }
 
     const SYMBOLS: [&str; 26] = [
-        "...", "..", "==", "~=", "<=", ">=", "<", ">", "=", "+", "-", "*", "/", "%", "^", "#",
-        "(", ")", "[", "]", "{", "}", ";", ":", ",", ".",
+        "...", "..", "==", "~=", "<=", ">=", "<", ">", "=", "+", "-", "*", "/", "%", "^", "#", "(",
+        ")", "[", "]", "{", "}", ";", ":", ",", ".",
     ];
 
     const KEYWORDS: [&str; 21] = [
@@ -581,14 +589,19 @@ mod lua {
             if c.is_ascii_whitespace() {
                 i += 1;
             } else if src[i..].starts_with("--") {
-                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p);
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p);
             } else if c.is_ascii_alphabetic() || c == b'_' {
                 let start = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                     i += 1;
                 }
                 toks.push(Tok::Name(src[start..i].to_owned()));
-            } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
+            } else if c.is_ascii_digit()
+                || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
+            {
                 let start = i;
                 if src[i..].starts_with("0x") || src[i..].starts_with("0X") {
                     i += 2;
@@ -610,7 +623,8 @@ mod lua {
                     }
                 }
                 let text = &src[start..i];
-                let n = lua_tonumber(text).ok_or_else(|| format!("malformed number near '{text}'"))?;
+                let n =
+                    lua_tonumber(text).ok_or_else(|| format!("malformed number near '{text}'"))?;
                 toks.push(Tok::Num(n));
             } else if c == b'"' || c == b'\'' {
                 let (s, next) = string(src, i)?;
@@ -625,9 +639,7 @@ mod lua {
                 }
                 let close = format!("]{}]", "=".repeat(level));
                 let body = i + level + 2;
-                let end = src[body..]
-                    .find(&close)
-                    .ok_or("unfinished long string")?;
+                let end = src[body..].find(&close).ok_or("unfinished long string")?;
                 let text = &src[body..body + end];
                 toks.push(Tok::Str(text.strip_prefix('\n').unwrap_or(text).to_owned()));
                 i = body + end + close.len();
@@ -672,11 +684,18 @@ mod lua {
                         b'\n' => out.push(b'\n'),
                         b'x' => {
                             let hex = src.get(i..i + 2).ok_or("invalid escape sequence")?;
-                            out.push(u8::from_str_radix(hex, 16).map_err(|_| "invalid escape sequence")?);
+                            out.push(
+                                u8::from_str_radix(hex, 16)
+                                    .map_err(|_| "invalid escape sequence")?,
+                            );
                             i += 2;
                         }
                         b'0'..=b'9' => {
-                            let digits = b[i - 1..].iter().take(3).take_while(|c| c.is_ascii_digit()).count();
+                            let digits = b[i - 1..]
+                                .iter()
+                                .take(3)
+                                .take_while(|c| c.is_ascii_digit())
+                                .count();
                             let n: u32 = src[i - 1..i - 1 + digits].parse().unwrap_or(256);
                             out.push(u8::try_from(n).map_err(|_| "escape sequence too large")?);
                             i += digits - 1;
@@ -1150,8 +1169,9 @@ mod lua {
 
     fn arithmetic(op: Bin, a: &Val<'_>, b: &Val<'_>) -> Result<f64, String> {
         let operand = |v: &Val<'_>| {
-            v.number()
-                .ok_or_else(|| format!("attempt to perform arithmetic on a {} value", v.type_name()))
+            v.number().ok_or_else(|| {
+                format!("attempt to perform arithmetic on a {} value", v.type_name())
+            })
         };
         let (x, y) = (operand(a)?, operand(b)?);
         Ok(match op {
@@ -1205,7 +1225,10 @@ mod lua {
             Expr::Index(table, key) => index(eval(table, env)?, eval(key, env)?, env)?,
             Expr::Call(func, args) => {
                 let func = eval(func, env)?;
-                let args = args.iter().map(|a| eval(a, env)).collect::<Result<_, _>>()?;
+                let args = args
+                    .iter()
+                    .map(|a| eval(a, env))
+                    .collect::<Result<_, _>>()?;
                 call(func, args)?
             }
             Expr::Method(object, name, args) => {
@@ -1227,11 +1250,14 @@ mod lua {
             Expr::Len(e) => match eval(e, env)? {
                 Val::Str(s) => Val::Num(s.len() as f64),
                 Val::Table(Table::List(items)) => Val::Num(items.len() as f64),
-                Val::Table(Table::Captures) => {
-                    Val::Num(env.captures.map_or(0, |c| c.len()) as f64)
-                }
+                Val::Table(Table::Captures) => Val::Num(env.captures.map_or(0, |c| c.len()) as f64),
                 Val::Table(_) => Val::Num(0.0),
-                other => return Err(format!("attempt to get length of a {} value", other.type_name())),
+                other => {
+                    return Err(format!(
+                        "attempt to get length of a {} value",
+                        other.type_name()
+                    ))
+                }
             },
             Expr::Bin(Bin::And, a, b) => {
                 let a = eval(a, env)?;
@@ -1323,7 +1349,13 @@ struct ArgOps {
 }
 
 impl ArgOps {
-    fn new(remove: &[String], rename: &[String], replace: &[String], add: &[String], append: &[String]) -> ArgOps {
+    fn new(
+        remove: &[String],
+        rename: &[String],
+        replace: &[String],
+        add: &[String],
+        append: &[String],
+    ) -> ArgOps {
         let valued = |list: &[String]| -> Vec<(String, Option<Value>)> {
             list.iter()
                 .map(|entry| {
@@ -1501,7 +1533,9 @@ impl ArgOps {
 /// is then an array to cjson.
 fn json_append(map: &mut Map<String, Json>, name: &str, value: Json) {
     let new = match map.get_mut(name) {
-        Some(Json::String(current)) => Json::Array(vec![Json::String(std::mem::take(current)), value]),
+        Some(Json::String(current)) => {
+            Json::Array(vec![Json::String(std::mem::take(current)), value])
+        }
         Some(Json::Array(list)) => {
             list.push(value);
             return;
@@ -1584,10 +1618,15 @@ impl RequestTransformer {
     pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
         let config: RequestTransformerConfig = typed(config)?;
         let method = match &config.http_method {
-            Some(m) => Some(Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|e| e.to_string())?),
+            Some(m) => Some(
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|e| e.to_string())?,
+            ),
             None => None,
         };
-        let form_to_query = matches!(config.http_method.as_deref(), Some("GET" | "HEAD" | "TRACE"));
+        let form_to_query = matches!(
+            config.http_method.as_deref(),
+            Some("GET" | "HEAD" | "TRACE")
+        );
         let named_values = |list: &[String]| -> Result<Vec<(HeaderName, Option<Value>)>, String> {
             list.iter()
                 .map(|entry| {
@@ -1642,13 +1681,24 @@ impl RequestTransformer {
         templates.extend(uri.iter().map(|v| &v.template));
         templates.extend(headers.rename.iter().map(|(_, v)| &v.template));
         for list in [&headers.replace, &headers.append] {
-            templates.extend(list.iter().filter_map(|(_, v)| v.as_ref().map(|v| &v.template)));
+            templates.extend(
+                list.iter()
+                    .filter_map(|(_, v)| v.as_ref().map(|v| &v.template)),
+            );
         }
-        templates.extend(headers.add.iter().filter_map(|(_, _, v)| v.as_ref().map(|v| &v.template)));
+        templates.extend(
+            headers
+                .add
+                .iter()
+                .filter_map(|(_, _, v)| v.as_ref().map(|v| &v.template)),
+        );
         templates.extend(query.values().chain(body.values()).map(|v| &v.template));
         let reads = |name: &str| templates.iter().any(|t| t.reads(name));
-        let (reads_headers, reads_query, reads_captures) =
-            (reads("headers"), reads("query_params"), reads("uri_captures"));
+        let (reads_headers, reads_query, reads_captures) = (
+            reads("headers"),
+            reads("query_params"),
+            reads("uri_captures"),
+        );
         Ok(RequestTransformer {
             reads_headers,
             reads_query,
@@ -1681,7 +1731,8 @@ impl RequestTransformer {
                 continue;
             }
             headers.remove(old);
-            let new = HeaderName::from_bytes(new.as_bytes()).map_err(|_| format!("'{new}' is not a valid header"))?;
+            let new = HeaderName::from_bytes(new.as_bytes())
+                .map_err(|_| format!("'{new}' is not a valid header"))?;
             headers.remove(&new);
             for value in values {
                 headers.append(&new, value);
@@ -1695,7 +1746,8 @@ impl RequestTransformer {
             }
         }
         for (name, alt, value) in &ops.add {
-            let present = headers.contains_key(name) || alt.as_ref().is_some_and(|alt| headers.contains_key(alt));
+            let present = headers.contains_key(name)
+                || alt.as_ref().is_some_and(|alt| headers.contains_key(alt));
             if let (false, false, Some(value)) = (present, *name == HOST, value) {
                 headers.insert(name, value.header_value(env)?);
             }
@@ -1780,7 +1832,8 @@ impl RequestTransformer {
             if !path.starts_with('/') {
                 return Err("path must start with /".into());
             }
-            req.upstream_path = Some(percent_encoding::utf8_percent_encode(&path, PATH_ESCAPE).to_string());
+            req.upstream_path =
+                Some(percent_encoding::utf8_percent_encode(&path, PATH_ESCAPE).to_string());
         }
         self.transform_method(req);
         self.transform_headers(req, &env)?;
@@ -1879,7 +1932,10 @@ fn parse_media_type(s: &str) -> Option<MediaType> {
             let mut q = value_start + 1;
             // qdtext (any byte but controls and the quote) takes a
             // backslash before quoted-pair can, as the grammar orders them.
-            while b.get(q).is_some_and(|&c| c != b'"' && c > 0x1f && c != 0x7f) {
+            while b
+                .get(q)
+                .is_some_and(|&c| c != b'"' && c > 0x1f && c != 0x7f)
+            {
                 q += 1;
             }
             if b.get(q) != Some(&b'"') {
@@ -1992,7 +2048,9 @@ fn cjson_escape(s: &str) -> String {
 /// configured JSON type. `None` when Kong skips the entry (no value, or
 /// not a number).
 fn json_value(value: Option<&str>, json_type: Option<&str>) -> Option<Json> {
-    let text = cjson_escape(value?).replace("\\\"", "\"").replace("\\/", "/");
+    let text = cjson_escape(value?)
+        .replace("\\\"", "\"")
+        .replace("\\/", "/");
     match json_type {
         Some("number") => lua_tonumber(&text).map(json_number),
         Some("boolean") => Some(Json::Bool(text == "true")),
@@ -2015,7 +2073,12 @@ impl JsonOps {
                 .collect()
         };
         JsonOps {
-            remove: config.remove.json.iter().map(|e| split_entry(e).0.to_owned()).collect(),
+            remove: config
+                .remove
+                .json
+                .iter()
+                .map(|e| split_entry(e).0.to_owned())
+                .collect(),
             rename: config
                 .rename
                 .json
@@ -2083,7 +2146,10 @@ impl ResponseTransformer {
             list.iter()
                 .filter_map(|entry| {
                     let (name, value) = split_entry(entry);
-                    Some((ResponseHeader::new(name)?, HeaderValue::from_str(value?).ok()?))
+                    Some((
+                        ResponseHeader::new(name)?,
+                        HeaderValue::from_str(value?).ok()?,
+                    ))
                 })
                 .collect()
         };
@@ -2140,8 +2206,16 @@ impl Plugin for ResponseTransformer {
             .iter()
             .map(|(old, _)| headers.get_all(&old.lookup).iter().cloned().collect())
             .collect();
-        let replace: Vec<bool> = self.replace.iter().map(|(h, _)| headers.contains_key(&h.lookup)).collect();
-        let add: Vec<bool> = self.add.iter().map(|(h, _)| headers.contains_key(&h.lookup)).collect();
+        let replace: Vec<bool> = self
+            .replace
+            .iter()
+            .map(|(h, _)| headers.contains_key(&h.lookup))
+            .collect();
+        let add: Vec<bool> = self
+            .add
+            .iter()
+            .map(|(h, _)| headers.contains_key(&h.lookup))
+            .collect();
         let json_body = self.json.is_some() && is_json_body(headers.get(CONTENT_TYPE));
         for header in &self.remove {
             headers.remove(&header.name);
@@ -2174,7 +2248,13 @@ impl Plugin for ResponseTransformer {
         }
     }
 
-    fn response_body(&self, _ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap, body: &mut Bytes) {
+    fn response_body(
+        &self,
+        _ctx: &mut Ctx<'_>,
+        _status: StatusCode,
+        headers: &mut HeaderMap,
+        body: &mut Bytes,
+    ) {
         let Some(json) = &self.json else { return };
         if !is_json_body(headers.get(CONTENT_TYPE)) {
             return;
@@ -2365,14 +2445,16 @@ impl Store {
     }
 
     fn shard(&self, key: &str) -> &Shard {
-        let hash = key
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+        let hash = key.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
         &self.shards[hash % SHARDS]
     }
 
     fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Cached>>> {
-        shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn fetch(&self, key: &str) -> Option<Arc<Cached>> {
@@ -2384,9 +2466,10 @@ impl Store {
             }
             return None;
         }
-        entry
-            .used
-            .store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        entry.used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         Some(Arc::clone(entry))
     }
 
@@ -2421,7 +2504,11 @@ impl Store {
                 }
                 live
             });
-            candidates.extend(shard.iter().map(|(k, e)| (e.used.load(Ordering::Relaxed), k.clone())));
+            candidates.extend(
+                shard
+                    .iter()
+                    .map(|(k, e)| (e.used.load(Ordering::Relaxed), k.clone())),
+            );
         }
         candidates.sort_unstable();
         for (_, key) in candidates {
@@ -2497,7 +2584,8 @@ fn directives<'h>(values: impl Iterator<Item = &'h HeaderValue>) -> Vec<(String,
         }
         let directive = match value {
             None => Directive::Flag,
-            Some(value) => lua_tonumber(value).map_or_else(|| Directive::Text(value.to_owned()), Directive::Number),
+            Some(value) => lua_tonumber(value)
+                .map_or_else(|| Directive::Text(value.to_owned()), Directive::Number),
         };
         let name = name.to_ascii_lowercase();
         match out.iter_mut().find(|(n, _)| *n == name) {
@@ -2514,7 +2602,10 @@ fn directive<'d>(directives: &'d [(String, Directive)], name: &str) -> Option<&'
 
 /// A request directive Kong compares with a number; Lua fails comparing
 /// anything else.
-fn numeric_directive(directives: &[(String, Directive)], name: &str) -> Result<Option<f64>, String> {
+fn numeric_directive(
+    directives: &[(String, Directive)],
+    name: &str,
+) -> Result<Option<f64>, String> {
     match directive(directives, name) {
         None => Ok(None),
         Some(Directive::Number(n)) => Ok(Some(*n)),
@@ -2663,7 +2754,11 @@ impl ProxyCache {
             shared,
             methods,
             response_codes: config.response_code,
-            content_types: config.content_type.iter().map(|ct| parse_media_type(ct)).collect(),
+            content_types: config
+                .content_type
+                .iter()
+                .map(|ct| parse_media_type(ct))
+                .collect(),
             cache_ttl: config.cache_ttl.unwrap_or(300),
             storage_ttl: config.storage_ttl,
             cache_control: config.cache_control,
@@ -2686,7 +2781,12 @@ impl ProxyCache {
 
     /// `build_cache_key`: the route (and consumer), method, request line,
     /// query arguments and the configured headers, hashed.
-    fn cache_key(&self, req: &PluginRequest<'_>, consumer_id: Option<&str>, route_id: &str) -> String {
+    fn cache_key(
+        &self,
+        req: &PluginRequest<'_>,
+        consumer_id: Option<&str>,
+        route_id: &str,
+    ) -> String {
         let prefix = match consumer_id {
             Some(consumer_id) => format!("{consumer_id}:{route_id}"),
             None => route_id.to_owned(),
@@ -2756,21 +2856,35 @@ impl ProxyCache {
         }
         let actual = parse_media_type(content_type);
         self.content_types.iter().flatten().any(|expected| {
-            let kind = expected.kind == "*" || actual.as_ref().is_some_and(|a| a.kind == expected.kind);
-            let subtype = expected.subtype == "*" || actual.as_ref().is_some_and(|a| a.subtype == expected.subtype);
+            let kind =
+                expected.kind == "*" || actual.as_ref().is_some_and(|a| a.kind == expected.kind);
+            let subtype = expected.subtype == "*"
+                || actual
+                    .as_ref()
+                    .is_some_and(|a| a.subtype == expected.subtype);
             let params = actual.as_ref().map_or(&[][..], |a| &a.params[..]);
             kind && subtype
                 && params.len() == expected.params.len()
-                && expected.params.iter().all(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
+                && expected
+                    .params
+                    .iter()
+                    .all(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
         })
     }
 
-    fn cacheable_response(&self, status: StatusCode, headers: &HeaderMap, cc: &[(String, Directive)]) -> bool {
+    fn cacheable_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        cc: &[(String, Directive)],
+    ) -> bool {
         if !self.response_codes.contains(&status.as_u16()) || !self.content_type_matches(headers) {
             return false;
         }
         if self.cache_control
-            && (["private", "no-store", "no-cache"].iter().any(|d| directive(cc, d).is_some())
+            && (["private", "no-store", "no-cache"]
+                .iter()
+                .any(|d| directive(cc, d).is_some())
                 || ProxyCache::resource_ttl(cc, headers) <= 0.0)
         {
             return false;
@@ -2786,7 +2900,10 @@ impl ProxyCache {
             headers.append(name, value.clone());
         }
         if debug || self.show_age {
-            headers.insert(AGE, HeaderValue::from(now_secs().saturating_sub(cached.timestamp)));
+            headers.insert(
+                AGE,
+                HeaderValue::from(now_secs().saturating_sub(cached.timestamp)),
+            );
         }
         if debug || self.show_status {
             headers.insert(X_CACHE_STATUS, CacheStatus::Hit.header());
@@ -2801,7 +2918,8 @@ impl ProxyCache {
         let debug = req.headers.contains_key(KONG_DEBUG);
         let cc = directives(req.headers.get_all(CACHE_CONTROL).iter());
         let cacheable = self.methods.contains(&req.method)
-            && !(self.cache_control && (directive(&cc, "no-store").is_some() || directive(&cc, "no-cache").is_some()));
+            && !(self.cache_control
+                && (directive(&cc, "no-store").is_some() || directive(&cc, "no-cache").is_some()));
         if !cacheable {
             ctx.cache = Some(CacheState {
                 key: None,
@@ -2835,8 +2953,10 @@ impl ProxyCache {
                 let age = now_secs().saturating_sub(cached.timestamp) as f64;
                 let stale = if self.cache_control {
                     numeric_directive(&cc, "max-age")?.is_some_and(|max| age > max)
-                        || numeric_directive(&cc, "max-stale")?.is_some_and(|max| age - cached.ttl > max)
-                        || numeric_directive(&cc, "min-fresh")?.is_some_and(|min| cached.ttl - age < min)
+                        || numeric_directive(&cc, "max-stale")?
+                            .is_some_and(|max| age - cached.ttl > max)
+                        || numeric_directive(&cc, "min-fresh")?
+                            .is_some_and(|min| cached.ttl - age < min)
                 } else {
                     // The store may keep it up to `storage_ttl`; it is not
                     // served past `cache_ttl`.
@@ -2876,7 +2996,9 @@ impl Plugin for ProxyCache {
     }
 
     fn response(&self, ctx: &mut Ctx<'_>, status: StatusCode, headers: &mut HeaderMap) {
-        let Some(state) = ctx.cache.as_mut() else { return };
+        let Some(state) = ctx.cache.as_mut() else {
+            return;
+        };
         let mut ttl = None;
         if state.pending.is_some() {
             let cc = directives(headers.get_all(CACHE_CONTROL).iter());
@@ -2903,7 +3025,10 @@ impl Plugin for ProxyCache {
                 headers
                     .iter()
                     .filter(|(name, _)| {
-                        overwritable(name) && **name != AGE && **name != X_CACHE_STATUS && **name != X_CACHE_KEY
+                        overwritable(name)
+                            && **name != AGE
+                            && **name != X_CACHE_STATUS
+                            && **name != X_CACHE_KEY
                     })
                     .map(|(name, value)| (name.clone(), value.clone()))
                     .collect(),
@@ -2911,14 +3036,25 @@ impl Plugin for ProxyCache {
         }
     }
 
-    fn response_body(&self, ctx: &mut Ctx<'_>, status: StatusCode, _headers: &mut HeaderMap, body: &mut Bytes) {
+    fn response_body(
+        &self,
+        ctx: &mut Ctx<'_>,
+        status: StatusCode,
+        _headers: &mut HeaderMap,
+        body: &mut Bytes,
+    ) {
         let Some(pending) = ctx.cache.as_mut().and_then(|s| s.pending.take()) else {
             return;
         };
-        let Some(headers) = pending.headers else { return };
+        let Some(headers) = pending.headers else {
+            return;
+        };
         let size = pending.key.len()
             + body.len()
-            + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum::<usize>()
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                .sum::<usize>()
             + 128;
         let ttl = match self.storage_ttl {
             Some(ttl) => ttl as f64,
@@ -2943,7 +3079,11 @@ impl Plugin for ProxyCache {
 mod tests {
     use super::*;
 
-    fn env_with<'e>(headers: &'e HeaderMap, query: &'e Args, captures: Option<&'e UriCaptures>) -> Env<'e> {
+    fn env_with<'e>(
+        headers: &'e HeaderMap,
+        query: &'e Args,
+        captures: Option<&'e UriCaptures>,
+    ) -> Env<'e> {
         Env {
             headers: Some(headers),
             query: Some(query),
@@ -2983,7 +3123,13 @@ mod tests {
     #[test]
     fn parses_and_encodes_arguments_like_nginx() {
         let args = Args::parse(b"a=1&flag&b=x+y%21&a=2&=skipped&e=");
-        assert_eq!(args.get("a"), Some(&Arg::List(vec![Arg::Text("1".into()), Arg::Text("2".into())])));
+        assert_eq!(
+            args.get("a"),
+            Some(&Arg::List(vec![
+                Arg::Text("1".into()),
+                Arg::Text("2".into())
+            ]))
+        );
         assert_eq!(args.get("flag"), Some(&Arg::Flag));
         assert_eq!(args.get("b"), Some(&Arg::Text("x y!".into())));
         assert_eq!(args.get("e"), Some(&Arg::Text(String::new())));
@@ -3012,17 +3158,32 @@ mod tests {
         assert_eq!(render("$(query_params.q1)", &env).unwrap(), "20");
         assert_eq!(render("$(query_params.flag)", &env).unwrap(), "true");
         assert_eq!(render("$(query_params.none)", &env).unwrap(), "");
-        assert_eq!(render("/u/$(uri_captures.user2)/$(uri_captures[1])", &env).unwrap(), "/u/bar/foo");
-        assert_eq!(render("$(uri_captures.missing or 'default1')", &env).unwrap(), "default1");
-        assert_eq!(render("$('$(uri_captures.user1)')", &env).unwrap(), "$(uri_captures.user1)");
+        assert_eq!(
+            render("/u/$(uri_captures.user2)/$(uri_captures[1])", &env).unwrap(),
+            "/u/bar/foo"
+        );
+        assert_eq!(
+            render("$(uri_captures.missing or 'default1')", &env).unwrap(),
+            "default1"
+        );
+        assert_eq!(
+            render("$('$(uri_captures.user1)')", &env).unwrap(),
+            "$(uri_captures.user1)"
+        );
         assert_eq!(
             render(r#"$(type(headers["x-multi"]) == "table" and headers["x-multi"][1] .. "-first" or headers["x-multi"])"#, &env)
                 .unwrap(),
             "1-first"
         );
         assert_eq!(render("$(query_params.q1 * 2)", &env).unwrap(), "40");
-        assert_eq!(render("$(headers.host:upper())", &env).unwrap(), "EXAMPLE.TEST");
-        assert_eq!(render("$(string.sub(headers.host, 1, 7))", &env).unwrap(), "example");
+        assert_eq!(
+            render("$(headers.host:upper())", &env).unwrap(),
+            "EXAMPLE.TEST"
+        );
+        assert_eq!(
+            render("$(string.sub(headers.host, 1, 7))", &env).unwrap(),
+            "example"
+        );
         assert_eq!(render("$(shared.my_version)", &env).unwrap(), "");
         // Lua errors and code that does not compile fail the request.
         assert!(render("$(10 * uri_captures.user1)", &env).is_err());
@@ -3045,9 +3206,21 @@ mod tests {
         assert_eq!(captures.name("subpath"), Some("htest"));
     }
 
-    fn ops(remove: &[&str], rename: &[&str], replace: &[&str], add: &[&str], append: &[&str]) -> ArgOps {
+    fn ops(
+        remove: &[&str],
+        rename: &[&str],
+        replace: &[&str],
+        add: &[&str],
+        append: &[&str],
+    ) -> ArgOps {
         let owned = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        ArgOps::new(&owned(remove), &owned(rename), &owned(replace), &owned(add), &owned(append))
+        ArgOps::new(
+            &owned(remove),
+            &owned(rename),
+            &owned(replace),
+            &owned(add),
+            &owned(append),
+        )
     }
 
     #[test]
@@ -3055,7 +3228,13 @@ mod tests {
         let headers = HeaderMap::new();
         let query = Args::default();
         let env = env_with(&headers, &query, None);
-        let body_ops = ops(&["secret"], &["old:new"], &["mode:fast", "off:on"], &["added:new", "flag:x"], &["list:v"]);
+        let body_ops = ops(
+            &["secret"],
+            &["old:new"],
+            &["mode:fast", "off:on"],
+            &["added:new", "flag:x"],
+            &["list:v"],
+        );
         let out = body_ops
             .apply_json(br#"{"secret":"x","mode":"slow","old":1,"off":false,"flag":false,"list":"a","keep":[]}"#, &env)
             .unwrap()
@@ -3067,8 +3246,12 @@ mod tests {
         );
         // Malformed JSON is left alone; an empty body only gets additions.
         assert_eq!(body_ops.apply_json(b"{oops", &env).unwrap(), None);
-        let empty: Json = serde_json::from_slice(&body_ops.apply_json(b"", &env).unwrap().unwrap()).unwrap();
-        assert_eq!(empty, serde_json::json!({"added":"new","flag":"x","list":["v"]}));
+        let empty: Json =
+            serde_json::from_slice(&body_ops.apply_json(b"", &env).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            empty,
+            serde_json::json!({"added":"new","flag":"x","list":["v"]})
+        );
     }
 
     #[test]
@@ -3076,27 +3259,69 @@ mod tests {
         let headers = HeaderMap::new();
         let query = Args::default();
         let env = env_with(&headers, &query, None);
-        let form_ops = ops(&["toremove"], &["a:b"], &["r:new value"], &["added:1"], &["p:2"]);
-        let out = form_ops.apply_form(b"toremove=1&a=x&r=old&p=1", &env).unwrap().unwrap();
+        let form_ops = ops(
+            &["toremove"],
+            &["a:b"],
+            &["r:new value"],
+            &["added:1"],
+            &["p:2"],
+        );
+        let out = form_ops
+            .apply_form(b"toremove=1&a=x&r=old&p=1", &env)
+            .unwrap()
+            .unwrap();
         assert_eq!(out, "b=x&r=new%20value&p=1&p=2&added=1");
 
-        let query_ops = ops(&["q1"], &[], &["toreplacequery:no"], &["query-added:newvalue", "p1:anything:1"], &["p1:a2", "p2:b1"]);
+        let query_ops = ops(
+            &["q1"],
+            &[],
+            &["toreplacequery:no"],
+            &["query-added:newvalue", "p1:anything:1"],
+            &["p1:a2", "p2:b1"],
+        );
         let mut args = Args::parse(b"q1=1&toreplacequery=yes&z=last");
         query_ops.apply_query(&mut args, &env).unwrap();
-        assert_eq!(args.encode_sorted(), "p1=anything%3A1&p1=a2&p2=b1&query-added=newvalue&toreplacequery=no&z=last");
+        assert_eq!(
+            args.encode_sorted(),
+            "p1=anything%3A1&p1=a2&p2=b1&query-added=newvalue&toreplacequery=no&z=last"
+        );
     }
 
     #[test]
     fn json_values_follow_cjson() {
-        assert_eq!(json_value(Some("v1"), None), Some(Json::String("v1".into())));
-        assert_eq!(json_value(Some("\"v1\""), Some("string")), Some(Json::String("\"v1\"".into())));
-        assert_eq!(json_value(Some("a/b"), None), Some(Json::String("a/b".into())));
-        assert_eq!(json_value(Some(r"a\b"), None), Some(Json::String(r"a\\b".into())));
-        assert_eq!(json_value(Some("-1"), Some("number")), Some(serde_json::json!(-1)));
-        assert_eq!(json_value(Some("1.5"), Some("number")), Some(serde_json::json!(1.5)));
+        assert_eq!(
+            json_value(Some("v1"), None),
+            Some(Json::String("v1".into()))
+        );
+        assert_eq!(
+            json_value(Some("\"v1\""), Some("string")),
+            Some(Json::String("\"v1\"".into()))
+        );
+        assert_eq!(
+            json_value(Some("a/b"), None),
+            Some(Json::String("a/b".into()))
+        );
+        assert_eq!(
+            json_value(Some(r"a\b"), None),
+            Some(Json::String(r"a\\b".into()))
+        );
+        assert_eq!(
+            json_value(Some("-1"), Some("number")),
+            Some(serde_json::json!(-1))
+        );
+        assert_eq!(
+            json_value(Some("1.5"), Some("number")),
+            Some(serde_json::json!(1.5))
+        );
         assert_eq!(json_value(Some("x"), Some("number")), None);
-        assert_eq!(json_value(Some("true"), Some("boolean")), Some(Json::Bool(true)));
-        assert_eq!(json_value(Some("yes"), Some("boolean")), Some(Json::Bool(false)));
+        assert_eq!(
+            json_value(Some("true"), Some("boolean")),
+            Some(Json::Bool(true))
+        );
+        assert_eq!(
+            json_value(Some("yes"), Some("boolean")),
+            Some(Json::Bool(false))
+        );
         assert_eq!(json_value(None, None), None);
     }
 
@@ -3111,7 +3336,9 @@ mod tests {
         }))
         .unwrap();
         let ops = JsonOps::new(&config);
-        let out = ops.transform(br#"{"p1":"v1","p4":"v1","f":false,"o":{"k":1},"e":{}}"#).unwrap();
+        let out = ops
+            .transform(br#"{"p1":"v1","p4":"v1","f":false,"o":{"k":1},"e":{}}"#)
+            .unwrap();
         let out: Json = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             out,
@@ -3124,14 +3351,24 @@ mod tests {
     #[test]
     fn parses_media_types_like_kong() {
         let m = parse_media_type("Application/JSON; Charset=utf-8; q=\"1\"").unwrap();
-        assert_eq!((m.kind.as_str(), m.subtype.as_str()), ("application", "json"));
-        assert_eq!(m.params, vec![("charset".into(), "utf-8".into()), ("q".into(), "1".into())]);
+        assert_eq!(
+            (m.kind.as_str(), m.subtype.as_str()),
+            ("application", "json")
+        );
+        assert_eq!(
+            m.params,
+            vec![("charset".into(), "utf-8".into()), ("q".into(), "1".into())]
+        );
         assert_eq!(parse_media_type("*").map(|m| m.kind), Some("*".into()));
         assert!(parse_media_type("application/xml;").is_none());
         assert!(parse_media_type("application/json ").is_none());
         assert!(parse_media_type("json").is_none());
-        assert!(is_json_body(Some(&HeaderValue::from_static("application/hal+json"))));
-        assert!(is_json_body(Some(&HeaderValue::from_static("text/plain, application/json"))));
+        assert!(is_json_body(Some(&HeaderValue::from_static(
+            "application/hal+json"
+        ))));
+        assert!(is_json_body(Some(&HeaderValue::from_static(
+            "text/plain, application/json"
+        ))));
         assert!(!is_json_body(Some(&HeaderValue::from_static("text/json"))));
     }
 
@@ -3141,7 +3378,10 @@ mod tests {
         let cc = directives(std::iter::once(&value));
         assert_eq!(directive(&cc, "max-age"), Some(&Directive::Number(60.0)));
         assert_eq!(directive(&cc, "no-cache"), Some(&Directive::Flag));
-        assert_eq!(directive(&cc, "private"), Some(&Directive::Text("\"x\"".into())));
+        assert_eq!(
+            directive(&cc, "private"),
+            Some(&Directive::Text("\"x\"".into()))
+        );
         assert_eq!(directive(&cc, "max-stale"), Some(&Directive::Flag));
         assert!(numeric_directive(&cc, "max-stale").is_err());
     }
