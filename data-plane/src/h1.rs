@@ -355,6 +355,7 @@ impl Engine<'_> {
                 headers,
                 body: None,
                 client_ip: self.downstream.remote.ip().to_canonical(),
+                client_addr: self.downstream.client_ip.to_str().unwrap_or_default(),
                 https: self.downstream.tls,
                 target,
                 local_port: self.downstream.local_port,
@@ -726,15 +727,22 @@ impl<'r> Exchange<'_, 'r> {
             self.close = true;
         }
         out.clear();
+        let mut set_headers = Vec::new();
+        let filters = match plugins.as_mut() {
+            Some((chain, ctx)) if chain.filters_response() => Some((*chain, &mut **ctx)),
+            Some((_, ctx)) => {
+                set_headers = std::mem::take(&mut ctx.response_headers);
+                None
+            }
+            None => None,
+        };
         push_response_head(
             out,
             &conn.buf[..response.len],
             response.status,
             &mut peer,
-            plugins
-                .as_mut()
-                .filter(|(chain, _)| chain.filters_response())
-                .map(|(chain, ctx)| (*chain, &mut **ctx)),
+            filters,
+            &set_headers,
         );
         if self.engine.dp.cfg.latency_headers {
             push_latency(out, &self.facts, self.started);
@@ -1175,6 +1183,7 @@ fn push_response_head(
     status: StatusCode,
     peer: &mut Peer,
     plugins: Option<(&Chain, &mut Ctx<'_>)>,
+    set_headers: &[(HeaderName, HeaderValue)],
 ) {
     push_status_line(out, status);
     let mut fields = uninit_fields();
@@ -1207,6 +1216,10 @@ fn push_response_head(
             // Hop-by-hop fields of a response are the same set.
             RequestField::Drop if is_hop_by_hop(name) => {}
             _ if listed.iter().any(|token| token.eq_ignore_ascii_case(name)) => {}
+            // Replaced by a plugin's value.
+            _ if set_headers
+                .iter()
+                .any(|(set, _)| set.as_str().as_bytes().eq_ignore_ascii_case(name)) => {}
             _ => {
                 has_date |= name.eq_ignore_ascii_case(b"date");
                 match &mut filtered {
@@ -1221,6 +1234,9 @@ fn push_response_head(
                 }
             }
         }
+    }
+    for (name, value) in set_headers {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let (Some(mut map), Some((chain, ctx))) = (filtered, plugins) {
         chain.response(ctx, status, &mut map);

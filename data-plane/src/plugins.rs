@@ -112,6 +112,8 @@ pub(crate) struct PluginRequest<'a> {
     /// The whole body, when a plugin of the chain needs it.
     pub(crate) body: Option<Bytes>,
     pub(crate) client_ip: IpAddr,
+    /// `client_ip` as text, made once per connection.
+    pub(crate) client_addr: &'a str,
     pub(crate) https: bool,
     /// The request target as the client sent it (path and query).
     pub(crate) target: &'a str,
@@ -168,8 +170,11 @@ pub(crate) struct Ctx<'r> {
     pub(crate) credential: Option<Credential>,
     /// The instances that ran `access`, in order.
     collected: Vec<&'r Instance>,
-    /// rate-limiting's headers for the response, decided in `access`.
-    pub(crate) rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers a plugin set on the response in `access` (Kong's
+    /// `kong.response.set_header` before the response exists, as
+    /// rate-limiting does): they replace the upstream's of the same name
+    /// before any `header_filter` runs.
+    pub(crate) response_headers: Vec<(HeaderName, HeaderValue)>,
     /// cors: response headers to set (`None` removes), decided in `access`
     /// from the request's Origin.
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
@@ -196,7 +201,7 @@ impl<'r> Ctx<'r> {
             consumer: None,
             credential: None,
             collected: Vec::with_capacity(chain.steps.len()),
-            rate_limit_headers: Vec::new(),
+            response_headers: Vec::new(),
             cors_headers: None,
             cache: None,
             correlation_id: None,
@@ -352,6 +357,9 @@ impl Chain {
 
     /// Kong's `header_filter` for the plugins that ran `access`.
     pub(crate) fn response(&self, ctx: &mut Ctx<'_>, status: StatusCode, headers: &mut HeaderMap) {
+        for (name, value) in ctx.response_headers.drain(..) {
+            headers.insert(name, value);
+        }
         let collected = std::mem::take(&mut ctx.collected);
         for instance in &collected {
             instance.handler.response(ctx, status, headers);

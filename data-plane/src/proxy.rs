@@ -940,6 +940,7 @@ async fn forward<'r>(
             headers: parts.headers.clone(),
             body: None,
             client_ip: downstream.remote.ip().to_canonical(),
+                client_addr: downstream.client_ip.to_str().unwrap_or_default(),
             https: downstream.tls,
             target: head.target,
             local_port: downstream.local_port,

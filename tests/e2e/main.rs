@@ -8,6 +8,7 @@ mod balancer;
 mod cluster;
 mod declarative;
 mod grpc;
+mod otel;
 mod plugins;
 mod postgres;
 mod process;

@@ -336,8 +336,27 @@ impl Plugin for KeyAuth {
             return Flow::Continue;
         }
         authenticate(req, ctx, self.config.anonymous.as_deref(), |req, ctx| {
-            let key = self.find_key(req)?;
-            match ctx.consumers.keys.get(key.as_str()) {
+            // The common case, without copying: one key in the first
+            // header Kong looks at, nothing to hide.
+            let first_header = (self.config.key_in_header && !self.config.hide_credentials)
+                .then(|| self.header_names.first())
+                .flatten()
+                .and_then(|name| {
+                    let mut values = req.headers.get_all(name.as_str()).iter();
+                    match (values.next(), values.next()) {
+                        (Some(value), None) => value.to_str().ok().filter(|v| !v.is_empty()),
+                        _ => None,
+                    }
+                });
+            let owned_key;
+            let key = match first_header {
+                Some(key) => key,
+                None => {
+                    owned_key = self.find_key(req)?;
+                    owned_key.as_str()
+                }
+            };
+            match ctx.consumers.keys.get(key) {
                 Some(owned) => Ok((
                     Arc::clone(&owned.consumer),
                     Credential {

@@ -41,7 +41,9 @@ pub(crate) struct JwtSecret {
 pub(crate) struct Consumers {
     by_id: HashMap<Box<str>, Arc<Consumer>>,
     by_username: HashMap<Box<str>, Arc<Consumer>>,
-    pub(crate) keys: HashMap<Box<str>, Owned<()>>,
+    /// By the key a request presents; a seeded fast hash, as keys come
+    /// from clients.
+    pub(crate) keys: HashMap<Box<str>, Owned<()>, foldhash::fast::RandomState>,
     /// basic-auth: the stored hash (SHA-1 of password and consumer id).
     pub(crate) basic: HashMap<Box<str>, Owned<Box<str>>>,
     pub(crate) jwt: HashMap<Box<str>, Owned<JwtSecret>>,

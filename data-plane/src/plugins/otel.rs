@@ -32,14 +32,25 @@
 //! removes its own when it ends.
 //!
 //! The queue belongs to the plugin instance: when a new configuration
-//! replaces it, the queue closes, the task sends what it still holds and
-//! ends; nothing waits on it.
+//! replaces it, the queue closes, the task tries once to send what it
+//! still holds (no retries) and ends, dropping its exporter; nothing waits
+//! on it.
+//!
+//! Left out: `logs_endpoint` (OTLP logs), the `http.flavor` and
+//! `kong.request.id` attributes (neither is known to the log phase), the
+//! other instrumentations (`kong.router`, per-plugin, DNS, database
+//! spans), the trace ids Kong adds to the log entry, and the balancer's
+//! peer address when the service names a host (only an IP literal is
+//! reported as `net.peer.ip`, a name as `net.peer.name`).
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
@@ -60,10 +71,6 @@ const KONG_VERSION: &str = "3.9.0";
 /// kong.conf's `tracing_sampling_rate` default, which Kong applies when the
 /// plugin has no `sampling_rate`.
 const DEFAULT_SAMPLING_RATE: f64 = 0.01;
-
-/// Traces in flight past which finished ones are looked for (a request
-/// whose context could not be dropped normally would otherwise stay).
-const REGISTRY_SOFT_LIMIT: usize = 65_536;
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -222,7 +229,10 @@ impl Propagation {
                     f => f.parse().map(Inject::Format),
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            (formats(prop.extract.as_deref().unwrap_or_default())?, inject)
+            (
+                formats(prop.extract.as_deref().unwrap_or_default())?,
+                inject,
+            )
         } else {
             match config.header_type.as_deref().unwrap_or("preserve") {
                 "preserve" => (LEGACY_EXTRACT.to_vec(), vec![Inject::Preserve]),
@@ -337,10 +347,12 @@ fn sized<const N: usize>(id: &[u8]) -> [u8; N] {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn to_dec(bytes: &[u8]) -> String {
@@ -505,8 +517,7 @@ fn extract_b3(headers: &HeaderMap) -> Option<Extracted> {
 fn extract_jaeger(headers: &HeaderMap) -> Option<Extracted> {
     let value = single(headers, "uber-trace-id")?;
     let mut parts = value.split(':');
-    let (trace, span, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (trace, span, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || ![trace, span, parent, flags].iter().all(|p| is_hex(p)) {
         return None;
     }
@@ -555,10 +566,7 @@ fn extract_datadog(headers: &HeaderMap) -> Option<Extracted> {
         Some(_) => return None,
     };
     let trace = trace.and_then(|t| from_dec(t.trim()));
-    let parent = trace
-        .as_ref()
-        .and(parent)
-        .and_then(|p| from_dec(p.trim()));
+    let parent = trace.as_ref().and(parent).and_then(|p| from_dec(p.trim()));
     let mut ctx = Extracted::with_ids(trace, parent, None);
     ctx.sampled = sampled;
     Some(ctx)
@@ -605,7 +613,9 @@ fn extract_gcp(headers: &HeaderMap) -> Option<Extracted> {
         Some((span, flags)) => (span, Some(flags)),
         None => (rest, None),
     };
-    let lower_hex = trace.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let lower_hex = trace
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if trace.len() != 32 || !lower_hex || span.is_empty() || span.len() > 20 {
         return None;
     }
@@ -620,9 +630,8 @@ fn extract_gcp(headers: &HeaderMap) -> Option<Extracted> {
 fn extract_instana(headers: &HeaderMap) -> Option<Extracted> {
     let trace = single(headers, "x-instana-t")?;
     let span = single(headers, "x-instana-s")?;
-    let leading_hex = |s: &str| -> String {
-        s.chars().take_while(char::is_ascii_hexdigit).collect()
-    };
+    let leading_hex =
+        |s: &str| -> String { s.chars().take_while(char::is_ascii_hexdigit).collect() };
     let (trace, span) = (leading_hex(trace), leading_hex(span));
     let level = single(headers, "x-instana-l").and_then(|l| l.get(..1));
     let mut ctx = Extracted::with_ids(from_hex(&trace), from_hex(&span), None);
@@ -794,6 +803,8 @@ struct Trace {
     upstream_span_id: [u8; 8],
     sampled: bool,
     trace_state: Option<String>,
+    /// The value of the header that identifies the trace in the log entry.
+    key: Option<Box<str>>,
 }
 
 impl Trace {
@@ -807,50 +818,87 @@ impl Trace {
             upstream_span_id: ids.new_span_id().to_bytes(),
             sampled: sample(&trace_id, rate),
             trace_state: None,
+            key: None,
         }
     }
 }
 
-/// Traces in flight, by the value of the header that identifies them.
-#[derive(Default)]
+/// Traces in flight, by the value of the header that identifies them: a
+/// fixed table of slots without locks. A trace takes the first free slot
+/// of a short probe from its key's hash and leaves it when its request
+/// ends; when every probed slot is taken (more requests in flight than
+/// the table holds), `log` starts a new trace for that request.
 struct Registry {
-    traces: Mutex<HashMap<Box<str>, Arc<Trace>>>,
+    slots: Box<[ArcSwapOption<Trace>]>,
+    hasher: RandomState,
 }
 
+const SLOTS: usize = 1 << 14;
+const PROBES: usize = 32;
+
 impl Registry {
-    fn insert(&self, key: &str, trace: &Arc<Trace>) {
-        let mut traces = self.traces.lock().unwrap_or_else(PoisonError::into_inner);
-        if traces.len() >= REGISTRY_SOFT_LIMIT {
-            // Only this map still holds the trace: its request is over.
-            traces.retain(|_, t| Arc::strong_count(t) > 1);
+    fn new() -> Registry {
+        Registry {
+            slots: (0..SLOTS).map(|_| ArcSwapOption::empty()).collect(),
+            hasher: RandomState::new(),
         }
-        traces.insert(key.into(), Arc::clone(trace));
+    }
+
+    fn probe(&self, key: &str) -> impl Iterator<Item = usize> {
+        let start = self.hasher.hash_one(key) as usize;
+        (0..PROBES).map(move |i| start.wrapping_add(i) & (SLOTS - 1))
+    }
+
+    /// The slot the trace took, if any.
+    fn insert(&self, trace: &Arc<Trace>) -> Option<usize> {
+        let key = trace.key.as_deref()?;
+        self.probe(key).find(|&i| {
+            let slot = &self.slots[i];
+            slot.load().is_none() && {
+                let previous = slot.compare_and_swap(&None::<Arc<Trace>>, Some(Arc::clone(trace)));
+                previous.is_none()
+            }
+        })
     }
 
     fn get(&self, key: &str) -> Option<Arc<Trace>> {
-        let traces = self.traces.lock().unwrap_or_else(PoisonError::into_inner);
-        traces.get(key).cloned()
+        self.probe(key).find_map(|i| {
+            let slot = self.slots[i].load();
+            slot.as_ref()
+                .filter(|trace| trace.key.as_deref() == Some(key))
+                .map(Arc::clone)
+        })
     }
 
-    fn remove(&self, key: &str, trace: &Arc<Trace>) {
-        let mut traces = self.traces.lock().unwrap_or_else(PoisonError::into_inner);
-        if traces.get(key).is_some_and(|t| Arc::ptr_eq(t, trace)) {
-            traces.remove(key);
-        }
+    fn remove(&self, slot: usize, trace: &Arc<Trace>) {
+        self.slots[slot].compare_and_swap(Arc::as_ptr(trace), None);
     }
 }
 
 /// The trace of a request, kept in its [`Ctx`]; dropping it (when the
-/// request ends) forgets the trace.
+/// request ends) frees its slot.
 pub(crate) struct RequestTrace {
     trace: Arc<Trace>,
-    key: Option<(Box<str>, Arc<Registry>)>,
+    slot: Option<(usize, Arc<Registry>)>,
+}
+
+impl RequestTrace {
+    fn new(trace: Trace, registry: &Arc<Registry>) -> RequestTrace {
+        let trace = Arc::new(trace);
+        let slot = registry
+            .insert(&trace)
+            .map(|slot| (slot, Arc::clone(registry)));
+        if slot.is_none() && trace.key.is_some() {
+            tracing::debug!("opentelemetry: too many traces in flight; this one is not kept.");
+        }
+        RequestTrace { trace, slot }
+    }
 }
 
 impl Drop for RequestTrace {
     fn drop(&mut self) {
-        if let Some((key, registry)) = &self.key {
-            registry.remove(key, &self.trace);
+        if let Some((slot, registry)) = &self.slot {
+            registry.remove(*slot, &self.trace);
         }
     }
 }
@@ -909,6 +957,16 @@ async fn send_spans(
                     spans = count,
                     %endpoint,
                     "opentelemetry could not send spans before max_retry_time; they are lost."
+                );
+                break;
+            }
+            // A replaced configuration's queue tries what it holds once:
+            // old queues do not pile up behind an unreachable collector.
+            if receiver.is_closed() {
+                tracing::error!(
+                    spans = count,
+                    %endpoint,
+                    "opentelemetry configuration replaced; unsent spans are lost."
                 );
                 break;
             }
@@ -1045,19 +1103,19 @@ impl OpenTelemetry {
             propagation,
             sampling_rate: config.sampling_rate.unwrap_or(DEFAULT_SAMPLING_RATE),
             trace_id_header,
-            registry: Arc::default(),
+            registry: Arc::new(Registry::new()),
             scope: scope(),
         })
     }
 
     /// Kong's `propagation.propagate` with the plugin's `get_inject_ctx`:
-    /// the request's trace, and the key it can be found by.
-    fn propagate(&self, headers: &mut HeaderMap) -> (Trace, Option<String>) {
-        let found = self
-            .propagation
-            .extract
-            .iter()
-            .find_map(|format| extract(*format, headers).filter(Extracted::found).map(|c| (*format, c)));
+    /// the request's trace, with the key it can be found by.
+    fn propagate(&self, headers: &mut HeaderMap) -> Trace {
+        let found = self.propagation.extract.iter().find_map(|format| {
+            extract(*format, headers)
+                .filter(Extracted::found)
+                .map(|c| (*format, c))
+        });
         let (from, incoming) = match found {
             Some((format, ctx)) => (Some(format), ctx),
             None => (None, Extracted::default()),
@@ -1067,7 +1125,8 @@ impl OpenTelemetry {
             trace.trace_id = trace_id;
         }
         trace.remote_parent = incoming.span_id.or(incoming.parent_id);
-        trace.sampled = incoming.sampled != Some(false) && sample(&trace.trace_id, self.sampling_rate);
+        trace.sampled =
+            incoming.sampled != Some(false) && sample(&trace.trace_id, self.sampling_rate);
         trace.trace_state = incoming.trace_state.clone();
 
         for name in &self.propagation.clear {
@@ -1095,12 +1154,13 @@ impl OpenTelemetry {
                     continue;
                 };
                 if key.is_none() {
-                    key = value.to_str().ok().map(str::to_owned);
+                    key = value.to_str().ok().map(Box::from);
                 }
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
-        (trace, key)
+        trace.key = key;
+        trace
     }
 
     /// The trace `access` (or `response`) made for the request of `entry`.
@@ -1111,7 +1171,10 @@ impl OpenTelemetry {
             .filter_map(|name| request_headers.and_then(|h| h.get(*name)))
             .collect::<Vec<_>>();
         if let Some(name) = &self.trace_id_header {
-            if let Some(value) = entry.pointer("/response/headers").and_then(|h| h.get(name.as_str())) {
+            if let Some(value) = entry
+                .pointer("/response/headers")
+                .and_then(|h| h.get(name.as_str()))
+            {
                 candidates.push(value);
             }
         }
@@ -1201,7 +1264,9 @@ impl OpenTelemetry {
             "kong",
             SpanKind::Server,
             trace.root_span_id,
-            trace.remote_parent.map_or(SpanId::INVALID, SpanId::from_bytes),
+            trace
+                .remote_parent
+                .map_or(SpanId::INVALID, SpanId::from_bytes),
             start,
             root_attributes,
         )];
@@ -1212,7 +1277,10 @@ impl OpenTelemetry {
             // Lua numbers: Kong sends these as doubles.
             let mut attributes = vec![KeyValue::new("try_count", 1.0)];
             let service_host = text("/service/host");
-            if let Ok(ip) = service_host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            if let Ok(ip) = service_host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+            {
                 attributes.push(KeyValue::new("net.peer.ip", ip.to_string()));
                 if let Some(port) = number("/service/port") {
                     attributes.push(KeyValue::new("net.peer.port", port));
@@ -1256,13 +1324,8 @@ impl Plugin for OpenTelemetry {
         if self.spans.is_none() {
             return Flow::Continue;
         }
-        let (trace, key) = self.propagate(&mut req.headers);
-        let trace = Arc::new(trace);
-        let key = key.map(|key| {
-            self.registry.insert(&key, &trace);
-            (key.into_boxed_str(), Arc::clone(&self.registry))
-        });
-        ctx.otel = Some(RequestTrace { trace, key });
+        let trace = self.propagate(&mut req.headers);
+        ctx.otel = Some(RequestTrace::new(trace, &self.registry));
         Flow::Continue
     }
 
@@ -1278,13 +1341,10 @@ impl Plugin for OpenTelemetry {
             None => {
                 // A plugin answered before ours ran: the trace starts here,
                 // found again in `log` by this header.
-                let trace = Arc::new(Trace::fresh(self.sampling_rate));
+                let mut trace = Trace::fresh(self.sampling_rate);
                 let id = hex(&trace.trace_id);
-                self.registry.insert(&id, &trace);
-                ctx.otel = Some(RequestTrace {
-                    trace,
-                    key: Some((id.clone().into_boxed_str(), Arc::clone(&self.registry))),
-                });
+                trace.key = Some(id.as_str().into());
+                ctx.otel = Some(RequestTrace::new(trace, &self.registry));
                 id
             }
         };
@@ -1334,7 +1394,7 @@ mod tests {
             propagation: Propagation::from_config(&config).unwrap(),
             sampling_rate: config.sampling_rate.unwrap_or(DEFAULT_SAMPLING_RATE),
             trace_id_header: None,
-            registry: Arc::default(),
+            registry: Arc::new(Registry::new()),
             scope: scope(),
         }
     }
@@ -1349,9 +1409,13 @@ mod tests {
             ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
             ("tracestate", "vendor=x"),
         ]);
-        let (trace, key) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
+        let key = trace.key.clone();
         assert_eq!(hex(&trace.trace_id), TRACE);
-        assert_eq!(trace.remote_parent.map(|p| hex(&p)).as_deref(), Some(PARENT));
+        assert_eq!(
+            trace.remote_parent.map(|p| hex(&p)).as_deref(),
+            Some(PARENT)
+        );
         assert!(trace.sampled);
         let traceparent = h.get("traceparent").unwrap().to_str().unwrap();
         assert_eq!(
@@ -1367,9 +1431,14 @@ mod tests {
     fn an_unsampled_caller_is_not_sampled_and_invalid_headers_start_a_trace() {
         let p = plugin(json!({"sampling_rate": 1}));
         let mut h = headers(&[("traceparent", &format!("00-{TRACE}-{PARENT}-00"))]);
-        let (trace, _) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
         assert!(!trace.sampled);
-        assert!(h.get("traceparent").unwrap().to_str().unwrap().ends_with("-00"));
+        assert!(h
+            .get("traceparent")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .ends_with("-00"));
 
         for bad in [
             format!("01-{TRACE}-{PARENT}-01"),
@@ -1379,7 +1448,7 @@ mod tests {
             "garbage".to_owned(),
         ] {
             let mut h = headers(&[("traceparent", &bad)]);
-            let (trace, _) = p.propagate(&mut h);
+            let trace = p.propagate(&mut h);
             assert_ne!(hex(&trace.trace_id), TRACE, "{bad}");
             assert_eq!(trace.remote_parent, None, "{bad}");
             assert!(trace.sampled);
@@ -1394,28 +1463,42 @@ mod tests {
             ("x-b3-spanid", PARENT),
             ("x-b3-sampled", "1"),
         ]);
-        let (trace, key) = p.propagate(&mut h);
-        assert_eq!(hex(&trace.trace_id), format!("{}463ac35c9f6413ad", "0".repeat(16)));
+        let trace = p.propagate(&mut h);
+        let key = trace.key.clone();
+        assert_eq!(
+            hex(&trace.trace_id),
+            format!("{}463ac35c9f6413ad", "0".repeat(16))
+        );
         // 64-bit trace ids keep their size.
         assert_eq!(h.get("x-b3-traceid").unwrap(), "463ac35c9f6413ad");
-        assert_eq!(h.get("x-b3-spanid").unwrap().to_str().unwrap(), hex(&trace.upstream_span_id));
-        assert_eq!(h.get("x-b3-parentspanid").unwrap().to_str().unwrap(), hex(&trace.root_span_id));
+        assert_eq!(
+            h.get("x-b3-spanid").unwrap().to_str().unwrap(),
+            hex(&trace.upstream_span_id)
+        );
+        assert_eq!(
+            h.get("x-b3-parentspanid").unwrap().to_str().unwrap(),
+            hex(&trace.root_span_id)
+        );
         assert_eq!(h.get("x-b3-sampled").unwrap(), "1");
         assert_eq!(key.as_deref(), Some(hex(&trace.upstream_span_id).as_str()));
         assert!(h.get("traceparent").is_none());
 
         let mut h = headers(&[("b3", &format!("{TRACE}-{PARENT}-d"))]);
-        let (trace, _) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
         assert_eq!(
             h.get("b3").unwrap().to_str().unwrap(),
-            format!("{TRACE}-{}-d-{}", hex(&trace.upstream_span_id), hex(&trace.root_span_id))
+            format!(
+                "{TRACE}-{}-d-{}",
+                hex(&trace.upstream_span_id),
+                hex(&trace.root_span_id)
+            )
         );
 
         let mut h = headers(&[
             ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
             ("tracestate", "vendor=x"),
         ]);
-        let (trace, _) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
         assert_eq!(hex(&trace.trace_id), TRACE);
         assert!(h.get("x-b3-traceid").is_none());
     }
@@ -1423,7 +1506,10 @@ mod tests {
     #[test]
     fn other_formats_round_trip() {
         for (format, incoming) in [
-            ("jaeger", vec![("uber-trace-id", format!("{TRACE}:{PARENT}:0:1"))]),
+            (
+                "jaeger",
+                vec![("uber-trace-id", format!("{TRACE}:{PARENT}:0:1"))],
+            ),
             (
                 "ot",
                 vec![
@@ -1436,7 +1522,11 @@ mod tests {
                 "aws",
                 vec![(
                     "x-amzn-trace-id",
-                    format!("Root=1-{}-{};Parent={PARENT};Sampled=1", &TRACE[..8], &TRACE[8..]),
+                    format!(
+                        "Root=1-{}-{};Parent={PARENT};Sampled=1",
+                        &TRACE[..8],
+                        &TRACE[8..]
+                    ),
                 )],
             ),
             (
@@ -1451,11 +1541,15 @@ mod tests {
                 "extract": [format], "inject": ["preserve"], "default_format": "w3c"}}));
             let pairs: Vec<(&str, &str)> = incoming.iter().map(|(n, v)| (*n, v.as_str())).collect();
             let mut h = headers(&pairs);
-            let (trace, key) = p.propagate(&mut h);
+            let trace = p.propagate(&mut h);
+            let key = trace.key.clone();
             assert_eq!(hex(&trace.trace_id), TRACE, "{format}");
-            assert_eq!(trace.remote_parent.map(|p| hex(&p)).as_deref(), Some(PARENT), "{format}");
-            assert!(key.is_some(), "{format}");
-            let key = key.unwrap();
+            assert_eq!(
+                trace.remote_parent.map(|p| hex(&p)).as_deref(),
+                Some(PARENT),
+                "{format}"
+            );
+            let key = key.expect(format);
             assert!(
                 key.contains(&hex(&trace.upstream_span_id))
                     || key.contains(&to_dec(&trace.upstream_span_id)),
@@ -1470,13 +1564,21 @@ mod tests {
             ("x-datadog-parent-id", "5678"),
             ("x-datadog-sampling-priority", "1"),
         ]);
-        let (trace, _) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
         assert_eq!(to_dec(&trace.trace_id), "1234");
-        assert_eq!(trace.remote_parent.map(|p| to_dec(&p)).as_deref(), Some("5678"));
+        assert_eq!(
+            trace.remote_parent.map(|p| to_dec(&p)).as_deref(),
+            Some("5678")
+        );
         assert_eq!(h.get("x-datadog-trace-id").unwrap(), "1234");
         assert_eq!(
             h.get("traceparent").unwrap().to_str().unwrap(),
-            format!("00-{}{:016x}-{}-01", "0".repeat(16), 1234, hex(&trace.upstream_span_id))
+            format!(
+                "00-{}{:016x}-{}-01",
+                "0".repeat(16),
+                1234,
+                hex(&trace.upstream_span_id)
+            )
         );
     }
 
@@ -1488,7 +1590,10 @@ mod tests {
         assert_eq!(prop.inject, vec![Inject::Format(Format::W3c)]);
         let config: Config = typed(&json!({"header_type": "jaeger"})).unwrap();
         let prop = Propagation::from_config(&config).unwrap();
-        assert_eq!(prop.inject, vec![Inject::Preserve, Inject::Format(Format::Jaeger)]);
+        assert_eq!(
+            prop.inject,
+            vec![Inject::Preserve, Inject::Format(Format::Jaeger)]
+        );
 
         let p = plugin(json!({"sampling_rate": 1, "propagation": {
             "extract": ["b3"], "clear": ["x-b3-traceid", "x-b3-spanid", "x-b3-sampled"],
@@ -1498,7 +1603,7 @@ mod tests {
             ("x-b3-spanid", PARENT),
             ("x-b3-sampled", "1"),
         ]);
-        let (trace, _) = p.propagate(&mut h);
+        let trace = p.propagate(&mut h);
         assert_eq!(hex(&trace.trace_id), TRACE);
         assert!(h.get("x-b3-traceid").is_none());
         assert!(h.get("traceparent").is_some());
@@ -1518,14 +1623,10 @@ mod tests {
     fn spans_follow_kongs_names_and_attributes() {
         let p = plugin(json!({"sampling_rate": 1}));
         let mut h = headers(&[("traceparent", &format!("00-{TRACE}-{PARENT}-01"))]);
-        let (trace, key) = p.propagate(&mut h);
-        let trace = Arc::new(trace);
-        let key = key.unwrap();
-        p.registry.insert(&key, &trace);
-        let handle = RequestTrace {
-            trace: Arc::clone(&trace),
-            key: Some((key.clone().into_boxed_str(), Arc::clone(&p.registry))),
-        };
+        let trace = p.propagate(&mut h);
+        let key = trace.key.clone().unwrap().to_string();
+        let handle = RequestTrace::new(trace, &p.registry);
+        let trace = Arc::clone(&handle.trace);
         let entry = json!({
             "request": {"method": "GET", "uri": "/a?b=1", "url": "http://example.com:8000/a?b=1",
                         "headers": {"host": "Example.com:8000", "traceparent": key}},
@@ -1544,7 +1645,10 @@ mod tests {
         assert_eq!(root.name, "kong");
         assert_eq!(root.span_kind, SpanKind::Server);
         assert_eq!(root.parent_span_id, SpanId::from_hex(PARENT).unwrap());
-        assert_eq!(root.span_context.trace_id(), TraceId::from_hex(TRACE).unwrap());
+        assert_eq!(
+            root.span_context.trace_id(),
+            TraceId::from_hex(TRACE).unwrap()
+        );
         let attr = |span: &SpanData, key: &str| {
             span.attributes
                 .iter()
@@ -1552,7 +1656,10 @@ mod tests {
                 .map(|kv| kv.value.clone())
         };
         assert_eq!(attr(root, "http.status_code"), Some(201i64.into()));
-        assert_eq!(attr(root, "http.url"), Some("http://example.com/a?b=1".into()));
+        assert_eq!(
+            attr(root, "http.url"),
+            Some("http://example.com/a?b=1".into())
+        );
         assert_eq!(attr(root, "http.host"), Some("example.com".into()));
         assert_eq!(attr(root, "http.route"), Some("/a".into()));
         assert_eq!(attr(root, "net.peer.ip"), Some("10.0.0.1".into()));
@@ -1571,7 +1678,10 @@ mod tests {
         assert_eq!(attr(balancer, "net.peer.ip"), Some("127.0.0.1".into()));
 
         drop(handle);
-        assert!(p.find(&entry).is_none(), "a finished request forgets its trace");
+        assert!(
+            p.find(&entry).is_none(),
+            "a finished request forgets its trace"
+        );
 
         let unproxied = json!({"latencies": {"kong": 1, "proxy": -1}, "response": {"status": 401}});
         assert_eq!(p.spans(&trace, &unproxied).len(), 1);

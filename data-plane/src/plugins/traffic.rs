@@ -2,12 +2,14 @@
 //! `request-size-limiting`, `ip-restriction`, `bot-detection`, `cors`),
 //! and `request-termination`.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use ipnet::IpNet;
 use regex::{Regex, RegexSet};
@@ -19,78 +21,107 @@ use crate::proxy::ResponseBody;
 // ---------------------------------------------------------------------------
 // rate-limiting
 
-/// Rate-limiting counters (local policy), shared by runtimes so that a
-/// configuration change does not reset them. Sharded: a request holds one
-/// shard's lock for a hash lookup and an add.
+/// Rate-limiting counters (local policy), by plugin id, shared by
+/// runtimes so that a configuration change does not reset them. A
+/// configuration build looks its plugin's table up once; requests then
+/// count with atomics, and take a shard's write lock only for a client
+/// seen for the first time.
+#[derive(Default)]
 pub(crate) struct Counters {
-    shards: Box<[Mutex<HashMap<CounterKey, Window>>]>,
-}
-
-const SHARDS: usize = 64;
-
-impl Default for Counters {
-    fn default() -> Self {
-        Counters {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
-    }
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct CounterKey {
-    plugin: Arc<str>,
-    identifier: Box<str>,
-    period: Period,
-}
-
-/// One period's window: its start and the requests counted in it.
-#[derive(Clone, Copy)]
-struct Window {
-    start_ms: i64,
-    count: u64,
+    by_plugin: DashMap<Box<str>, Arc<PluginCounters>>,
 }
 
 impl Counters {
-    fn shard(&self, key: &CounterKey) -> &Mutex<HashMap<CounterKey, Window>> {
-        // FNV-1a over the identifier: only spreads contention over shards.
-        let hash = key
-            .identifier
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    fn for_plugin(&self, plugin: &str) -> Arc<PluginCounters> {
+        Arc::clone(self.by_plugin.entry(plugin.into()).or_default().value())
+    }
+}
+
+/// One plugin's counts: per client, one window per period.
+#[derive(Default)]
+struct PluginCounters {
+    clients: DashMap<Box<str>, Windows, foldhash::fast::RandomState>,
+    inserted: AtomicU64,
+}
+
+/// The current window of each period: its start and its count.
+#[derive(Default)]
+struct Windows([(AtomicI64, AtomicU64); 6]);
+
+impl Windows {
+    /// The count of the window starting at `start_ms`, resetting an
+    /// older window.
+    fn used(&self, period: Period, start_ms: i64) -> u64 {
+        let (start, count) = &self.0[period as usize];
+        let seen = start.load(Ordering::Acquire);
+        if seen == start_ms {
+            return count.load(Ordering::Acquire);
+        }
+        if seen < start_ms
+            && start
+                .compare_exchange(seen, start_ms, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            count.store(0, Ordering::Release);
+        }
+        if start.load(Ordering::Acquire) == start_ms {
+            count.load(Ordering::Acquire)
+        } else {
+            0
+        }
+    }
+
+    fn increment(&self, period: Period, start_ms: i64) {
+        let (start, count) = &self.0[period as usize];
+        if start.load(Ordering::Acquire) == start_ms {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl PluginCounters {
+    /// Counts this request in every limit's window unless one is used up;
+    /// the counts before it go to `used`.
+    fn count(&self, identifier: &str, limits: &Limits, now: i64, used: &mut Vec<u64>) -> bool {
+        let counted = |windows: &Windows, used: &mut Vec<u64>| {
+            used.clear();
+            for (period, _, _, _) in &limits.limits {
+                used.push(windows.used(*period, period.start_ms(now)));
+            }
+            let stop = limits
+                .limits
+                .iter()
+                .zip(used.iter())
+                .any(|((_, limit, _, _), used)| *used >= *limit);
+            if !stop {
+                for (period, _, _, _) in &limits.limits {
+                    windows.increment(*period, period.start_ms(now));
+                }
+            }
+            stop
+        };
+        if let Some(windows) = self.clients.get(identifier) {
+            return counted(&windows, used);
+        }
+        // Clients that stopped coming are dropped now and then, so the
+        // table does not grow with every client ever seen.
+        if self.inserted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            let horizon = now - 2 * 31_536_000_000;
+            self.clients.retain(|_, windows| {
+                windows
+                    .0
+                    .iter()
+                    .any(|(start, count)| start.load(Ordering::Relaxed) > horizon && count.load(Ordering::Relaxed) > 0)
             });
-        &self.shards[(hash % SHARDS as u64) as usize]
-    }
-
-    /// The count in the window starting at `start_ms`.
-    fn usage(&self, key: &CounterKey, start_ms: i64) -> u64 {
-        let shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        match shard.get(key) {
-            Some(window) if window.start_ms == start_ms => window.count,
-            _ => 0,
         }
-    }
-
-    fn increment(&self, key: CounterKey, start_ms: i64) {
-        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        let window = shard.entry(key).or_insert(Window { start_ms, count: 0 });
-        if window.start_ms != start_ms {
-            *window = Window { start_ms, count: 0 };
-        }
-        window.count += 1;
-        let fresh = window.count == 1;
-        // Windows of identifiers that stopped coming are dropped now and
-        // then, so the map does not grow with every client ever seen.
-        if fresh && shard.len() > 4096 {
-            let now = start_ms;
-            shard.retain(|k, w| now - w.start_ms < k.period.seconds() * 1000 * 2);
-        }
+        let windows = self.clients.entry(identifier.into()).or_default();
+        counted(&windows, used)
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Period {
-    Second,
+    Second = 0,
     Minute,
     Hour,
     Day,
@@ -232,11 +263,11 @@ enum LimitBy {
 }
 
 /// Redis connections by server, shared by every rate-limiting instance
-/// and kept across configurations. The lock is taken when a
-/// configuration is built, never by a request.
+/// and kept across configurations; looked up when a configuration is
+/// built, never by a request.
 #[derive(Default)]
 pub(crate) struct RedisPool {
-    servers: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>>>,
+    servers: DashMap<String, Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>>,
 }
 
 /// One Redis server as a rate-limiting configuration names it.
@@ -276,7 +307,6 @@ return n - 1",
 
 /// What every request of one rate-limiting configuration shares.
 struct Limits {
-    plugin: Arc<str>,
     limits: Vec<(Period, u64, HeaderName, HeaderName)>,
     limit_by: LimitBy,
     header_name: Option<HeaderName>,
@@ -293,7 +323,7 @@ struct Limits {
 pub(crate) struct RateLimiting {
     limits: Arc<Limits>,
     redis: Option<Arc<RedisTarget>>,
-    shared: Arc<super::Shared>,
+    counters: Arc<PluginCounters>,
 }
 
 const EMPTY_UUID: &str = "00000000-0000-0000-0000-000000000000";
@@ -369,15 +399,7 @@ impl RateLimiting {
                     r.username.as_deref().unwrap_or(""),
                     r.password.as_deref().unwrap_or("")
                 );
-                let connection = {
-                    let mut servers = cx
-                        .shared
-                        .redis
-                        .servers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    Arc::clone(servers.entry(server).or_default())
-                };
+                let connection = Arc::clone(cx.shared.redis.servers.entry(server).or_default().value());
                 Some(Arc::new(RedisTarget {
                     info,
                     timeout: std::time::Duration::from_millis(r.timeout.unwrap_or(2000.0).max(1.0) as u64),
@@ -391,7 +413,6 @@ impl RateLimiting {
         };
         Ok(RateLimiting {
             limits: Arc::new(Limits {
-                plugin: cx.plugin_id.into(),
                 limits,
                 limit_by,
                 header_name: config
@@ -407,39 +428,43 @@ impl RateLimiting {
                 error_message: config.error_message,
             }),
             redis,
-            shared: Arc::clone(cx.shared),
+            counters: cx.shared.rate_limits.for_plugin(cx.plugin_id),
         })
     }
 }
 
 impl Limits {
     /// Kong's `get_identifier`: falls back to the client address.
-    fn identifier(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> String {
-        let found = match self.limit_by {
-            LimitBy::Service => ctx.service_id.map(str::to_owned),
+    fn identifier<'r>(&'r self, req: &'r PluginRequest<'_>, ctx: &'r Ctx<'_>) -> Cow<'r, str> {
+        let found: Option<Cow<'r, str>> = match self.limit_by {
+            LimitBy::Service => ctx.service_id.map(Cow::Borrowed),
             LimitBy::Consumer => ctx
                 .consumer
                 .as_ref()
-                .map(|c| c.id.to_string())
+                .map(|c| Cow::Borrowed(&*c.id))
                 .or_else(|| {
                     ctx.credential
                         .as_ref()
-                        .and_then(|c| c.id.to_str().ok().map(str::to_owned))
+                        .and_then(|c| c.id.to_str().ok().map(Cow::Borrowed))
                 }),
             LimitBy::Credential => ctx
                 .credential
                 .as_ref()
-                .and_then(|c| c.id.to_str().ok().map(str::to_owned)),
+                .and_then(|c| c.id.to_str().ok().map(Cow::Borrowed)),
             LimitBy::Header => self
                 .header_name
                 .as_ref()
                 .and_then(|name| req.headers.get(name))
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            LimitBy::Path => self.path.as_deref().filter(|p| *p == req.path).map(str::to_owned),
+                .map(Cow::Borrowed),
+            LimitBy::Path => self
+                .path
+                .as_deref()
+                .filter(|p| *p == req.path)
+                .map(Cow::Borrowed),
             LimitBy::Ip => None,
         };
-        found.unwrap_or_else(|| req.client_ip.to_string())
+        found.unwrap_or(Cow::Borrowed(req.client_addr))
     }
 
     /// Kong's verdict from the counts before this request (`used`, one
@@ -492,7 +517,7 @@ impl Limits {
     }
 
     fn finish(&self, ctx: &mut Ctx<'_>, stop: bool, headers: Vec<(HeaderName, HeaderValue)>) -> Flow {
-        ctx.rate_limit_headers = headers;
+        ctx.response_headers = headers;
         if stop {
             Flow::Exit(exit_message(self.error_status, &self.error_message))
         } else {
@@ -509,7 +534,8 @@ fn now_ms() -> i64 {
 
 impl Plugin for RateLimiting {
     fn filters_response(&self) -> bool {
-        !self.limits.hide_client_headers
+        // Its headers go out as `Ctx::response_headers`.
+        false
     }
 
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
@@ -517,6 +543,7 @@ impl Plugin for RateLimiting {
         let limits = &self.limits;
         let identifier = limits.identifier(req, ctx);
         if let Some(redis) = &self.redis {
+            let identifier = identifier.into_owned();
             let redis = Arc::clone(redis);
             let limits = Arc::clone(limits);
             return Flow::Wait(Box::pin(async move {
@@ -568,34 +595,12 @@ impl Plugin for RateLimiting {
                 resume
             }));
         }
-        let identifier: Box<str> = identifier.into();
-        let counters = &self.shared.rate_limits;
-        let mut keys = Vec::with_capacity(limits.limits.len());
         let mut used = Vec::with_capacity(limits.limits.len());
-        for (period, _, _, _) in &limits.limits {
-            let key = CounterKey {
-                plugin: Arc::clone(&limits.plugin),
-                identifier: identifier.clone(),
-                period: *period,
-            };
-            let start = period.start_ms(now);
-            used.push(counters.usage(&key, start));
-            keys.push((key, start));
-        }
+        self.counters.count(&identifier, limits, now, &mut used);
         let (stop, headers) = limits.verdict(now, &used);
-        if !stop {
-            for (key, start) in keys {
-                counters.increment(key, start);
-            }
-        }
         limits.finish(ctx, stop, headers)
     }
 
-    fn response(&self, ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap) {
-        for (name, value) in ctx.rate_limit_headers.drain(..) {
-            headers.insert(name, value);
-        }
-    }
 }
 
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");

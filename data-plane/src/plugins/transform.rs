@@ -9,12 +9,12 @@
 //! the observable result is Kong's.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, EXPIRES, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -644,7 +644,7 @@ mod lua {
                 toks.push(Tok::Str(text.strip_prefix('\n').unwrap_or(text).to_owned()));
                 i = body + end + close.len();
             } else if let Some(sym) = SYMBOLS.iter().find(|s| src[i..].starts_with(**s)) {
-                toks.push(Tok::Sym(*sym));
+                toks.push(Tok::Sym(sym));
                 i += sym.len();
             } else {
                 return Err(format!("unexpected symbol near '{}'", char::from(c)));
@@ -712,12 +712,17 @@ mod lua {
     struct Parser {
         toks: Vec<Tok>,
         pos: usize,
+        depth: usize,
     }
+
+    /// Lua's limit on nested expressions ("too many syntax levels").
+    const MAX_DEPTH: usize = 200;
 
     pub(super) fn parse(src: &str) -> Result<Expr, String> {
         let mut parser = Parser {
             toks: lex(src)?,
             pos: 0,
+            depth: 0,
         };
         let expr = parser.expr(0)?;
         match parser.peek() {
@@ -773,6 +778,16 @@ mod lua {
 
         /// Lua's `subexpr`: operators binding tighter than `limit`.
         fn expr(&mut self, limit: u8) -> Result<Expr, String> {
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                return Err("chunk has too many syntax levels".into());
+            }
+            let expr = self.subexpr(limit);
+            self.depth -= 1;
+            expr
+        }
+
+        fn subexpr(&mut self, limit: u8) -> Result<Expr, String> {
             const UNARY: u8 = 8;
             let mut left = match self.peek() {
                 Tok::Name(n) if n == "not" => {
@@ -1676,7 +1691,13 @@ impl RequestTransformer {
             &config.add.body,
             &config.append.body,
         );
-        let uri = config.replace.uri.as_deref().map(Value::new);
+        // Kong renders nothing for an empty template (`param_value`).
+        let uri = config
+            .replace
+            .uri
+            .as_deref()
+            .filter(|uri| !uri.is_empty())
+            .map(Value::new);
         let mut templates: Vec<&Template> = Vec::new();
         templates.extend(uri.iter().map(|v| &v.template));
         templates.extend(headers.rename.iter().map(|(_, v)| &v.template));
@@ -2413,15 +2434,11 @@ struct Cached {
     used: AtomicU64,
 }
 
-const SHARDS: usize = 16;
-
-type Shard = Mutex<HashMap<Box<str>, Arc<Cached>>>;
-
 /// proxy-cache's in-memory store, shared by runtimes: Kong's shared
 /// dictionary, with entries that expire and the least recently used
 /// evicted past a size cap.
 pub(crate) struct Store {
-    shards: Vec<Shard>,
+    entries: DashMap<Box<str>, Arc<Cached>>,
     used_bytes: AtomicUsize,
     capacity: usize,
     clock: AtomicU64,
@@ -2434,43 +2451,38 @@ impl Default for Store {
     }
 }
 
+impl Cached {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+}
+
 impl Store {
     fn with_capacity(capacity: usize) -> Store {
         Store {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            entries: DashMap::new(),
             used_bytes: AtomicUsize::new(0),
             capacity,
             clock: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        let hash = key.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        &self.shards[hash % SHARDS]
-    }
-
-    fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Cached>>> {
-        shard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn remove_where(&self, key: &str, condition: impl FnOnce(&Cached) -> bool) {
+        if let Some((_, gone)) = self.entries.remove_if(key, |_, entry| condition(entry)) {
+            self.used_bytes.fetch_sub(gone.size, Ordering::Relaxed);
+        }
     }
 
     fn fetch(&self, key: &str) -> Option<Arc<Cached>> {
-        let mut shard = Store::lock(self.shard(key));
-        let entry = shard.get(key)?;
-        if entry.expires.is_some_and(|at| at <= Instant::now()) {
-            if let Some(gone) = shard.remove(key) {
-                self.used_bytes.fetch_sub(gone.size, Ordering::Relaxed);
-            }
+        let entry = Arc::clone(&*self.entries.get(key)?);
+        let now = Instant::now();
+        if entry.expired(now) {
+            self.remove_where(key, |e| e.expired(now));
             return None;
         }
-        entry.used.store(
-            self.clock.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        Some(Arc::clone(entry))
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        entry.used.store(tick, Ordering::Relaxed);
+        Some(entry)
     }
 
     /// `dict:set(key, value, ttl)`: a TTL of 0 never expires.
@@ -2481,8 +2493,7 @@ impl Store {
         entry.expires = (ttl > 0.0).then(|| Instant::now() + Duration::from_secs_f64(ttl.min(1e9)));
         entry.used = AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed));
         let size = entry.size;
-        let old = Store::lock(self.shard(key)).insert(key.into(), Arc::new(entry));
-        if let Some(old) = old {
+        if let Some(old) = self.entries.insert(key.into(), Arc::new(entry)) {
             self.used_bytes.fetch_sub(old.size, Ordering::Relaxed);
         }
         if self.used_bytes.fetch_add(size, Ordering::Relaxed) + size > self.capacity {
@@ -2494,30 +2505,24 @@ impl Store {
     /// store fits its capacity again.
     fn evict(&self) {
         let now = Instant::now();
-        let mut candidates: Vec<(u64, Box<str>)> = Vec::new();
-        for shard in &self.shards {
-            let mut shard = Store::lock(shard);
-            shard.retain(|_, entry| {
-                let live = !entry.expires.is_some_and(|at| at <= now);
-                if !live {
-                    self.used_bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                }
-                live
-            });
-            candidates.extend(
-                shard
-                    .iter()
-                    .map(|(k, e)| (e.used.load(Ordering::Relaxed), k.clone())),
-            );
-        }
+        self.entries.retain(|_, entry| {
+            let expired = entry.expired(now);
+            if expired {
+                self.used_bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            }
+            !expired
+        });
+        let mut candidates: Vec<(u64, Box<str>)> = self
+            .entries
+            .iter()
+            .map(|e| (e.used.load(Ordering::Relaxed), e.key().clone()))
+            .collect();
         candidates.sort_unstable();
         for (_, key) in candidates {
             if self.used_bytes.load(Ordering::Relaxed) <= self.capacity {
                 break;
             }
-            if let Some(gone) = Store::lock(self.shard(&key)).remove(&key) {
-                self.used_bytes.fetch_sub(gone.size, Ordering::Relaxed);
-            }
+            self.remove_where(&key, |_| true);
         }
     }
 }
@@ -2836,7 +2841,7 @@ impl ProxyCache {
             None => headers
                 .get_all(EXPIRES)
                 .iter()
-                .last()
+                .next_back()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| httpdate::parse_http_date(v).ok())
                 .map(|at| {
@@ -3170,11 +3175,11 @@ mod tests {
             render("$('$(uri_captures.user1)')", &env).unwrap(),
             "$(uri_captures.user1)"
         );
-        assert_eq!(
-            render(r#"$(type(headers["x-multi"]) == "table" and headers["x-multi"][1] .. "-first" or headers["x-multi"])"#, &env)
-                .unwrap(),
-            "1-first"
+        let first = concat!(
+            r#"$(type(headers["x-multi"]) == "table""#,
+            r#" and headers["x-multi"][1] .. "-first" or headers["x-multi"])"#
         );
+        assert_eq!(render(first, &env).unwrap(), "1-first");
         assert_eq!(render("$(query_params.q1 * 2)", &env).unwrap(), "40");
         assert_eq!(
             render("$(headers.host:upper())", &env).unwrap(),
@@ -3189,6 +3194,8 @@ mod tests {
         assert!(render("$(10 * uri_captures.user1)", &env).is_err());
         assert!(render("$(ERROR())", &env).is_err());
         assert!(render("$(shared.written = true)", &env).is_err());
+        let deep = format!("$({}1{})", "(".repeat(500), ")".repeat(500));
+        assert!(render(&deep, &env).is_err());
         // An unbalanced `$(` is text.
         assert_eq!(render("a$(b", &env).unwrap(), "a$(b");
         assert!(Template::parse("x-$(headers.a)").reads("headers"));
@@ -3235,10 +3242,8 @@ mod tests {
             &["added:new", "flag:x"],
             &["list:v"],
         );
-        let out = body_ops
-            .apply_json(br#"{"secret":"x","mode":"slow","old":1,"off":false,"flag":false,"list":"a","keep":[]}"#, &env)
-            .unwrap()
-            .unwrap();
+        let body = br#"{"secret":"x","mode":"slow","old":1,"off":false,"flag":false,"list":"a","keep":[]}"#;
+        let out = body_ops.apply_json(body, &env).unwrap().unwrap();
         let out: Json = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             out,
