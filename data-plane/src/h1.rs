@@ -345,7 +345,7 @@ impl Engine<'_> {
         let mut plugin_req = None;
         let mut plugin_ctx = None;
         if let Some((plugins, chain)) = chain {
-            let Some(headers) = header_map_of(request.headers) else {
+            let Some(headers) = header_map_shared(head, request.headers) else {
                 return Next::HandOff;
             };
             let mut req = PluginRequest {
@@ -422,26 +422,15 @@ impl Engine<'_> {
                 remaining: body_len,
             }
         };
-        let fields: Vec<httparse::Header<'_>>;
         let upstream_head = match &plugin_req {
-            Some(req) => {
-                fields = req
-                    .headers
-                    .iter()
-                    .map(|(name, value)| httparse::Header {
-                        name: name.as_str(),
-                        value: value.as_bytes(),
-                    })
-                    .collect();
-                UpstreamHead {
-                    method: req.method.as_str(),
-                    fields: &fields,
-                    query: req.query.as_deref(),
-                }
-            }
+            Some(req) => UpstreamHead {
+                method: req.method.as_str(),
+                fields: Fields::Map(&req.headers),
+                query: req.query.as_deref(),
+            },
             None => UpstreamHead {
                 method: request.method.unwrap_or("GET"),
-                fields: request.headers,
+                fields: Fields::Raw(request.headers),
                 query,
             },
         };
@@ -676,7 +665,7 @@ impl<'r> Exchange<'_, 'r> {
             let headers_for_hash;
             let empty = HeaderMap::new();
             let headers = if upstream.peers.reads_headers() {
-                headers_for_hash = header_map_of(request.fields).unwrap_or_default();
+                headers_for_hash = request.fields.header_map();
                 &headers_for_hash
             } else {
                 &empty
@@ -727,7 +716,7 @@ impl<'r> Exchange<'_, 'r> {
             self.close = true;
         }
         out.clear();
-        let mut set_headers = Vec::new();
+        let mut set_headers = smallvec::SmallVec::new();
         let filters = match plugins.as_mut() {
             Some((chain, ctx)) if chain.filters_response() => Some((*chain, &mut **ctx)),
             Some((_, ctx)) => {
@@ -1044,6 +1033,18 @@ impl<'h> RequestInfo<'h> {
     }
 }
 
+/// The request's fields as a header map for plugins; values share the
+/// head's buffer rather than being copied.
+fn header_map_shared(head: &Bytes, fields: &[httparse::Header<'_>]) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(fields.len() + 6);
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?;
+        map.append(name, value);
+    }
+    Some(map)
+}
+
 /// The request's fields as a header map, for header routes and hashing.
 fn header_map_of(fields: &[httparse::Header<'_>]) -> Option<HeaderMap> {
     let mut map = HeaderMap::with_capacity(fields.len());
@@ -1107,16 +1108,43 @@ struct Rewrites<'p> {
 /// plugins made.
 struct UpstreamHead<'a> {
     method: &'a str,
-    fields: &'a [httparse::Header<'a>],
+    fields: Fields<'a>,
     query: Option<&'a str>,
 }
 
+/// Request header fields as the client sent them, or as plugins left them.
+#[derive(Clone, Copy)]
+enum Fields<'a> {
+    Raw(&'a [httparse::Header<'a>]),
+    Map(&'a HeaderMap),
+}
+
+impl<'a> Fields<'a> {
+    fn for_each(self, mut f: impl FnMut(&'a [u8], &'a [u8])) {
+        match self {
+            Fields::Raw(fields) => fields
+                .iter()
+                .for_each(|field| f(field.name.as_bytes(), field.value)),
+            Fields::Map(map) => map
+                .iter()
+                .for_each(|(name, value)| f(name.as_str().as_bytes(), value.as_bytes())),
+        }
+    }
+
+    fn header_map(self) -> HeaderMap {
+        match self {
+            Fields::Raw(fields) => header_map_of(fields).unwrap_or_default(),
+            Fields::Map(map) => map.clone(),
+        }
+    }
+}
+
 fn head_capacity(request: &UpstreamHead<'_>) -> usize {
-    256 + request
+    let mut len = 256;
+    request
         .fields
-        .iter()
-        .map(|field| field.name.len() + field.value.len() + 4)
-        .sum::<usize>()
+        .for_each(|name, value| len += name.len() + value.len() + 4);
+    len
 }
 
 /// The upstream request head: the client's fields without hop-by-hop ones,
@@ -1137,15 +1165,12 @@ fn push_upstream_head(
     push_header(out, b"Host", host.as_bytes());
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let mut via: Vec<&[u8]> = Vec::new();
-    for field in request.fields.iter() {
-        let name = field.name.as_bytes();
-        match request_field(name) {
-            RequestField::Copy if !info.lists(name) => push_header(out, name, field.value),
-            RequestField::Copy | RequestField::Drop => {}
-            RequestField::ForwardedFor => forwarded_for.push(field.value),
-            RequestField::Via => via.push(field.value),
-        }
-    }
+    request.fields.for_each(|name, value| match request_field(name) {
+        RequestField::Copy if !info.lists(name) => push_header(out, name, value),
+        RequestField::Copy | RequestField::Drop => {}
+        RequestField::ForwardedFor => forwarded_for.push(value),
+        RequestField::Via => via.push(value),
+    });
     push_list(
         out,
         b"X-Forwarded-For",

@@ -37,6 +37,7 @@ use gatehouse_model::snapshot::{ConfigSnapshot, Plugin as PluginEntity};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
+use smallvec::SmallVec;
 
 pub(crate) use consumers::{Consumer, Consumers};
 
@@ -169,12 +170,12 @@ pub(crate) struct Ctx<'r> {
     pub(crate) consumer: Option<Arc<Consumer>>,
     pub(crate) credential: Option<Credential>,
     /// The instances that ran `access`, in order.
-    collected: Vec<&'r Instance>,
+    collected: SmallVec<[&'r Instance; 8]>,
     /// Headers a plugin set on the response in `access` (Kong's
     /// `kong.response.set_header` before the response exists, as
     /// rate-limiting does): they replace the upstream's of the same name
     /// before any `header_filter` runs.
-    pub(crate) response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) response_headers: SmallVec<[(HeaderName, HeaderValue); 6]>,
     /// cors: response headers to set (`None` removes), decided in `access`
     /// from the request's Origin.
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
@@ -200,8 +201,8 @@ impl<'r> Ctx<'r> {
             service_id: chain.service_id.as_deref(),
             consumer: None,
             credential: None,
-            collected: Vec::with_capacity(chain.steps.len()),
-            response_headers: Vec::new(),
+            collected: SmallVec::new(),
+            response_headers: SmallVec::new(),
             cors_headers: None,
             cache: None,
             correlation_id: None,

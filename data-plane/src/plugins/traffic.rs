@@ -82,8 +82,14 @@ impl Windows {
 impl PluginCounters {
     /// Counts this request in every limit's window unless one is used up;
     /// the counts before it go to `used`.
-    fn count(&self, identifier: &str, limits: &Limits, now: i64, used: &mut Vec<u64>) -> bool {
-        let counted = |windows: &Windows, used: &mut Vec<u64>| {
+    fn count(
+        &self,
+        identifier: &str,
+        limits: &Limits,
+        now: i64,
+        used: &mut smallvec::SmallVec<[u64; 6]>,
+    ) -> bool {
+        let counted = |windows: &Windows, used: &mut smallvec::SmallVec<[u64; 6]>| {
             used.clear();
             for (period, _, _, _) in &limits.limits {
                 used.push(windows.used(*period, period.start_ms(now)));
@@ -308,6 +314,8 @@ return n - 1",
 /// What every request of one rate-limiting configuration shares.
 struct Limits {
     limits: Vec<(Period, u64, HeaderName, HeaderName)>,
+    /// Each limit as a header value, made once.
+    limit_values: Vec<HeaderValue>,
     limit_by: LimitBy,
     header_name: Option<HeaderName>,
     path: Option<String>,
@@ -413,6 +421,7 @@ impl RateLimiting {
         };
         Ok(RateLimiting {
             limits: Arc::new(Limits {
+                limit_values: limits.iter().map(|l| HeaderValue::from(l.1)).collect(),
                 limits,
                 limit_by,
                 header_name: config
@@ -470,53 +479,50 @@ impl Limits {
     /// Kong's verdict from the counts before this request (`used`, one
     /// per limit): the period that stops the request, if any, and the
     /// headers for the client.
-    fn verdict(&self, now: i64, used: &[u64]) -> (bool, Vec<(HeaderName, HeaderValue)>) {
-        let remaining: Vec<i64> = self
-            .limits
-            .iter()
-            .zip(used)
-            .map(|((_, limit, _, _), used)| *limit as i64 - *used as i64)
-            .collect();
-        let stop = remaining.iter().rposition(|r| *r <= 0);
-        let mut headers = Vec::new();
+    fn verdict(&self, now: i64, used: &[u64], headers: &mut ResponseHeaders) -> bool {
+        let remaining = |index: usize| self.limits[index].1 as i64 - used[index] as i64;
+        let stop = (0..self.limits.len()).rev().find(|&i| remaining(i) <= 0);
         if self.hide_client_headers {
-            return (stop.is_some(), headers);
+            return stop.is_some();
         }
         // RateLimit-* report one period: the fewest remaining, then the
         // longest window.
-        let mut best: Option<(i64, i64, u64)> = None;
+        let mut best: Option<(i64, i64, usize)> = None;
         let mut reset = 0;
-        for (index, ((period, limit, limit_name, remaining_name), remaining)) in
-            self.limits.iter().zip(&remaining).enumerate()
+        for (index, ((period, _, limit_name, remaining_name), limit_value)) in
+            self.limits.iter().zip(&self.limit_values).enumerate()
         {
-            let mut remaining = *remaining;
+            let mut left = remaining(index);
             if stop.is_none() || stop == Some(index) {
-                remaining -= 1;
+                left -= 1;
             }
-            let remaining = remaining.max(0);
+            let left = left.max(0);
             let window = period.seconds();
-            let better = best.is_none_or(|(best_remaining, best_window, _)| {
-                remaining < best_remaining || (remaining == best_remaining && window > best_window)
+            let better = best.is_none_or(|(best_left, best_window, _)| {
+                left < best_left || (left == best_left && window > best_window)
             });
             if better {
-                best = Some((remaining, window, *limit));
+                best = Some((left, window, index));
                 reset = (window - (now - period.start_ms(now)) / 1000).max(1);
             }
-            headers.push((limit_name.clone(), HeaderValue::from(*limit)));
-            headers.push((remaining_name.clone(), HeaderValue::from(remaining)));
+            headers.push((limit_name.clone(), limit_value.clone()));
+            headers.push((remaining_name.clone(), number(left)));
         }
-        if let Some((remaining, _, limit)) = best {
-            headers.push((RATELIMIT_LIMIT, HeaderValue::from(limit)));
-            headers.push((RATELIMIT_REMAINING, HeaderValue::from(remaining)));
-            headers.push((RATELIMIT_RESET, HeaderValue::from(reset)));
+        if let Some((left, _, index)) = best {
+            headers.push((RATELIMIT_LIMIT, self.limit_values[index].clone()));
+            headers.push((RATELIMIT_REMAINING, number(left)));
+            let reset = number(reset);
             if stop.is_some() {
-                headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
+                headers.push((http::header::RETRY_AFTER, reset.clone()));
             }
+            headers.push((RATELIMIT_RESET, reset));
         }
-        (stop.is_some(), headers)
+        stop.is_some()
     }
 
-    fn finish(&self, ctx: &mut Ctx<'_>, stop: bool, headers: Vec<(HeaderName, HeaderValue)>) -> Flow {
+    fn finish(&self, ctx: &mut Ctx<'_>, now: i64, used: &[u64]) -> Flow {
+        let mut headers = std::mem::take(&mut ctx.response_headers);
+        let stop = self.verdict(now, used, &mut headers);
         ctx.response_headers = headers;
         if stop {
             Flow::Exit(exit_message(self.error_status, &self.error_message))
@@ -524,6 +530,20 @@ impl Limits {
             Flow::Continue
         }
     }
+}
+
+type ResponseHeaders = smallvec::SmallVec<[(HeaderName, HeaderValue); 6]>;
+
+/// A count as a header value; the small ones (seconds to a reset, most
+/// remaining counts) come from a table built once.
+fn number(n: i64) -> HeaderValue {
+    static SMALL: LazyLock<Vec<HeaderValue>> =
+        LazyLock::new(|| (0..4096_i64).map(HeaderValue::from).collect());
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| SMALL.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 fn now_ms() -> i64 {
@@ -570,8 +590,7 @@ impl Plugin for RateLimiting {
                 let counted = tokio::time::timeout(redis.timeout * 2, counted).await;
                 let resume: super::Resume = match counted {
                     Ok(Ok(used)) => Box::new(move |_req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>| {
-                        let (stop, headers) = limits.verdict(now, &used);
-                        limits.finish(ctx, stop, headers)
+                        limits.finish(ctx, now, &used)
                     }),
                     failed => {
                         let error = match failed {
@@ -595,10 +614,9 @@ impl Plugin for RateLimiting {
                 resume
             }));
         }
-        let mut used = Vec::with_capacity(limits.limits.len());
+        let mut used = smallvec::SmallVec::<[u64; 6]>::new();
         self.counters.count(&identifier, limits, now, &mut used);
-        let (stop, headers) = limits.verdict(now, &used);
-        limits.finish(ctx, stop, headers)
+        limits.finish(ctx, now, &used)
     }
 
 }
