@@ -209,7 +209,12 @@ impl<'r> Ctx<'r> {
             uri_captures: None,
             log: None,
             otel: None,
-            started: std::time::SystemTime::now(),
+            // Only a log entry reads it: no clock read otherwise.
+            started: if chain.needs.log {
+                std::time::SystemTime::now()
+            } else {
+                std::time::UNIX_EPOCH
+            },
         }
     }
 }
@@ -332,7 +337,11 @@ impl Chain {
             // (their header_filter and log phases run on the answer), but
             // runs no more access handlers.
             if exit.is_none() {
-                exit = settle(instance.handler.access(req, ctx), req, ctx).await;
+                match instance.handler.access(req, ctx) {
+                    Flow::Continue => {}
+                    Flow::Exit(response) => exit = Some(response),
+                    waiting @ Flow::Wait(_) => exit = settle(waiting, req, ctx).await,
+                }
             }
         }
         self.record(req, ctx);

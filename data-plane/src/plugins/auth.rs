@@ -324,6 +324,10 @@ pub(crate) fn set_body_args(
 }
 
 impl Plugin for KeyAuth {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         Needs {
             request_body: self.config.key_in_body,
@@ -625,6 +629,10 @@ impl BasicAuth {
 }
 
 impl Plugin for BasicAuth {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         authenticate(req, ctx, self.anonymous.as_deref(), |req, ctx| {
             self.attempt(req, ctx.consumers)
@@ -709,6 +717,10 @@ impl Acl {
 }
 
 impl Plugin for Acl {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         const CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
         match self.verdict(ctx.consumer.as_deref(), ctx.credential.is_some()) {
@@ -1311,6 +1323,10 @@ impl Jwt {
 }
 
 impl Plugin for Jwt {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         if !self.run_on_preflight && req.method == Method::OPTIONS {
             return Flow::Continue;
@@ -1719,6 +1735,10 @@ impl HmacAuth {
 }
 
 impl Plugin for HmacAuth {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         Needs {
             request_body: self.validate_request_body,

@@ -1873,6 +1873,10 @@ impl RequestTransformer {
 }
 
 impl Plugin for RequestTransformer {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
     fn needs(&self) -> Needs {
         Needs {
             request_body: !self.body.is_empty() || self.form_to_query,
