@@ -362,6 +362,7 @@ impl Engine<'_> {
                 upstream_path: None,
             };
             let mut ctx = Ctx::new(plugins, chain);
+            chain.capture(&mut ctx, routed.found.path.map(|m| m.path_idx), &routed.path);
             let protocol = Protocol::of(self.downstream.tls, info.grpc);
             if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
                 chain.response(&mut ctx, response.status(), response.headers_mut());
@@ -435,6 +436,9 @@ impl Engine<'_> {
             },
         };
         let mut prepared = prepared;
+        if let Some(host) = plugin_req.as_ref().and_then(|req| plugin_host(req, info.host)) {
+            prepared.host_header = host;
+        }
         if let Some(path) = plugin_req.as_ref().and_then(|req| req.upstream_path.as_deref()) {
             prepared.path_and_query = match upstream_head.query {
                 Some(query) => format!("{path}?{query}"),
@@ -730,7 +734,7 @@ impl<'r> Exchange<'_, 'r> {
             &conn.buf[..response.len],
             response.status,
             &mut peer,
-            filters,
+            filters.map(|(chain, ctx)| (chain, ctx, response.framing)),
             &set_headers,
         );
         if self.engine.dp.cfg.latency_headers {
@@ -1033,6 +1037,13 @@ impl<'h> RequestInfo<'h> {
     }
 }
 
+/// The Host a plugin set (request-transformer), which Kong sends
+/// upstream instead of the one the route and service decide.
+pub(crate) fn plugin_host(req: &PluginRequest<'_>, sent: Option<&[u8]>) -> Option<HeaderValue> {
+    let host = req.headers.get(http::header::HOST)?;
+    (Some(host.as_bytes()) != sent).then(|| host.clone())
+}
+
 /// The request's fields as a header map for plugins; values share the
 /// head's buffer rather than being copied.
 fn header_map_shared(head: &Bytes, fields: &[httparse::Header<'_>]) -> Option<HeaderMap> {
@@ -1207,7 +1218,7 @@ fn push_response_head(
     raw: &[u8],
     status: StatusCode,
     peer: &mut Peer,
-    plugins: Option<(&Chain, &mut Ctx<'_>)>,
+    plugins: Option<(&Chain, &mut Ctx<'_>, Framing)>,
     set_headers: &[(HeaderName, HeaderValue)],
 ) {
     push_status_line(out, status);
@@ -1263,8 +1274,19 @@ fn push_response_head(
     for (name, value) in set_headers {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let (Some(mut map), Some((chain, ctx))) = (filtered, plugins) {
+    if let (Some(mut map), Some((chain, ctx, framing))) = (filtered, plugins) {
         chain.response(ctx, status, &mut map);
+        // The body is relayed as the upstream framed it, whatever a plugin
+        // did to the header (response-transformer may remove it).
+        match framing {
+            Framing::Length(len) => {
+                map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            Framing::Chunked => {
+                map.remove(http::header::CONTENT_LENGTH);
+            }
+            Framing::None | Framing::Close => {}
+        }
         for (name, value) in &map {
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }

@@ -86,6 +86,8 @@ pub(crate) struct Needs {
     pub(crate) response_body: bool,
     /// The plugin has a `log` phase: the request is recorded for it.
     pub(crate) log: bool,
+    /// The plugin reads the captures of the route's regex path.
+    pub(crate) uri_captures: bool,
 }
 
 /// Whether the request goes on or the plugin answered it.
@@ -282,6 +284,9 @@ pub(crate) struct Chain {
     has_global: bool,
     /// A plugin of the chain changes response heads, or one logs them.
     filters_response: bool,
+    /// The route's regex paths, by index in `paths`, when a plugin reads
+    /// their captures.
+    path_regexes: Vec<Option<regex::Regex>>,
 }
 
 impl Chain {
@@ -291,6 +296,21 @@ impl Chain {
 
     pub(crate) fn filters_response(&self) -> bool {
         self.filters_response
+    }
+
+    /// Kong's `uri_captures` for plugins that read them: the captures of
+    /// the regex path the router matched (`path_idx`) on the normalized
+    /// path.
+    pub(crate) fn capture(&self, ctx: &mut Ctx<'_>, path_idx: Option<usize>, path: &[u8]) {
+        let Some(regex) = path_idx
+            .and_then(|i| self.path_regexes.get(i))
+            .and_then(Option::as_ref)
+        else {
+            return;
+        };
+        if let Ok(path) = std::str::from_utf8(path) {
+            ctx.uri_captures = transform::UriCaptures::new(regex, path);
+        }
     }
 
     fn resolve<'c>(&'c self, step: &'c Step, consumer: Option<&str>) -> Option<&'c Instance> {
@@ -646,6 +666,7 @@ pub(crate) fn build(
                     needs.request_body |= n.request_body;
                     needs.response_body |= n.response_body;
                     needs.log |= n.log;
+                    needs.uri_captures |= n.uri_captures;
                     has_global |= instance.global;
                     filters_response |= n.log || instance.handler.filters_response();
                 };
@@ -655,7 +676,24 @@ pub(crate) fn build(
                 }
                 steps.push(step);
             }
+            // As the router compiles them: `~regex` matches at the start.
+            let path_regexes = if needs.uri_captures {
+                serde_json::from_str::<serde_json::Value>(info.doc)
+                    .ok()
+                    .and_then(|doc| doc.get("paths").and_then(|p| p.as_array()).cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|path| {
+                        path.as_str()
+                            .and_then(|p| p.strip_prefix('~'))
+                            .and_then(|regex| regex::Regex::new(&format!("^{regex}")).ok())
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             (!steps.is_empty()).then(|| Chain {
+                path_regexes,
                 route_id: route_id.into(),
                 service_id: service_id.map(Into::into),
                 entities: needs.log.then(|| {

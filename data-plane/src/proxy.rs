@@ -966,6 +966,7 @@ async fn forward<'r>(
             );
         }
         let mut ctx = Ctx::new(plugins, chain);
+        chain.capture(&mut ctx, routed.found.path.map(|m| m.path_idx), &routed.path);
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
         if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
             chain.response(&mut ctx, response.status(), response.headers_mut());
@@ -1005,7 +1006,11 @@ async fn forward<'r>(
         forwarded_prefix,
         via,
     } = prepare(&routed, downstream, head).await?;
+    let mut host_header = host_header;
     if let Some(req) = &plugin_req {
+        if let Some(host) = crate::h1::plugin_host(req, head.raw_host) {
+            host_header = host;
+        }
         if let Some(path) = &req.upstream_path {
             path_and_query = match &req.query {
                 Some(query) => format!("{path}?{query}"),

@@ -519,10 +519,35 @@ async fn traffic_plugins_answer_as_kong_does() {
                "content_type": "text/html"}}),
     )
     .await;
+    // Templates read the captures of the route's regex path, and a Host
+    // set by a plugin goes upstream.
+    s.post(
+        "/services",
+        json!({"name": "cap", "url": format!("http://{}", s.up.addr)}),
+    )
+    .await;
+    s.post(
+        "/services/cap/routes",
+        json!({"name": "cap", "paths": [r"~/users/(?<id>\d+)/(\w+)$"]}),
+    )
+    .await;
+    s.post(
+        "/routes/cap/plugins",
+        json!({"name": "request-transformer", "config": {
+            "add": {"headers": ["x-user:$(uri_captures.id)", "x-part:$(uri_captures[2])"]},
+            "replace": {"headers": ["host:upstream.example"]}}}),
+    )
+    .await;
     // A plugin this data plane does not run yet, and that changes what a
     // request does: refused rather than served without it.
     s.post("/routes/redir/plugins", json!({"name": "redirect", "config": {"location": "https://example.com"}})).await;
     s.synced().await;
+
+    let captured = s.get("/users/42/orders", &[]).await;
+    assert_eq!(captured.status, 200, "{}", captured.body);
+    assert_eq!(captured.upstream_header("x-user").as_deref(), Some("42"));
+    assert_eq!(captured.upstream_header("x-part").as_deref(), Some("orders"));
+    assert_eq!(captured.upstream_header("host").as_deref(), Some("upstream.example"));
 
     let redir = s.get("/redir", &[]).await;
     assert_eq!(redir.status, 500);

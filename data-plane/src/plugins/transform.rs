@@ -324,7 +324,6 @@ impl UriCaptures {
     /// The captures `regex` makes on the normalized request path; none
     /// when it does not match or captures nothing besides the whole match
     /// (Kong's router leaves `uri_captures` unset then).
-    #[allow(dead_code)] // Called by the proxy once it passes route captures.
     pub(crate) fn new(regex: &Regex, path: &str) -> Option<UriCaptures> {
         let captures = regex.captures(path)?;
         let positional: Vec<Option<String>> = captures
@@ -1880,6 +1879,7 @@ impl Plugin for RequestTransformer {
     fn needs(&self) -> Needs {
         Needs {
             request_body: !self.body.is_empty() || self.form_to_query,
+            uri_captures: self.reads_captures,
             ..Needs::default()
         }
     }
