@@ -35,7 +35,10 @@ pub(crate) async fn bind_status(cfg: &Config) -> anyhow::Result<Vec<TcpListener>
 /// `GET /metrics` for a router: the data plane's metrics.
 pub(crate) async fn metrics(State(dp): State<Arc<DataPlane>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         dp.metrics(),
     )
 }

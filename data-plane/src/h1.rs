@@ -39,11 +39,11 @@ use self::chunked::ChunkScanner;
 use self::pool::UpstreamConn;
 use crate::balancer::{Failure, HashInput, Peer};
 use crate::downstream::{HeadScan, Limits, Reject, Scanned, LINGER_IDLE, LINGER_TOTAL};
+use crate::plugins::{log as plugin_log, Chain, Ctx, PluginRequest, Protocol};
 use crate::proxy::{
     grpc_error, is_gateway_json, log_access, prepare, route_request, Decision, Downstream, Facts,
     Prepared, ProxyError, RequestHead, ResponseBody, Routed,
 };
-use crate::plugins::{log as plugin_log, Chain, Ctx, PluginRequest, Protocol};
 use crate::runtime::Runtime;
 use crate::DataPlane;
 
@@ -362,7 +362,11 @@ impl Engine<'_> {
                 upstream_path: None,
             };
             let mut ctx = Ctx::new(plugins, chain);
-            chain.capture(&mut ctx, routed.found.path.map(|m| m.path_idx), &routed.path);
+            chain.capture(
+                &mut ctx,
+                routed.found.path.map(|m| m.path_idx),
+                &routed.path,
+            );
             let protocol = Protocol::of(self.downstream.tls, info.grpc);
             if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
                 chain.response(&mut ctx, response.status(), response.headers_mut());
@@ -436,10 +440,16 @@ impl Engine<'_> {
             },
         };
         let mut prepared = prepared;
-        if let Some(host) = plugin_req.as_ref().and_then(|req| plugin_host(req, info.host)) {
+        if let Some(host) = plugin_req
+            .as_ref()
+            .and_then(|req| plugin_host(req, info.host))
+        {
             prepared.host_header = host;
         }
-        if let Some(path) = plugin_req.as_ref().and_then(|req| req.upstream_path.as_deref()) {
+        if let Some(path) = plugin_req
+            .as_ref()
+            .and_then(|req| req.upstream_path.as_deref())
+        {
             prepared.path_and_query = match upstream_head.query {
                 Some(query) => format!("{path}?{query}"),
                 None => path.to_owned(),
@@ -1176,12 +1186,14 @@ fn push_upstream_head(
     push_header(out, b"Host", host.as_bytes());
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let mut via: Vec<&[u8]> = Vec::new();
-    request.fields.for_each(|name, value| match request_field(name) {
-        RequestField::Copy if !info.lists(name) => push_header(out, name, value),
-        RequestField::Copy | RequestField::Drop => {}
-        RequestField::ForwardedFor => forwarded_for.push(value),
-        RequestField::Via => via.push(value),
-    });
+    request
+        .fields
+        .for_each(|name, value| match request_field(name) {
+            RequestField::Copy if !info.lists(name) => push_header(out, name, value),
+            RequestField::Copy | RequestField::Drop => {}
+            RequestField::ForwardedFor => forwarded_for.push(value),
+            RequestField::Via => via.push(value),
+        });
     push_list(
         out,
         b"X-Forwarded-For",
@@ -1260,9 +1272,10 @@ fn push_response_head(
                 has_date |= name.eq_ignore_ascii_case(b"date");
                 match &mut filtered {
                     Some(map) => {
-                        if let (Ok(name), Ok(value)) =
-                            (HeaderName::from_bytes(name), HeaderValue::from_bytes(field.value))
-                        {
+                        if let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(name),
+                            HeaderValue::from_bytes(field.value),
+                        ) {
                             map.append(name, value);
                         }
                     }

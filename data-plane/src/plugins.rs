@@ -142,17 +142,6 @@ impl PluginRequest<'_> {
         })
     }
 
-    /// Replaces the query (none when `args` is empty).
-    pub(crate) fn set_query_args<'k>(&mut self, args: impl IntoIterator<Item = (&'k str, &'k str)>) {
-        let mut out = form_urlencoded::Serializer::new(String::new());
-        let mut any = false;
-        for (k, v) in args {
-            out.append_pair(k, v);
-            any = true;
-        }
-        self.query = any.then(|| Cow::Owned(out.finish()));
-    }
-
     pub(crate) fn content_type(&self) -> &str {
         self.header("content-type").unwrap_or("")
     }
@@ -223,9 +212,6 @@ impl<'r> Ctx<'r> {
 
 /// One configured plugin.
 pub(crate) struct Instance {
-    pub(crate) id: Box<str>,
-    pub(crate) name: Box<str>,
-    priority: i32,
     /// Bit per protocol ([`Protocol`]).
     protocols: u8,
     global: bool,
@@ -264,6 +250,9 @@ fn protocol_bits(protocols: &[String]) -> u8 {
         })
         .fold(0, |a, b| a | b)
 }
+
+/// The configurations of one plugin name by scope.
+type PluginCombos = Combos<Arc<Instance>>;
 
 /// A plugin of a route's chain.
 enum Step {
@@ -337,7 +326,9 @@ impl Chain {
                     continue;
                 };
                 if instance.global && instance.protocols & bit != 0 {
-                    if let Some(response) = settle(instance.handler.rewrite(req, ctx), req, ctx).await {
+                    if let Some(response) =
+                        settle(instance.handler.rewrite(req, ctx), req, ctx).await
+                    {
                         return Some(response);
                     }
                 }
@@ -545,7 +536,9 @@ impl Plugin for Unavailable {
 }
 
 /// A typed configuration from a plugin's `config` document.
-pub(crate) fn typed<T: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Result<T, String> {
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(
+    config: &serde_json::Value,
+) -> Result<T, String> {
     T::deserialize(config).map_err(|e| e.to_string())
 }
 
@@ -620,9 +613,6 @@ pub(crate) fn build(
         };
         let global = scope == Scope::default();
         let instance = Instance {
-            id: entity.id.as_str().into(),
-            name: entity.name.as_str().into(),
-            priority: gatehouse_model::plugins::priority(&entity.name).unwrap_or(0),
             protocols: protocol_bits(&entity.protocols),
             global,
             handler,
@@ -633,7 +623,7 @@ pub(crate) fn build(
             .insert(scope, Arc::new(instance));
     }
     // Kong sorts by priority, highest first; equal priorities by name.
-    let mut ordered: Vec<(i32, String, Arc<Combos<Arc<Instance>>>)> = by_name
+    let mut ordered: Vec<(i32, String, Arc<PluginCombos>)> = by_name
         .into_iter()
         .map(|(name, combos)| {
             let priority = gatehouse_model::plugins::priority(&name).unwrap_or(0);
@@ -721,7 +711,11 @@ pub(crate) fn exit_message(status: StatusCode, message: &str) -> Response<Respon
 }
 
 /// An answer with the given body and content type.
-pub(crate) fn exit_raw(status: StatusCode, content_type: &str, body: Bytes) -> Response<ResponseBody> {
+pub(crate) fn exit_raw(
+    status: StatusCode,
+    content_type: &str,
+    body: Bytes,
+) -> Response<ResponseBody> {
     let mut response = Response::new(Either::Right(Full::new(body)));
     *response.status_mut() = status;
     if let Ok(value) = HeaderValue::from_str(content_type) {
@@ -754,14 +748,21 @@ pub(crate) fn set_consumer(
         }
     };
     set(ID, consumer.as_ref().map(|c| c.id_value.clone()));
-    set(CUSTOM_ID, consumer.as_ref().and_then(|c| c.custom_id_value.clone()));
-    set(USERNAME, consumer.as_ref().and_then(|c| c.username_value.clone()));
+    set(
+        CUSTOM_ID,
+        consumer.as_ref().and_then(|c| c.custom_id_value.clone()),
+    );
+    set(
+        USERNAME,
+        consumer.as_ref().and_then(|c| c.username_value.clone()),
+    );
     set(CREDENTIAL, credential.as_ref().map(|c| c.id.clone()));
     set(
         ANONYMOUS,
-        credential.is_none().then(|| HeaderValue::from_static("true")),
+        credential
+            .is_none()
+            .then(|| HeaderValue::from_static("true")),
     );
     ctx.consumer = consumer;
     ctx.credential = credential;
 }
-

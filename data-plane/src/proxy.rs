@@ -940,7 +940,7 @@ async fn forward<'r>(
             headers: parts.headers.clone(),
             body: None,
             client_ip: downstream.remote.ip().to_canonical(),
-                client_addr: downstream.client_ip.to_str().unwrap_or_default(),
+            client_addr: downstream.client_ip.to_str().unwrap_or_default(),
             https: downstream.tls,
             target: head.target,
             local_port: downstream.local_port,
@@ -948,16 +948,16 @@ async fn forward<'r>(
         };
         if chain.needs().request_body {
             let incoming = body.take().unwrap_or_else(|| unreachable!("taken once"));
-            let cap = limit.map_or(PLUGIN_BODY_LIMIT, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            let cap = limit.map_or(PLUGIN_BODY_LIMIT, |l| {
+                usize::try_from(l).unwrap_or(usize::MAX)
+            });
             req.body = Some(
                 Limited::new(incoming, cap)
                     .collect()
                     .await
                     .map_err(|source| {
                         if source.downcast_ref::<LengthLimitError>().is_some() {
-                            ProxyError::BodyTooLarge {
-                                limit: cap as u64,
-                            }
+                            ProxyError::BodyTooLarge { limit: cap as u64 }
                         } else {
                             ProxyError::ClientAborted
                         }
@@ -966,7 +966,11 @@ async fn forward<'r>(
             );
         }
         let mut ctx = Ctx::new(plugins, chain);
-        chain.capture(&mut ctx, routed.found.path.map(|m| m.path_idx), &routed.path);
+        chain.capture(
+            &mut ctx,
+            routed.found.path.map(|m| m.path_idx),
+            &routed.path,
+        );
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
         if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
             chain.response(&mut ctx, response.status(), response.headers_mut());
@@ -1042,7 +1046,9 @@ async fn forward<'r>(
         parts.method = method;
         if let Some(bytes) = new_body {
             parts.headers.remove(header::TRANSFER_ENCODING);
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             replaced_body = Some(bytes);
         }
     }
@@ -1227,7 +1233,10 @@ async fn forward<'r>(
     };
     if !chain.needs().response_body {
         // The log phase runs when the head is ready: the body streams on.
-        chain.log(&mut ctx, &log_facts(content_length(&parts.headers).unwrap_or(0)));
+        chain.log(
+            &mut ctx,
+            &log_facts(content_length(&parts.headers).unwrap_or(0)),
+        );
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let mut bytes = body
@@ -1240,7 +1249,9 @@ async fn forward<'r>(
         .to_bytes();
     chain.response_body(&mut ctx, parts.status, &mut parts.headers, &mut bytes);
     parts.headers.remove(header::TRANSFER_ENCODING);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     chain.log(&mut ctx, &log_facts(bytes.len() as u64));
     Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
 }

@@ -427,11 +427,27 @@ async fn plugins_reach_every_data_plane_and_redis_limits_count_across_them() {
 
     let up = EchoUpstream::start();
     let a = cp.admin.clone();
-    post(format!("{a}/services"), json!({"name": "echo", "url": format!("http://{}", up.addr)})).await;
-    post(format!("{a}/services/echo/routes"), json!({"name": "limited", "paths": ["/limited"]})).await;
+    post(
+        format!("{a}/services"),
+        json!({"name": "echo", "url": format!("http://{}", up.addr)}),
+    )
+    .await;
+    post(
+        format!("{a}/services/echo/routes"),
+        json!({"name": "limited", "paths": ["/limited"]}),
+    )
+    .await;
     post(format!("{a}/consumers"), json!({"username": "erin"})).await;
-    post(format!("{a}/consumers/erin/key-auth"), json!({"key": "erin-key"})).await;
-    post(format!("{a}/services/echo/plugins"), json!({"name": "key-auth"})).await;
+    post(
+        format!("{a}/consumers/erin/key-auth"),
+        json!({"key": "erin-key"}),
+    )
+    .await;
+    post(
+        format!("{a}/services/echo/plugins"),
+        json!({"name": "key-auth"}),
+    )
+    .await;
     post(
         format!("{a}/routes/limited/plugins"),
         json!({"name": "rate-limiting", "config": {"hour": 4, "limit_by": "consumer",
@@ -453,8 +469,16 @@ async fn plugins_reach_every_data_plane_and_redis_limits_count_across_them() {
         (r.status().as_u16(), remaining)
     };
     // A route created last tells when a data plane has everything.
-    post(format!("{a}/services"), json!({"name": "ready", "url": format!("http://{}", up.addr)})).await;
-    post(format!("{a}/services/ready/routes"), json!({"paths": ["/ready"]})).await;
+    post(
+        format!("{a}/services"),
+        json!({"name": "ready", "url": format!("http://{}", up.addr)}),
+    )
+    .await;
+    post(
+        format!("{a}/services/ready/routes"),
+        json!({"paths": ["/ready"]}),
+    )
+    .await;
     for dp in &dps {
         let ready = format!("{}/ready", dp.proxy);
         eventually("the configuration on the data plane", || {

@@ -200,10 +200,6 @@ impl Consumers {
         Ok(out)
     }
 
-    pub(crate) fn by_id(&self, id: &str) -> Option<&Arc<Consumer>> {
-        self.by_id.get(id)
-    }
-
     /// Kong's `kong.client.load_consumer(id_or_name, true)`: by id, else
     /// by username (how `anonymous` is resolved).
     pub(crate) fn by_id_or_username(&self, key: &str) -> Option<&Arc<Consumer>> {

@@ -121,19 +121,23 @@ impl Record {
         request.insert("uri".into(), Value::String(req.target.to_owned()));
         request.insert(
             "url".into(),
-            Value::String(format!("{scheme}://{host}:{}{}", req.local_port, req.target)),
+            Value::String(format!(
+                "{scheme}://{host}:{}{}",
+                req.local_port, req.target
+            )),
         );
         let query = req.target.split_once('?').map(|(_, q)| q);
         request.insert("querystring".into(), Value::Object(query_json(query)));
-        request.insert("method".into(), Value::String(req.method.as_str().to_owned()));
+        request.insert(
+            "method".into(),
+            Value::String(req.method.as_str().to_owned()),
+        );
         request.insert("headers".into(), Value::Object(headers));
         request.insert("size".into(), json!(size));
         Record {
             request,
             client_ip: req.client_ip.to_string(),
-            started_at: started
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| millis(d)),
+            started_at: started.duration_since(UNIX_EPOCH).map_or(0, millis),
             status: 0,
             response_headers: Value::Object(Map::new()),
         }
@@ -144,7 +148,12 @@ impl Record {
         self.response_headers = Value::Object(headers_json(headers));
     }
 
-    pub(crate) fn entry(self, ctx: &Ctx<'_>, entities: Option<&Entities>, facts: &Facts<'_>) -> Value {
+    pub(crate) fn entry(
+        self,
+        ctx: &Ctx<'_>,
+        entities: Option<&Entities>,
+        facts: &Facts<'_>,
+    ) -> Value {
         let proxied = facts.upstream_latency.is_some();
         let kong = facts
             .proxy_latency

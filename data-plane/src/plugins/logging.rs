@@ -43,7 +43,10 @@ impl Queue {
         let mut line = serde_json::to_vec(entry).unwrap_or_default();
         line.push(b'\n');
         if self.sender.try_send(Bytes::from(line)).is_err() {
-            tracing::warn!(plugin = self.what, "Log queue is full; an entry was dropped.");
+            tracing::warn!(
+                plugin = self.what,
+                "Log queue is full; an entry was dropped."
+            );
         }
     }
 }
@@ -107,9 +110,8 @@ impl HttpLog {
         if let Some(authority) = endpoint.authority().cloned() {
             if let Some((userinfo, host)) = authority.as_str().rsplit_once('@') {
                 use base64::Engine as _;
-                let token = base64::engine::general_purpose::STANDARD.encode(
-                    percent_encoding::percent_decode_str(userinfo).collect::<Vec<u8>>(),
-                );
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(percent_encoding::percent_decode_str(userinfo).collect::<Vec<u8>>());
                 headers.push((
                     http::header::AUTHORIZATION,
                     HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| e.to_string())?,
@@ -122,7 +124,10 @@ impl HttpLog {
         for (name, value) in config.headers.iter().flatten() {
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
             if !headers.iter().any(|(n, _)| *n == name) {
-                headers.push((name, HeaderValue::from_str(value).map_err(|e| e.to_string())?));
+                headers.push((
+                    name,
+                    HeaderValue::from_str(value).map_err(|e| e.to_string())?,
+                ));
             }
         }
         let sink = HttpSink {
@@ -246,36 +251,40 @@ pub(crate) struct FileLog {
 impl FileLog {
     pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
         let config: FileLogConfig = typed(config)?;
-        let queue = Queue::start("file-log", 10_000, move |mut receiver: mpsc::Receiver<Bytes>| async move {
-            let open = || {
-                let path = config.path.clone();
-                async move {
-                    tokio::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .await
-                }
-            };
-            let mut file = None;
-            while let Some(line) = receiver.recv().await {
-                if file.is_none() || config.reopen {
-                    match open().await {
-                        Ok(f) => file = Some(f),
-                        Err(error) => {
-                            tracing::error!(%error, path = %config.path, "file-log cannot open its file.");
-                            continue;
+        let queue = Queue::start(
+            "file-log",
+            10_000,
+            move |mut receiver: mpsc::Receiver<Bytes>| async move {
+                let open = || {
+                    let path = config.path.clone();
+                    async move {
+                        tokio::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(path)
+                            .await
+                    }
+                };
+                let mut file = None;
+                while let Some(line) = receiver.recv().await {
+                    if file.is_none() || config.reopen {
+                        match open().await {
+                            Ok(f) => file = Some(f),
+                            Err(error) => {
+                                tracing::error!(%error, path = %config.path, "file-log cannot open its file.");
+                                continue;
+                            }
+                        }
+                    }
+                    if let Some(f) = file.as_mut() {
+                        if let Err(error) = f.write_all(&line).await {
+                            tracing::error!(%error, path = %config.path, "file-log cannot write.");
+                            file = None;
                         }
                     }
                 }
-                if let Some(f) = file.as_mut() {
-                    if let Err(error) = f.write_all(&line).await {
-                        tracing::error!(%error, path = %config.path, "file-log cannot write.");
-                        file = None;
-                    }
-                }
-            }
-        })?;
+            },
+        )?;
         Ok(FileLog { queue })
     }
 }
@@ -322,37 +331,41 @@ impl TcpLog {
     pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
         let config: TcpLogConfig = typed(config)?;
         let timeout = Duration::from_millis(config.timeout.max(1.0) as u64);
-        let queue = Queue::start("tcp-log", 10_000, move |mut receiver: mpsc::Receiver<Bytes>| async move {
-            let mut stream: Option<LogStream> = None;
-            while let Some(line) = receiver.recv().await {
-                // A failed write gets one new connection.
-                for _ in 0..2 {
-                    if stream.is_none() {
-                        match tokio::time::timeout(timeout, connect(&config)).await {
-                            Ok(Ok(s)) => stream = Some(s),
-                            Ok(Err(error)) => {
-                                tracing::warn!(%error, host = %config.host, port = config.port, "tcp-log cannot connect.");
-                                break;
-                            }
-                            Err(_) => {
-                                tracing::warn!(host = %config.host, port = config.port, "tcp-log connect timed out.");
-                                break;
+        let queue = Queue::start(
+            "tcp-log",
+            10_000,
+            move |mut receiver: mpsc::Receiver<Bytes>| async move {
+                let mut stream: Option<LogStream> = None;
+                while let Some(line) = receiver.recv().await {
+                    // A failed write gets one new connection.
+                    for _ in 0..2 {
+                        if stream.is_none() {
+                            match tokio::time::timeout(timeout, connect(&config)).await {
+                                Ok(Ok(s)) => stream = Some(s),
+                                Ok(Err(error)) => {
+                                    tracing::warn!(%error, host = %config.host, port = config.port, "tcp-log cannot connect.");
+                                    break;
+                                }
+                                Err(_) => {
+                                    tracing::warn!(host = %config.host, port = config.port, "tcp-log connect timed out.");
+                                    break;
+                                }
                             }
                         }
-                    }
-                    let Some(s) = stream.as_mut() else { break };
-                    match tokio::time::timeout(timeout, async {
-                        s.write_all(&line).await?;
-                        s.flush().await
-                    })
-                    .await
-                    {
-                        Ok(Ok(())) => break,
-                        _ => stream = None,
+                        let Some(s) = stream.as_mut() else { break };
+                        match tokio::time::timeout(timeout, async {
+                            s.write_all(&line).await?;
+                            s.flush().await
+                        })
+                        .await
+                        {
+                            Ok(Ok(())) => break,
+                            _ => stream = None,
+                        }
                     }
                 }
-            }
-        })?;
+            },
+        )?;
         Ok(TcpLog { queue })
     }
 }
@@ -365,7 +378,10 @@ async fn connect(config: &TcpLogConfig) -> std::io::Result<LogStream> {
     }
     // Kong's tcp-log does not verify the collector's certificate.
     let tls = crate::https_client_config(false).map_err(std::io::Error::other)?;
-    let name = config.tls_sni.clone().unwrap_or_else(|| config.host.clone());
+    let name = config
+        .tls_sni
+        .clone()
+        .unwrap_or_else(|| config.host.clone());
     let name = rustls_pki_types::ServerName::try_from(name).map_err(std::io::Error::other)?;
     let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
@@ -409,25 +425,29 @@ pub(crate) struct UdpLog {
 impl UdpLog {
     pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
         let config: UdpLogConfig = typed(config)?;
-        let queue = Queue::start("udp-log", 10_000, move |mut receiver: mpsc::Receiver<Bytes>| async move {
-            let socket = match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
-                Ok(socket) => socket,
-                Err(error) => {
-                    tracing::error!(%error, "udp-log cannot open a socket; entries are dropped.");
-                    return;
+        let queue = Queue::start(
+            "udp-log",
+            10_000,
+            move |mut receiver: mpsc::Receiver<Bytes>| async move {
+                let socket = match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        tracing::error!(%error, "udp-log cannot open a socket; entries are dropped.");
+                        return;
+                    }
+                };
+                while let Some(line) = receiver.recv().await {
+                    // Kong sends the JSON document alone, without a newline.
+                    let datagram = line.slice(..line.len().saturating_sub(1));
+                    if let Err(error) = socket
+                        .send_to(&datagram, (config.host.as_str(), config.port))
+                        .await
+                    {
+                        tracing::warn!(%error, host = %config.host, port = config.port, "udp-log could not send.");
+                    }
                 }
-            };
-            while let Some(line) = receiver.recv().await {
-                // Kong sends the JSON document alone, without a newline.
-                let datagram = line.slice(..line.len().saturating_sub(1));
-                if let Err(error) = socket
-                    .send_to(&datagram, (config.host.as_str(), config.port))
-                    .await
-                {
-                    tracing::warn!(%error, host = %config.host, port = config.port, "udp-log could not send.");
-                }
-            }
-        })?;
+            },
+        )?;
         Ok(UdpLog { queue })
     }
 }

@@ -19,8 +19,7 @@ const KONG_LATENCY_BUCKETS: [f64; 17] = [
     3000.0, 6000.0,
 ];
 const UPSTREAM_LATENCY_BUCKETS: [f64; 13] = [
-    25.0, 50.0, 80.0, 100.0, 250.0, 400.0, 700.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0,
-    60000.0,
+    25.0, 50.0, 80.0, 100.0, 250.0, 400.0, 700.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0, 60000.0,
 ];
 
 /// The data plane's metrics.
@@ -48,7 +47,14 @@ impl Metrics {
                 "http_requests_total",
                 "HTTP status codes per consumer/service/route in Kong",
             ),
-            &["service", "route", "code", "source", "workspace", "consumer"],
+            &[
+                "service",
+                "route",
+                "code",
+                "source",
+                "workspace",
+                "consumer",
+            ],
         )?;
         let latency = |name: &str, help: &str, buckets: &[f64]| {
             HistogramVec::new(
@@ -167,7 +173,8 @@ impl Plugin for Prometheus {
         let service = text(&entry["service"]["name"])
             .or_else(|| text(&entry["service"]["host"]))
             .unwrap_or("");
-        let Some(route) = text(&entry["route"]["name"]).or_else(|| text(&entry["route"]["id"])) else {
+        let Some(route) = text(&entry["route"]["name"]).or_else(|| text(&entry["route"]["id"]))
+        else {
             return;
         };
         let workspace = text(&entry["workspace_name"]).unwrap_or("");
@@ -177,7 +184,10 @@ impl Plugin for Prometheus {
             ""
         };
         if self.config.status_code_metrics {
-            let code = entry["response"]["status"].as_u64().unwrap_or(0).to_string();
+            let code = entry["response"]["status"]
+                .as_u64()
+                .unwrap_or(0)
+                .to_string();
             let source = if entry["source"] == "upstream" {
                 "service"
             } else {
@@ -205,10 +215,16 @@ impl Plugin for Prometheus {
             let labels = [service, route, workspace];
             let latencies = &entry["latencies"];
             if let Some(v) = latencies["request"].as_f64().filter(|v| *v >= 0.0) {
-                metrics.request_latency.with_label_values(&labels).observe(v);
+                metrics
+                    .request_latency
+                    .with_label_values(&labels)
+                    .observe(v);
             }
             if let Some(v) = latencies["proxy"].as_f64().filter(|v| *v >= 0.0) {
-                metrics.upstream_latency.with_label_values(&labels).observe(v);
+                metrics
+                    .upstream_latency
+                    .with_label_values(&labels)
+                    .observe(v);
             }
             if let Some(v) = latencies["kong"].as_f64().filter(|v| *v >= 0.0) {
                 metrics.kong_latency.with_label_values(&labels).observe(v);

@@ -114,10 +114,9 @@ impl PluginCounters {
         if self.inserted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             let horizon = now - 2 * 31_536_000_000;
             self.clients.retain(|_, windows| {
-                windows
-                    .0
-                    .iter()
-                    .any(|(start, count)| start.load(Ordering::Relaxed) > horizon && count.load(Ordering::Relaxed) > 0)
+                windows.0.iter().any(|(start, count)| {
+                    start.load(Ordering::Relaxed) > horizon && count.load(Ordering::Relaxed) > 0
+                })
             });
         }
         let windows = self.clients.entry(identifier.into()).or_default();
@@ -390,7 +389,10 @@ impl RateLimiting {
                 if r.ssl == Some(true) {
                     return Err("redis over TLS is not supported by this data plane yet".into());
                 }
-                let host = r.host.clone().ok_or("the redis policy needs config.redis.host")?;
+                let host = r
+                    .host
+                    .clone()
+                    .ok_or("the redis policy needs config.redis.host")?;
                 let port = r.port.unwrap_or(6379);
                 let info = redis::ConnectionInfo {
                     addr: redis::ConnectionAddr::Tcp(host.clone(), port),
@@ -407,10 +409,13 @@ impl RateLimiting {
                     r.username.as_deref().unwrap_or(""),
                     r.password.as_deref().unwrap_or("")
                 );
-                let connection = Arc::clone(cx.shared.redis.servers.entry(server).or_default().value());
+                let connection =
+                    Arc::clone(cx.shared.redis.servers.entry(server).or_default().value());
                 Some(Arc::new(RedisTarget {
                     info,
-                    timeout: std::time::Duration::from_millis(r.timeout.unwrap_or(2000.0).max(1.0) as u64),
+                    timeout: std::time::Duration::from_millis(
+                        r.timeout.unwrap_or(2000.0).max(1.0) as u64
+                    ),
                     connection,
                     scope: plugin_doc_scope,
                 }))
@@ -589,9 +594,11 @@ impl Plugin for RateLimiting {
                 };
                 let counted = tokio::time::timeout(redis.timeout * 2, counted).await;
                 let resume: super::Resume = match counted {
-                    Ok(Ok(used)) => Box::new(move |_req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>| {
-                        limits.finish(ctx, now, &used)
-                    }),
+                    Ok(Ok(used)) => {
+                        Box::new(move |_req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>| {
+                            limits.finish(ctx, now, &used)
+                        })
+                    }
                     failed => {
                         let error = match failed {
                             Ok(Err(error)) => error.to_string(),
@@ -618,7 +625,6 @@ impl Plugin for RateLimiting {
         self.counters.count(&identifier, limits, now, &mut used);
         limits.finish(ctx, now, &used)
     }
-
 }
 
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");

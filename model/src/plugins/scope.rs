@@ -105,9 +105,13 @@ impl<T> Combos<T> {
             .flat_map(|by| by.values())
             .flat_map(|by| by.values())
             .chain(
-                [&self.route_consumer, &self.service_consumer, &self.route_service]
-                    .into_iter()
-                    .flat_map(|map| map.values().flat_map(|by| by.values())),
+                [
+                    &self.route_consumer,
+                    &self.service_consumer,
+                    &self.route_service,
+                ]
+                .into_iter()
+                .flat_map(|map| map.values().flat_map(|by| by.values())),
             )
             .chain(
                 [&self.consumer, &self.route, &self.service]
