@@ -253,6 +253,9 @@ impl Engine<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let started = Instant::now();
+        self.downstream
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut fields = uninit_fields();
         let mut request = httparse::Request::new(&mut []);
         if !matches!(
@@ -359,6 +362,13 @@ impl Engine<'_> {
                 https: self.downstream.tls,
                 target,
                 local_port: self.downstream.local_port,
+                connection: (
+                    self.downstream.local_ip,
+                    self.downstream.serial,
+                    self.downstream
+                        .requests
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                ),
                 upstream_path: None,
             };
             let mut ctx = Ctx::new(plugins, chain);

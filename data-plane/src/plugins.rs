@@ -122,6 +122,8 @@ pub(crate) struct PluginRequest<'a> {
     pub(crate) target: &'a str,
     /// The proxy port the request came to.
     pub(crate) local_port: u16,
+    /// nginx's `$server_addr`, `$connection` and `$connection_requests`.
+    pub(crate) connection: (IpAddr, u64, u64),
     /// Replaces the upstream path the route computed (request-transformer's
     /// `replace.uri`).
     pub(crate) upstream_path: Option<String>,

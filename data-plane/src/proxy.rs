@@ -90,6 +90,9 @@ async fn serve_listener(
     tls: Option<TlsAcceptor>,
 ) {
     let local_port = listener.local_addr().map_or(0, |addr| addr.port());
+    // nginx's `$server_addr`: the listener's address, or the connection's
+    // own when the listener takes any.
+    let listen_ip = listener.local_addr().ok().map(|addr| addr.ip());
     let builder = Arc::new(http_builder(&dp.cfg));
     let limits = Limits {
         header_timeout: dp.cfg.header_read_timeout,
@@ -121,6 +124,10 @@ async fn serve_listener(
                 if let Err(error) = stream.set_nodelay(true) {
                     tracing::trace!(%error, "Failed to set TCP_NODELAY.");
                 }
+                let local_ip = match listen_ip {
+                    Some(ip) if !ip.is_unspecified() => ip,
+                    _ => stream.local_addr().map_or(listen_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), |a| a.ip()),
+                };
                 let connection = Connection {
                     dp: Arc::clone(&dp),
                     builder: Arc::clone(&builder),
@@ -128,6 +135,7 @@ async fn serve_listener(
                     drain: draining.clone(),
                     limits,
                     remote,
+                    local_ip,
                     local_port,
                     _permit: permit,
                 };
@@ -197,6 +205,7 @@ struct Connection {
     drain: watch::Receiver<bool>,
     limits: Limits,
     remote: SocketAddr,
+    local_ip: std::net::IpAddr,
     local_port: u16,
     /// Held until the connection closes.
     _permit: OwnedSemaphorePermit,
@@ -239,6 +248,7 @@ impl Connection {
         let h2 = tls.as_ref().is_some_and(|session| session.h2);
         let downstream = Arc::new(Downstream::new(
             self.remote,
+            self.local_ip,
             self.local_port,
             tls,
             Arc::clone(&activity),
@@ -299,11 +309,20 @@ pub(crate) struct Downstream {
     /// `snis` match.
     pub(crate) sni: Option<Box<str>>,
     pub(crate) activity: Arc<Activity>,
+    /// nginx's `$server_addr`, `$connection` and `$connection_requests`
+    /// (correlation-id's tracker).
+    pub(crate) local_ip: std::net::IpAddr,
+    pub(crate) serial: u64,
+    pub(crate) requests: std::sync::atomic::AtomicU64,
 }
+
+/// Connections accepted so far by this process.
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Downstream {
     fn new(
         remote: SocketAddr,
+        local_ip: std::net::IpAddr,
         local_port: u16,
         tls: Option<TlsSession>,
         activity: Arc<Activity>,
@@ -320,6 +339,9 @@ impl Downstream {
             tls: tls.is_some(),
             sni: tls.and_then(|session| session.sni),
             activity,
+            local_ip,
+            serial: CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            requests: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -620,6 +642,9 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    downstream
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let runtime = dp.runtime.load_full();
     // Cheap clones (reference counts): only taken when the log is on.
     let logged = dp
@@ -944,6 +969,13 @@ async fn forward<'r>(
             https: downstream.tls,
             target: head.target,
             local_port: downstream.local_port,
+            connection: (
+                downstream.local_ip,
+                downstream.serial,
+                downstream
+                    .requests
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
             upstream_path: None,
         };
         if chain.needs().request_body {

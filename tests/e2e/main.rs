@@ -10,6 +10,8 @@ mod declarative;
 mod grpc;
 mod otel;
 mod plugins;
+mod plugins_auth;
+mod plugins_transform;
 mod postgres;
 mod process;
 mod proxy;

@@ -2323,9 +2323,6 @@ fn worker_ids() -> &'static (String, AtomicU64) {
     IDS.get_or_init(|| (uuid::Uuid::new_v4().to_string(), AtomicU64::new(0)))
 }
 
-/// The `tracker` generator's connection serial number.
-static TRACKER_SERIAL: AtomicU64 = AtomicU64::new(0);
-
 impl Generator {
     fn generate(self, req: Option<&PluginRequest<'_>>) -> HeaderValue {
         let id = match self {
@@ -2336,24 +2333,19 @@ impl Generator {
             }
             Generator::Tracker => {
                 // nginx's server address and port, worker pid, connection
-                // serial and request count, and time. The listener's
-                // address is not known to plugins; the Host header stands
-                // in for it when it names an IPv4 address.
-                let host = req.and_then(|r| r.header("host")).unwrap_or("");
-                let addr = host
-                    .rsplit_once(':')
-                    .map_or(host, |(addr, _)| addr)
-                    .parse::<std::net::Ipv4Addr>()
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                // serial and request count on it, and time.
+                let (addr, serial, requests) = req
+                    .map_or((std::net::Ipv4Addr::UNSPECIFIED.into(), 0, 0), |r| {
+                        r.connection
+                    });
                 let port = req.map_or(0, |r| r.local_port);
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs_f64();
                 format!(
-                    "{addr}-{port}-{}-{}-1-{now:.3}",
+                    "{addr}-{port}-{}-{serial}-{requests}-{now:.3}",
                     std::process::id(),
-                    TRACKER_SERIAL.fetch_add(1, Ordering::Relaxed) + 1
                 )
             }
         };
