@@ -1777,6 +1777,8 @@ mod tests {
             headers: map,
             body: None,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            client_addr: "127.0.0.1",
+            connection: (std::net::IpAddr::from([127, 0, 0, 1]), 1, 1),
             https: false,
             target,
             local_port: 8000,

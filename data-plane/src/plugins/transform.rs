@@ -3407,6 +3407,8 @@ mod tests {
             headers,
             body: None,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            client_addr: "127.0.0.1",
+            connection: (std::net::IpAddr::from([127, 0, 0, 1]), 1, 1),
             https: false,
             target: "/pc/x?b=2&a&a2=1&b=1",
             local_port: 8000,
