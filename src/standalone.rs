@@ -144,19 +144,30 @@ pub(crate) fn spawn_admin(
                 axum::routing::get(crate::status::metrics).with_state(Arc::clone(dp)),
             );
         }
-        let mut rx = shutdown.clone();
-        tasks.spawn(async move {
-            let res = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = res {
-                error!(error = %e, "Admin API server failed.");
-            }
-        });
+        spawn_router(tasks, listener, app, shutdown, "Admin API");
     }
     Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown` (the Admin and status APIs).
+pub(crate) fn spawn_router(
+    tasks: &mut tokio::task::JoinSet<()>,
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: &watch::Receiver<()>,
+    what: &'static str,
+) {
+    let mut rx = shutdown.clone();
+    tasks.spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .await;
+        if let Err(e) = res {
+            error!(error = %e, server = what, "Server failed.");
+        }
+    });
 }
 
 /// Binds the Admin API listeners (TLS ones are skipped with a warning).

@@ -14,7 +14,7 @@ use gatehouse_data_plane::DataPlane;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{parse_listen, Config};
 use crate::standalone::bind;
@@ -73,17 +73,7 @@ pub(crate) fn spawn_status(
             .route("/status/ready", get(ready))
             .route("/metrics", get(metrics))
             .with_state(Arc::clone(dp));
-        let mut rx = shutdown.clone();
-        tasks.spawn(async move {
-            let res = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = res {
-                error!(error = %e, "Status API server failed.");
-            }
-        });
+        crate::standalone::spawn_router(tasks, listener, app, shutdown, "Status API");
     }
     Ok(())
 }

@@ -51,10 +51,30 @@ impl Queue {
     }
 }
 
-fn logs() -> Needs {
-    Needs {
-        log: true,
-        ..Needs::default()
+/// A log plugin as the chain sees it: it only hands entries to its queue.
+/// The plugin types below build one each.
+pub(crate) struct LogPlugin {
+    queue: Queue,
+}
+
+impl Plugin for LogPlugin {
+    fn filters_response(&self) -> bool {
+        false
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            log: true,
+            ..Needs::default()
+        }
+    }
+
+    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
+        Flow::Continue
+    }
+
+    fn log(&self, entry: &serde_json::Value) {
+        self.queue.push(entry);
     }
 }
 
@@ -82,9 +102,7 @@ struct HttpLogConfig {
 /// `http-log` (`kong/plugins/http-log/handler.lua`): entries are sent
 /// alone when `queue.max_batch_size` is 1, else as JSON arrays of up to
 /// that many, after at most `max_coalescing_delay` seconds.
-pub(crate) struct HttpLog {
-    queue: Queue,
-}
+pub(crate) struct HttpLog;
 
 struct HttpSink {
     uri: Uri,
@@ -96,7 +114,10 @@ struct HttpSink {
 }
 
 impl HttpLog {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+    pub(crate) fn plugin(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<LogPlugin, String> {
         let config: HttpLogConfig = typed(config)?;
         let mut endpoint: Uri = config
             .http_endpoint
@@ -141,7 +162,7 @@ impl HttpLog {
         let queue = Queue::start("http-log", config.queue.max_entries, move |receiver| {
             sink.run(receiver)
         })?;
-        Ok(HttpLog { queue })
+        Ok(LogPlugin { queue })
     }
 }
 
@@ -215,24 +236,6 @@ impl HttpSink {
     }
 }
 
-impl Plugin for HttpLog {
-    fn filters_response(&self) -> bool {
-        false
-    }
-
-    fn needs(&self) -> Needs {
-        logs()
-    }
-
-    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        Flow::Continue
-    }
-
-    fn log(&self, entry: &serde_json::Value) {
-        self.queue.push(entry);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // file-log
 
@@ -244,12 +247,13 @@ struct FileLogConfig {
 
 /// `file-log` (`kong/plugins/file-log/handler.lua`): one JSON document per
 /// line, appended.
-pub(crate) struct FileLog {
-    queue: Queue,
-}
+pub(crate) struct FileLog;
 
 impl FileLog {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+    pub(crate) fn plugin(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<LogPlugin, String> {
         let config: FileLogConfig = typed(config)?;
         let queue = Queue::start(
             "file-log",
@@ -285,25 +289,7 @@ impl FileLog {
                 }
             },
         )?;
-        Ok(FileLog { queue })
-    }
-}
-
-impl Plugin for FileLog {
-    fn filters_response(&self) -> bool {
-        false
-    }
-
-    fn needs(&self) -> Needs {
-        logs()
-    }
-
-    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        Flow::Continue
-    }
-
-    fn log(&self, entry: &serde_json::Value) {
-        self.queue.push(entry);
+        Ok(LogPlugin { queue })
     }
 }
 
@@ -321,14 +307,15 @@ struct TcpLogConfig {
 
 /// `tcp-log` (`kong/plugins/tcp-log/handler.lua`): each entry as a JSON
 /// line on a kept-alive connection, over TLS when `tls` is set.
-pub(crate) struct TcpLog {
-    queue: Queue,
-}
+pub(crate) struct TcpLog;
 
 type LogStream = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
 impl TcpLog {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+    pub(crate) fn plugin(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<LogPlugin, String> {
         let config: TcpLogConfig = typed(config)?;
         let timeout = Duration::from_millis(config.timeout.max(1.0) as u64);
         let queue = Queue::start(
@@ -366,7 +353,7 @@ impl TcpLog {
                 }
             },
         )?;
-        Ok(TcpLog { queue })
+        Ok(LogPlugin { queue })
     }
 }
 
@@ -389,24 +376,6 @@ async fn connect(config: &TcpLogConfig) -> std::io::Result<LogStream> {
     Ok(Box::new(stream))
 }
 
-impl Plugin for TcpLog {
-    fn filters_response(&self) -> bool {
-        false
-    }
-
-    fn needs(&self) -> Needs {
-        logs()
-    }
-
-    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        Flow::Continue
-    }
-
-    fn log(&self, entry: &serde_json::Value) {
-        self.queue.push(entry);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // udp-log
 
@@ -418,12 +387,13 @@ struct UdpLogConfig {
 
 /// `udp-log` (`kong/plugins/udp-log/handler.lua`): each entry as one
 /// datagram of JSON.
-pub(crate) struct UdpLog {
-    queue: Queue,
-}
+pub(crate) struct UdpLog;
 
 impl UdpLog {
-    pub(crate) fn new(config: &serde_json::Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
+    pub(crate) fn plugin(
+        config: &serde_json::Value,
+        _cx: &BuildContext<'_>,
+    ) -> Result<LogPlugin, String> {
         let config: UdpLogConfig = typed(config)?;
         let queue = Queue::start(
             "udp-log",
@@ -448,24 +418,6 @@ impl UdpLog {
                 }
             },
         )?;
-        Ok(UdpLog { queue })
-    }
-}
-
-impl Plugin for UdpLog {
-    fn filters_response(&self) -> bool {
-        false
-    }
-
-    fn needs(&self) -> Needs {
-        logs()
-    }
-
-    fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        Flow::Continue
-    }
-
-    fn log(&self, entry: &serde_json::Value) {
-        self.queue.push(entry);
+        Ok(LogPlugin { queue })
     }
 }
