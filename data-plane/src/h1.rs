@@ -39,7 +39,9 @@ use self::chunked::ChunkScanner;
 use self::pool::UpstreamConn;
 use crate::balancer::{Failure, HashInput, Peer};
 use crate::downstream::{HeadScan, Limits, Reject, Scanned, LINGER_IDLE, LINGER_TOTAL};
-use crate::plugins::{log as plugin_log, Chain, Ctx, PluginRequest, Protocol};
+use crate::plugins::{
+    log as plugin_log, Chain, Ctx, PluginRequest, Protocol, RequestHeaders, SetHeaders,
+};
 use crate::proxy::{
     grpc_error, is_gateway_json, log_access, prepare, route_request, Decision, Downstream, Facts,
     Prepared, ProxyError, RequestHead, ResponseBody, Routed,
@@ -348,14 +350,13 @@ impl Engine<'_> {
         let mut plugin_req = None;
         let mut plugin_ctx = None;
         if let Some((plugins, chain)) = chain {
-            let Some(headers) = header_map_shared(head, request.headers) else {
-                return Next::HandOff;
-            };
-            let mut req = PluginRequest {
+            // Made where they stay: both live across awaits, and each move
+            // inside this future copies them.
+            let req = plugin_req.insert(PluginRequest {
                 method: method.clone(),
                 path: raw_path,
                 query: query.map(Cow::Borrowed),
-                headers,
+                headers: RequestHeaders::parsed(request.headers),
                 body: None,
                 client_ip: self.downstream.remote.ip().to_canonical(),
                 client_addr: self.downstream.client_ip.to_str().unwrap_or_default(),
@@ -370,22 +371,18 @@ impl Engine<'_> {
                         .load(std::sync::atomic::Ordering::Relaxed),
                 ),
                 upstream_path: None,
-            };
-            let mut ctx = Ctx::new(plugins, chain);
-            chain.capture(
-                &mut ctx,
-                routed.found.path.map(|m| m.path_idx),
-                &routed.path,
-            );
+            });
+            let (_, ctx) = plugin_ctx.insert((chain, Ctx::new(plugins, chain)));
+            chain.capture(ctx, routed.found.path.map(|m| m.path_idx), &routed.path);
             let protocol = Protocol::of(self.downstream.tls, info.grpc);
-            if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
-                chain.response(&mut ctx, response.status(), response.headers_mut());
+            if let Some(mut response) = chain.access(req, ctx, protocol).await {
+                chain.response(ctx, response.status(), response.headers_mut());
                 let size = http_body::Body::size_hint(response.body()).exact();
                 let next = exchange
                     .answer(io, buf, body_len, response, None, out)
                     .await;
                 chain.log(
-                    &mut ctx,
+                    ctx,
                     &plugin_log::Facts {
                         total: started.elapsed(),
                         response_size: size.unwrap_or(0),
@@ -394,14 +391,17 @@ impl Engine<'_> {
                 );
                 return next;
             }
-            plugin_req = Some(req);
-            plugin_ctx = Some((chain, ctx));
         }
         let plugin_view;
         let view = match &plugin_req {
             Some(req) => {
                 plugin_view = RequestHead {
-                    headers: &req.headers,
+                    // Balancers hash on the headers as plugins left them.
+                    headers: if runtime.reads_headers || info.grpc {
+                        req.headers.map()
+                    } else {
+                        view.headers
+                    },
                     query: req.query.as_deref(),
                     ..view
                 };
@@ -440,7 +440,7 @@ impl Engine<'_> {
         let upstream_head = match &plugin_req {
             Some(req) => UpstreamHead {
                 method: req.method.as_str(),
-                fields: Fields::Map(&req.headers),
+                fields: Fields::Plugin(&req.headers),
                 query: req.query.as_deref(),
             },
             None => UpstreamHead {
@@ -740,7 +740,7 @@ impl<'r> Exchange<'_, 'r> {
             self.close = true;
         }
         out.clear();
-        let mut set_headers = smallvec::SmallVec::new();
+        let mut set_headers = SetHeaders::default();
         let filters = match plugins.as_mut() {
             Some((chain, ctx)) if chain.filters_response() => Some((*chain, &mut **ctx)),
             Some((_, ctx)) => {
@@ -1061,19 +1061,9 @@ impl<'h> RequestInfo<'h> {
 /// upstream instead of the one the route and service decide.
 pub(crate) fn plugin_host(req: &PluginRequest<'_>, sent: Option<&[u8]>) -> Option<HeaderValue> {
     let host = req.headers.get(http::header::HOST)?;
-    (Some(host.as_bytes()) != sent).then(|| host.clone())
-}
-
-/// The request's fields as a header map for plugins; values share the
-/// head's buffer rather than being copied.
-fn header_map_shared(head: &Bytes, fields: &[httparse::Header<'_>]) -> Option<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(fields.len() + 6);
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?;
-        map.append(name, value);
-    }
-    Some(map)
+    (Some(host) != sent)
+        .then(|| HeaderValue::from_bytes(host).ok())
+        .flatten()
 }
 
 /// The request's fields as a header map, for header routes and hashing.
@@ -1147,7 +1137,7 @@ struct UpstreamHead<'a> {
 #[derive(Clone, Copy)]
 enum Fields<'a> {
     Raw(&'a [httparse::Header<'a>]),
-    Map(&'a HeaderMap),
+    Plugin(&'a RequestHeaders<'a>),
 }
 
 impl<'a> Fields<'a> {
@@ -1156,16 +1146,14 @@ impl<'a> Fields<'a> {
             Fields::Raw(fields) => fields
                 .iter()
                 .for_each(|field| f(field.name.as_bytes(), field.value)),
-            Fields::Map(map) => map
-                .iter()
-                .for_each(|(name, value)| f(name.as_str().as_bytes(), value.as_bytes())),
+            Fields::Plugin(headers) => headers.for_each(f),
         }
     }
 
     fn header_map(self) -> HeaderMap {
         match self {
             Fields::Raw(fields) => header_map_of(fields).unwrap_or_default(),
-            Fields::Map(map) => map.clone(),
+            Fields::Plugin(headers) => headers.map().clone(),
         }
     }
 }
@@ -1241,7 +1229,7 @@ fn push_response_head(
     status: StatusCode,
     peer: &mut Peer,
     plugins: Option<(&Chain, &mut Ctx<'_>, Framing)>,
-    set_headers: &[(HeaderName, HeaderValue)],
+    set_headers: &SetHeaders,
 ) {
     push_status_line(out, status);
     let mut fields = uninit_fields();
@@ -1275,9 +1263,7 @@ fn push_response_head(
             RequestField::Drop if is_hop_by_hop(name) => {}
             _ if listed.iter().any(|token| token.eq_ignore_ascii_case(name)) => {}
             // Replaced by a plugin's value.
-            _ if set_headers
-                .iter()
-                .any(|(set, _)| set.as_str().as_bytes().eq_ignore_ascii_case(name)) => {}
+            _ if set_headers.sets(name) => {}
             _ => {
                 has_date |= name.eq_ignore_ascii_case(b"date");
                 match &mut filtered {
@@ -1294,9 +1280,7 @@ fn push_response_head(
             }
         }
     }
-    for (name, value) in set_headers {
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    out.extend_from_slice(set_headers.lines());
     if let (Some(mut map), Some((chain, ctx, framing))) = (filtered, plugins) {
         chain.response(ctx, status, &mut map);
         // The body is relayed as the upstream framed it, whatever a plugin

@@ -19,6 +19,7 @@
 
 mod auth;
 mod consumers;
+mod headers;
 pub(crate) mod log;
 mod logging;
 mod metrics;
@@ -40,6 +41,7 @@ use http_body_util::{Either, Full};
 use smallvec::SmallVec;
 
 pub(crate) use consumers::{Consumer, Consumers};
+pub(crate) use headers::RequestHeaders;
 
 use crate::proxy::ResponseBody;
 
@@ -111,7 +113,7 @@ pub(crate) struct PluginRequest<'a> {
     /// The query string as it goes upstream (plugins may replace it).
     pub(crate) query: Option<Cow<'a, str>>,
     /// The headers as they go upstream.
-    pub(crate) headers: HeaderMap,
+    pub(crate) headers: RequestHeaders<'a>,
     /// The whole body, when a plugin of the chain needs it.
     pub(crate) body: Option<Bytes>,
     pub(crate) client_ip: IpAddr,
@@ -132,7 +134,7 @@ pub(crate) struct PluginRequest<'a> {
 impl PluginRequest<'_> {
     /// The first value of a request header as text.
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        self.headers.get_str(name)
     }
 
     /// Decoded query arguments, in order.
@@ -168,17 +170,17 @@ pub(crate) struct Ctx<'r> {
     /// `kong.response.set_header` before the response exists, as
     /// rate-limiting does): they replace the upstream's of the same name
     /// before any `header_filter` runs.
-    pub(crate) response_headers: SmallVec<[(HeaderName, HeaderValue); 6]>,
+    pub(crate) response_headers: SetHeaders,
     /// cors: response headers to set (`None` removes), decided in `access`
     /// from the request's Origin.
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
     /// proxy-cache: the key and what happened, for `response`.
-    pub(crate) cache: Option<transform::CacheState>,
+    pub(crate) cache: Option<Box<transform::CacheState>>,
     /// correlation-id: the id sent upstream, for `echo_downstream`.
     pub(crate) correlation_id: Option<HeaderValue>,
     /// The captures of the route's regex path (Kong's `uri_captures`),
     /// for request-transformer's templates; set by the proxy.
-    pub(crate) uri_captures: Option<transform::UriCaptures>,
+    pub(crate) uri_captures: Option<Box<transform::UriCaptures>>,
     /// What the log phase reports, when a plugin logs.
     log: Option<Box<log::Record>>,
     /// opentelemetry: the request's trace.
@@ -195,7 +197,7 @@ impl<'r> Ctx<'r> {
             consumer: None,
             credential: None,
             collected: SmallVec::new(),
-            response_headers: SmallVec::new(),
+            response_headers: SetHeaders::default(),
             cors_headers: None,
             cache: None,
             correlation_id: None,
@@ -209,6 +211,115 @@ impl<'r> Ctx<'r> {
                 std::time::UNIX_EPOCH
             },
         }
+    }
+}
+
+/// Response headers decided before the response exists, kept as the
+/// header lines the HTTP/1.1 engine sends, so that a plugin setting them
+/// on every request (rate-limiting) makes neither header names nor values.
+#[derive(Default)]
+pub(crate) struct SetHeaders {
+    /// `name: value\r\n` lines, names in lower case; only [`HeaderLine`]
+    /// and [`HeaderPrefix`] write here, so every line is well formed.
+    lines: Vec<u8>,
+    /// Where each line's name and value are in `lines`: start, name
+    /// length, end of the value.
+    spans: SmallVec<[(u32, u32, u32); 6]>,
+}
+
+/// A whole header line, made when the configuration is built.
+pub(crate) struct HeaderLine {
+    line: Box<[u8]>,
+    name_len: usize,
+}
+
+impl HeaderLine {
+    pub(crate) fn new(name: &HeaderName, value: &HeaderValue) -> HeaderLine {
+        let mut line = HeaderPrefix::new(name).prefix.into_vec();
+        line.extend_from_slice(value.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        HeaderLine {
+            line: line.into_boxed_slice(),
+            name_len: name.as_str().len(),
+        }
+    }
+}
+
+/// `name: `, for a value known only per request.
+pub(crate) struct HeaderPrefix {
+    prefix: Box<[u8]>,
+}
+
+impl HeaderPrefix {
+    pub(crate) fn new(name: &HeaderName) -> HeaderPrefix {
+        let mut prefix = Vec::with_capacity(name.as_str().len() + 2);
+        prefix.extend_from_slice(name.as_str().as_bytes());
+        prefix.extend_from_slice(b": ");
+        HeaderPrefix {
+            prefix: prefix.into_boxed_slice(),
+        }
+    }
+}
+
+impl SetHeaders {
+    pub(crate) fn push_line(&mut self, line: &HeaderLine) {
+        let start = self.start();
+        self.lines.extend_from_slice(&line.line);
+        self.end(start, line.name_len);
+    }
+
+    pub(crate) fn push_number(&mut self, prefix: &HeaderPrefix, value: i64) {
+        let start = self.start();
+        self.lines.extend_from_slice(&prefix.prefix);
+        self.lines
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self.lines.extend_from_slice(b"\r\n");
+        self.end(start, prefix.prefix.len() - 2);
+    }
+
+    fn start(&mut self) -> usize {
+        if self.lines.capacity() == 0 {
+            self.lines.reserve(256);
+        }
+        self.lines.len()
+    }
+
+    fn end(&mut self, start: usize, name_len: usize) {
+        // A few headers per request: far below 4 GiB.
+        self.spans
+            .push((start as u32, name_len as u32, (self.lines.len() - 2) as u32));
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.lines.clear();
+        self.spans.clear();
+    }
+
+    /// The lines as they go on the wire.
+    pub(crate) fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Each header as name and value.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().filter_map(|&(start, name_len, end)| {
+            let (start, name_len, end) = (start as usize, name_len as usize, end as usize);
+            Some((
+                self.lines.get(start..start + name_len)?,
+                self.lines.get(start + name_len + 2..end)?,
+            ))
+        })
+    }
+
+    /// Whether a header of this name (any case) is set here.
+    pub(crate) fn sets(&self, name: &[u8]) -> bool {
+        self.spans.iter().any(|&(start, name_len, _)| {
+            name_len as usize == name.len()
+                && self
+                    .lines
+                    .get(start as usize..start as usize + name.len())
+                    .is_some_and(|set| set.eq_ignore_ascii_case(name))
+        })
     }
 }
 
@@ -300,7 +411,7 @@ impl Chain {
             return;
         };
         if let Ok(path) = std::str::from_utf8(path) {
-            ctx.uri_captures = transform::UriCaptures::new(regex, path);
+            ctx.uri_captures = transform::UriCaptures::new(regex, path).map(Box::new);
         }
     }
 
@@ -380,9 +491,14 @@ impl Chain {
 
     /// Kong's `header_filter` for the plugins that ran `access`.
     pub(crate) fn response(&self, ctx: &mut Ctx<'_>, status: StatusCode, headers: &mut HeaderMap) {
-        for (name, value) in ctx.response_headers.drain(..) {
-            headers.insert(name, value);
+        for (name, value) in ctx.response_headers.fields() {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            {
+                headers.insert(name, value);
+            }
         }
+        ctx.response_headers.clear();
         let collected = std::mem::take(&mut ctx.collected);
         for instance in &collected {
             instance.handler.response(ctx, status, headers);
@@ -745,9 +861,7 @@ pub(crate) fn set_consumer(
         Some(value) => {
             headers.insert(name, value);
         }
-        None => {
-            headers.remove(name);
-        }
+        None => headers.remove(name),
     };
     set(ID, consumer.as_ref().map(|c| c.id_value.clone()));
     set(

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::balancer::{Failure, HashInput, Peer, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
 use crate::h1::{Ended, Engine, Prefixed};
-use crate::plugins::{log as plugin_log, Ctx, PluginRequest, Protocol};
+use crate::plugins::{log as plugin_log, Ctx, PluginRequest, Protocol, RequestHeaders};
 use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
 use crate::{DataPlane, ProxyConfig};
@@ -962,7 +962,7 @@ async fn forward<'r>(
             method: parts.method.clone(),
             path: head.raw_path,
             query: head.query.map(Cow::Borrowed),
-            headers: parts.headers.clone(),
+            headers: RequestHeaders::from_map(parts.headers.clone()),
             body: None,
             client_ip: downstream.remote.ip().to_canonical(),
             client_addr: downstream.client_ip.to_str().unwrap_or_default(),
@@ -1025,7 +1025,7 @@ async fn forward<'r>(
     let head = match &plugin_req {
         Some(req) => {
             plugin_head = RequestHead {
-                headers: &req.headers,
+                headers: req.headers.map(),
                 query: req.query.as_deref(),
                 ..head
             };
@@ -1074,7 +1074,7 @@ async fn forward<'r>(
         ..
     }) = plugin_req
     {
-        parts.headers = headers;
+        parts.headers = headers.into_map();
         parts.method = method;
         if let Some(bytes) = new_body {
             parts.headers.remove(header::TRANSFER_ENCODING);

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use http::header::{AUTHORIZATION, COOKIE, DATE, PROXY_AUTHORIZATION, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
 use serde_json::Value;
@@ -22,7 +22,7 @@ use sha2::Digest as _;
 
 use super::{
     exit_message, set_consumer, typed, BuildContext, Consumer, Consumers, Credential, Ctx, Flow,
-    Needs, Plugin, PluginRequest,
+    Needs, Plugin, PluginRequest, RequestHeaders,
 };
 use crate::proxy::ResponseBody;
 
@@ -236,8 +236,7 @@ impl KeyAuth {
                 let values: Vec<String> = req
                     .headers
                     .get_all(header_name.as_str())
-                    .iter()
-                    .filter_map(|v| v.to_str().ok().map(str::to_owned))
+                    .filter_map(|v| std::str::from_utf8(v).ok().map(str::to_owned))
                     .collect();
                 if !values.is_empty() {
                     found = Some(values);
@@ -346,9 +345,11 @@ impl Plugin for KeyAuth {
                 .then(|| self.header_names.first())
                 .flatten()
                 .and_then(|name| {
-                    let mut values = req.headers.get_all(name.as_str()).iter();
+                    let mut values = req.headers.get_all(name.as_str());
                     match (values.next(), values.next()) {
-                        (Some(value), None) => value.to_str().ok().filter(|v| !v.is_empty()),
+                        (Some(value), None) => {
+                            std::str::from_utf8(value).ok().filter(|v| !v.is_empty())
+                        }
                         _ => None,
                     }
                 });
@@ -426,19 +427,12 @@ fn scheme_argument<'v>(value: &'v [u8], scheme: &[u8], min_spaces: usize) -> Opt
 }
 
 /// Request header `name` (Kong's normalisation) as raw bytes, first value.
-fn first_header<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
+fn first_header<'h>(headers: &'h RequestHeaders<'_>, name: &[u8]) -> Option<&'h [u8]> {
     let name: Vec<u8> = name
         .iter()
-        .map(|&b| {
-            if b == b'_' {
-                b'-'
-            } else {
-                b.to_ascii_lowercase()
-            }
-        })
+        .map(|&b| if b == b'_' { b'-' } else { b })
         .collect();
-    let name = HeaderName::from_bytes(&name).ok()?;
-    headers.get(name).map(HeaderValue::as_bytes)
+    headers.get(std::str::from_utf8(&name).ok()?)
 }
 
 /// An identifier for `X-Credential-Identifier`; the credential's id when
@@ -571,10 +565,10 @@ impl BasicAuth {
         &self,
         req: &mut PluginRequest<'_>,
         name: HeaderName,
-        value: Option<&HeaderValue>,
+        value: Option<&[u8]>,
     ) -> Option<UserPassword> {
         let decoded = value
-            .and_then(|v| scheme_argument(v.as_bytes(), b"basic", 0))
+            .and_then(|v| scheme_argument(v, b"basic", 0))
             .and_then(|arg| nginx_base64(arg, false));
         let found = match decoded {
             Some(decoded) => Some(UserPassword::split(decoded)?),
@@ -591,8 +585,8 @@ impl BasicAuth {
         req: &mut PluginRequest<'_>,
         consumers: &Consumers,
     ) -> Result<Authenticated, Denied> {
-        let authorization = req.headers.get(AUTHORIZATION).cloned();
-        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
+        let authorization = req.headers.get(AUTHORIZATION).map(<[u8]>::to_vec);
+        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).map(<[u8]>::to_vec);
         if authorization.is_none() && proxy_authorization.is_none() {
             return Err(self.denied());
         }
@@ -605,11 +599,11 @@ impl BasicAuth {
         // Proxy-Authorization first; a user it names that does not exist
         // sends Kong on to Authorization, a wrong password does not.
         let mut found = self
-            .credentials_in(req, PROXY_AUTHORIZATION, proxy_authorization.as_ref())
+            .credentials_in(req, PROXY_AUTHORIZATION, proxy_authorization.as_deref())
             .and_then(lookup);
         if found.is_none() {
             let given = self
-                .credentials_in(req, AUTHORIZATION, authorization.as_ref())
+                .credentials_in(req, AUTHORIZATION, authorization.as_deref())
                 .ok_or_else(|| self.denied())?;
             found = lookup(given);
         }
@@ -1065,9 +1059,8 @@ fn verify_public(
 /// nginx's `$cookie_NAME` (`ngx_http_parse_multi_header_lines`): the first
 /// `NAME=value` among the `Cookie` headers' `;`/`,`-separated parts, the
 /// name compared without case, the value up to the next `;`.
-fn cookie<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
-    for header in headers.get_all(COOKIE) {
-        let v = header.as_bytes();
+fn cookie<'h>(headers: impl Iterator<Item = &'h [u8]>, name: &[u8]) -> Option<&'h [u8]> {
+    for v in headers {
         let mut p = 0;
         while p < v.len() {
             if v[p..].len() >= name.len() && v[p..p + name.len()].eq_ignore_ascii_case(name) {
@@ -1225,7 +1218,9 @@ impl Jwt {
             }
         }
         for name in &self.cookie_names {
-            if let Some(value) = cookie(&req.headers, name.as_bytes()).filter(|v| !v.is_empty()) {
+            if let Some(value) =
+                cookie(req.headers.get_all(COOKIE), name.as_bytes()).filter(|v| !v.is_empty())
+            {
                 add(Token::Text(Cow::Borrowed(value)));
             }
         }
@@ -1233,7 +1228,7 @@ impl Jwt {
             let token = req
                 .headers
                 .get(name)
-                .and_then(|v| scheme_argument(v.as_bytes(), b"bearer", 1));
+                .and_then(|v| scheme_argument(v, b"bearer", 1));
             if let Some(token) = token {
                 add(Token::Text(Cow::Borrowed(token)));
             }
@@ -1645,7 +1640,7 @@ impl HmacAuth {
         Denied::unauthorized(message, Some(self.www_authenticate.clone()))
     }
 
-    fn date_within_skew(&self, headers: &HeaderMap, name: &[u8], now: i64) -> bool {
+    fn date_within_skew(&self, headers: &RequestHeaders<'_>, name: &[u8], now: i64) -> bool {
         first_header(headers, name)
             .and_then(parse_http_time)
             .is_some_and(|time| (now.saturating_sub(time)).unsigned_abs() as f64 <= self.clock_skew)
@@ -1659,7 +1654,7 @@ impl HmacAuth {
             None => body.is_empty(),
             Some(received) => {
                 let expected = format!("SHA-256={}", STANDARD.encode(sha2::Sha256::digest(body)));
-                received.as_bytes() == expected.as_bytes()
+                received == expected.as_bytes()
             }
         }
     }
@@ -1670,8 +1665,8 @@ impl HmacAuth {
         consumers: &Consumers,
         now: i64,
     ) -> Result<Authenticated, Denied> {
-        let authorization = req.headers.get(AUTHORIZATION).cloned();
-        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).cloned();
+        let authorization = req.headers.get(AUTHORIZATION).map(<[u8]>::to_vec);
+        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).map(<[u8]>::to_vec);
         if authorization.is_none() && proxy_authorization.is_none() {
             return Err(self.denied("Unauthorized"));
         }
@@ -1680,10 +1675,7 @@ impl HmacAuth {
         {
             return Err(self.denied(HMAC_NO_DATE));
         }
-        let params = match proxy_authorization
-            .as_ref()
-            .and_then(|v| HmacParams::parse(v.as_bytes()))
-        {
+        let params = match proxy_authorization.as_deref().and_then(HmacParams::parse) {
             Some(params) => {
                 if self.hide_credentials {
                     req.headers.remove(PROXY_AUTHORIZATION);
@@ -1694,9 +1686,7 @@ impl HmacAuth {
                 if self.hide_credentials {
                     req.headers.remove(AUTHORIZATION);
                 }
-                authorization
-                    .as_ref()
-                    .and_then(|v| HmacParams::parse(v.as_bytes()))
+                authorization.as_deref().and_then(HmacParams::parse)
             }
         };
         let params = params.ok_or_else(|| self.denied(HMAC_NOT_VALID))?;
@@ -1757,6 +1747,7 @@ impl Plugin for HmacAuth {
 mod tests {
     use super::*;
     use crate::plugins::consumers::{JwtSecret, Owned};
+    use http::HeaderMap;
 
     fn request<'a>(method: Method, target: &'a str, headers: &[(&str, &str)]) -> PluginRequest<'a> {
         let (path, query) = match target.split_once('?') {
@@ -1774,7 +1765,7 @@ mod tests {
             method,
             path,
             query,
-            headers: map,
+            headers: RequestHeaders::from_map(map),
             body: None,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             client_addr: "127.0.0.1",
@@ -2056,7 +2047,7 @@ mod tests {
             "a body needs a digest"
         );
         with_body.headers.insert(
-            "digest",
+            HeaderName::from_static("digest"),
             HeaderValue::from_static("SHA-256=LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ="),
         );
         assert_eq!(message(&mut with_body, now), None);
@@ -2105,18 +2096,22 @@ mod tests {
         assert_eq!(parse_http_time(b""), None);
     }
 
+    fn values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+        headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes)
+    }
+
     #[test]
     fn cookies_are_found_as_nginx_finds_them() {
         let mut headers = HeaderMap::new();
         headers.append(COOKIE, HeaderValue::from_static("a=1; JWT = tok ;b=2"));
         headers.append(COOKIE, HeaderValue::from_static("c=3"));
-        assert_eq!(cookie(&headers, b"jwt"), Some(&b"tok "[..]));
-        assert_eq!(cookie(&headers, b"c"), Some(&b"3"[..]));
-        assert_eq!(cookie(&headers, b"b"), Some(&b"2"[..]));
-        assert_eq!(cookie(&headers, b"d"), None);
+        assert_eq!(cookie(values(&headers), b"jwt"), Some(&b"tok "[..]));
+        assert_eq!(cookie(values(&headers), b"c"), Some(&b"3"[..]));
+        assert_eq!(cookie(values(&headers), b"b"), Some(&b"2"[..]));
+        assert_eq!(cookie(values(&headers), b"d"), None);
         let mut headers = HeaderMap::new();
         headers.append(COOKIE, HeaderValue::from_static("jwtx=1, jwt=2"));
-        assert_eq!(cookie(&headers, b"jwt"), Some(&b"2"[..]));
+        assert_eq!(cookie(values(&headers), b"jwt"), Some(&b"2"[..]));
     }
 
     fn jwt_consumers(key: &str, secret: &str) -> Consumers {

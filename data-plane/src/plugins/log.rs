@@ -97,7 +97,7 @@ fn millis(duration: Duration) -> u64 {
 
 impl Record {
     pub(crate) fn new(req: &PluginRequest<'_>, started: SystemTime) -> Record {
-        let mut headers = headers_json(&req.headers);
+        let mut headers = headers_json(req.headers.map());
         for secret in ["authorization", "proxy-authorization"] {
             if let Some(value) = headers.get_mut(secret) {
                 *value = Value::String("REDACTED".into());
@@ -111,6 +111,7 @@ impl Record {
         let scheme = if req.https { "https" } else { "http" };
         let size = req
             .headers
+            .map()
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum::<usize>()

@@ -1324,7 +1324,7 @@ impl Plugin for OpenTelemetry {
         if self.spans.is_none() {
             return Flow::Continue;
         }
-        let trace = self.propagate(&mut req.headers);
+        let trace = self.propagate(req.headers.map_mut());
         ctx.otel = Some(RequestTrace::new(trace, &self.registry));
         Flow::Continue
     }

@@ -15,7 +15,10 @@ use ipnet::IpNet;
 use regex::{Regex, RegexSet};
 use serde::Deserialize;
 
-use super::{exit_message, exit_raw, typed, BuildContext, Ctx, Flow, Plugin, PluginRequest};
+use super::{
+    exit_message, exit_raw, typed, BuildContext, Ctx, Flow, HeaderLine, HeaderPrefix, Plugin,
+    PluginRequest, SetHeaders,
+};
 use crate::proxy::ResponseBody;
 
 // ---------------------------------------------------------------------------
@@ -91,17 +94,17 @@ impl PluginCounters {
     ) -> bool {
         let counted = |windows: &Windows, used: &mut smallvec::SmallVec<[u64; 6]>| {
             used.clear();
-            for (period, _, _, _) in &limits.limits {
-                used.push(windows.used(*period, period.start_ms(now)));
+            for limit in &limits.limits {
+                used.push(windows.used(limit.period, limit.period.start_ms(now)));
             }
             let stop = limits
                 .limits
                 .iter()
                 .zip(used.iter())
-                .any(|((_, limit, _, _), used)| *used >= *limit);
+                .any(|(limit, used)| *used >= limit.limit);
             if !stop {
-                for (period, _, _, _) in &limits.limits {
-                    windows.increment(*period, period.start_ms(now));
+                for limit in &limits.limits {
+                    windows.increment(limit.period, limit.period.start_ms(now));
                 }
             }
             stop
@@ -310,11 +313,21 @@ return n - 1",
     )
 });
 
+/// One period's limit, with the header lines it shows made once.
+struct Limit {
+    period: Period,
+    limit: u64,
+    /// `x-ratelimit-limit-<period>: <limit>`
+    limit_line: HeaderLine,
+    /// `ratelimit-limit: <limit>`, when this period is the one reported.
+    ratelimit_line: HeaderLine,
+    /// `x-ratelimit-remaining-<period>: `
+    remaining: HeaderPrefix,
+}
+
 /// What every request of one rate-limiting configuration shares.
 struct Limits {
-    limits: Vec<(Period, u64, HeaderName, HeaderName)>,
-    /// Each limit as a header value, made once.
-    limit_values: Vec<HeaderValue>,
+    limits: Vec<Limit>,
     limit_by: LimitBy,
     header_name: Option<HeaderName>,
     path: Option<String>,
@@ -362,13 +375,16 @@ impl RateLimiting {
                     HeaderName::from_bytes(format!("{prefix}-{}", period.name()).as_bytes())
                         .map_err(|e| e.to_string())
                 };
+                let limit = limit.max(0.0) as u64;
+                let value = HeaderValue::from(limit);
                 Some((|| {
-                    Ok((
-                        *period,
-                        limit.max(0.0) as u64,
-                        name("x-ratelimit-limit")?,
-                        name("x-ratelimit-remaining")?,
-                    ))
+                    Ok(Limit {
+                        period: *period,
+                        limit,
+                        limit_line: HeaderLine::new(&name("x-ratelimit-limit")?, &value),
+                        ratelimit_line: HeaderLine::new(&RATELIMIT_LIMIT, &value),
+                        remaining: HeaderPrefix::new(&name("x-ratelimit-remaining")?),
+                    })
                 })())
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -426,7 +442,6 @@ impl RateLimiting {
         };
         Ok(RateLimiting {
             limits: Arc::new(Limits {
-                limit_values: limits.iter().map(|l| HeaderValue::from(l.1)).collect(),
                 limits,
                 limit_by,
                 header_name: config
@@ -468,8 +483,7 @@ impl Limits {
             LimitBy::Header => self
                 .header_name
                 .as_ref()
-                .and_then(|name| req.headers.get(name))
-                .and_then(|v| v.to_str().ok())
+                .and_then(|name| req.headers.get_str(name))
                 .map(Cow::Borrowed),
             LimitBy::Path => self
                 .path
@@ -484,8 +498,8 @@ impl Limits {
     /// Kong's verdict from the counts before this request (`used`, one
     /// per limit): the period that stops the request, if any, and the
     /// headers for the client.
-    fn verdict(&self, now: i64, used: &[u64], headers: &mut ResponseHeaders) -> bool {
-        let remaining = |index: usize| self.limits[index].1 as i64 - used[index] as i64;
+    fn verdict(&self, now: i64, used: &[u64], headers: &mut SetHeaders) -> bool {
+        let remaining = |index: usize| self.limits[index].limit as i64 - used[index] as i64;
         let stop = (0..self.limits.len()).rev().find(|&i| remaining(i) <= 0);
         if self.hide_client_headers {
             return stop.is_some();
@@ -494,9 +508,8 @@ impl Limits {
         // longest window.
         let mut best: Option<(i64, i64, usize)> = None;
         let mut reset = 0;
-        for (index, ((period, _, limit_name, remaining_name), limit_value)) in
-            self.limits.iter().zip(&self.limit_values).enumerate()
-        {
+        for (index, limit) in self.limits.iter().enumerate() {
+            let period = limit.period;
             let mut left = remaining(index);
             if stop.is_none() || stop == Some(index) {
                 left -= 1;
@@ -510,45 +523,33 @@ impl Limits {
                 best = Some((left, window, index));
                 reset = (window - (now - period.start_ms(now)) / 1000).max(1);
             }
-            headers.push((limit_name.clone(), limit_value.clone()));
-            headers.push((remaining_name.clone(), number(left)));
+            headers.push_line(&limit.limit_line);
+            headers.push_number(&limit.remaining, left);
         }
         if let Some((left, _, index)) = best {
-            headers.push((RATELIMIT_LIMIT, self.limit_values[index].clone()));
-            headers.push((RATELIMIT_REMAINING, number(left)));
-            let reset = number(reset);
+            static REMAINING: LazyLock<HeaderPrefix> =
+                LazyLock::new(|| HeaderPrefix::new(&RATELIMIT_REMAINING));
+            static RETRY_AFTER: LazyLock<HeaderPrefix> =
+                LazyLock::new(|| HeaderPrefix::new(&http::header::RETRY_AFTER));
+            static RESET: LazyLock<HeaderPrefix> =
+                LazyLock::new(|| HeaderPrefix::new(&RATELIMIT_RESET));
+            headers.push_line(&self.limits[index].ratelimit_line);
+            headers.push_number(&REMAINING, left);
             if stop.is_some() {
-                headers.push((http::header::RETRY_AFTER, reset.clone()));
+                headers.push_number(&RETRY_AFTER, reset);
             }
-            headers.push((RATELIMIT_RESET, reset));
+            headers.push_number(&RESET, reset);
         }
         stop.is_some()
     }
 
     fn finish(&self, ctx: &mut Ctx<'_>, now: i64, used: &[u64]) -> Flow {
-        let mut headers = std::mem::take(&mut ctx.response_headers);
-        let stop = self.verdict(now, used, &mut headers);
-        ctx.response_headers = headers;
-        if stop {
+        if self.verdict(now, used, &mut ctx.response_headers) {
             Flow::Exit(exit_message(self.error_status, &self.error_message))
         } else {
             Flow::Continue
         }
     }
-}
-
-type ResponseHeaders = smallvec::SmallVec<[(HeaderName, HeaderValue); 6]>;
-
-/// A count as a header value; the small ones (seconds to a reset, most
-/// remaining counts) come from a table built once.
-fn number(n: i64) -> HeaderValue {
-    static SMALL: LazyLock<Vec<HeaderValue>> =
-        LazyLock::new(|| (0..4096_i64).map(HeaderValue::from).collect());
-    usize::try_from(n)
-        .ok()
-        .and_then(|i| SMALL.get(i))
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 fn now_ms() -> i64 {
@@ -575,7 +576,7 @@ impl Plugin for RateLimiting {
                 let counted = async {
                     let mut connection = redis.connection().await?;
                     let mut used = Vec::with_capacity(limits.limits.len());
-                    for (period, _, _, _) in &limits.limits {
+                    for Limit { period, .. } in &limits.limits {
                         let key = format!(
                             "ratelimit:{}:{}:{}:{}",
                             redis.scope,
@@ -829,7 +830,7 @@ impl Plugin for BotDetection {
     }
 
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        let mut agents = req.headers.get_all(http::header::USER_AGENT).iter();
+        let mut agents = req.headers.get_all(http::header::USER_AGENT);
         let Some(agent) = agents.next() else {
             return Flow::Continue;
         };
@@ -839,7 +840,7 @@ impl Plugin for BotDetection {
                 "Only one User-Agent header allowed",
             ));
         }
-        let agent = String::from_utf8_lossy(agent.as_bytes());
+        let agent = String::from_utf8_lossy(agent);
         let agent = agent.trim();
         if self.allow.iter().any(|rule| rule.is_match(agent)) {
             return Flow::Continue;
@@ -1081,15 +1082,12 @@ impl Plugin for Cors {
             .map(str::to_owned);
         let preflight = req.method == Method::OPTIONS
             && origin.is_some()
-            && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+            && req.headers.contains(ACCESS_CONTROL_REQUEST_METHOD);
         if !preflight {
             // header_filter's work depends only on the request: decided now.
             if origin.is_some() || self.config.allow_origin_absent {
                 let mut ops = Vec::new();
-                self.origin_headers(
-                    req.headers.get(ORIGIN).and_then(|v| v.to_str().ok()),
-                    &mut ops,
-                );
+                self.origin_headers(req.headers.get_str(ORIGIN), &mut ops);
                 if let Some(exposed) = &self.exposed {
                     ops.push((
                         http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
@@ -1107,7 +1105,10 @@ impl Plugin for Cors {
         self.origin_headers(origin.as_deref(), &mut ops);
         let allow_headers = match &self.allow_headers {
             Some(value) => Some(value.clone()),
-            None => req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned(),
+            None => req
+                .headers
+                .get(ACCESS_CONTROL_REQUEST_HEADERS)
+                .and_then(|v| HeaderValue::from_bytes(v).ok()),
         };
         ops.push((ACCESS_CONTROL_ALLOW_HEADERS, allow_headers));
         ops.push((
@@ -1185,7 +1186,7 @@ impl RequestTermination {
 
     fn echo(&self, req: &PluginRequest<'_>, ctx: &Ctx<'_>) -> Response<ResponseBody> {
         let mut headers = serde_json::Map::new();
-        for (name, value) in &req.headers {
+        for (name, value) in req.headers.map() {
             let value =
                 serde_json::Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
             match headers.get_mut(name.as_str()) {
@@ -1233,7 +1234,7 @@ impl Plugin for RequestTermination {
 
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         if let (Some(trigger), Some(header)) = (&self.config.trigger, &self.trigger_header) {
-            let in_header = req.headers.contains_key(header.as_str());
+            let in_header = req.headers.contains(header.as_str());
             if !in_header && !req.query_args().iter().any(|(k, _)| k == trigger) {
                 return Flow::Continue;
             }

@@ -1734,7 +1734,7 @@ impl RequestTransformer {
 
     fn transform_headers(&self, req: &mut PluginRequest<'_>, env: &Env<'_>) -> Result<(), String> {
         let ops = &self.headers;
-        let headers = &mut req.headers;
+        let headers = req.headers.map_mut();
         for name in &ops.remove {
             if *name != HOST {
                 headers.remove(name);
@@ -1838,14 +1838,14 @@ impl RequestTransformer {
 
     fn execute(&self, req: &mut PluginRequest<'_>, ctx: &Ctx<'_>) -> Result<(), String> {
         // Templates see the request as it came to this plugin.
-        let headers = self.reads_headers.then(|| req.headers.clone());
+        let headers = self.reads_headers.then(|| req.headers.map().clone());
         let query_args = self
             .reads_query
             .then(|| Args::parse(req.query.as_deref().unwrap_or("").as_bytes()));
         let env = Env {
             headers: headers.as_ref(),
             query: query_args.as_ref(),
-            captures: ctx.uri_captures.as_ref().filter(|_| self.reads_captures),
+            captures: ctx.uri_captures.as_deref().filter(|_| self.reads_captures),
         };
         if let Some(uri) = &self.uri {
             let path = uri.text(&env)?;
@@ -2379,11 +2379,16 @@ impl CorrelationId {
 
 impl Plugin for CorrelationId {
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
-        let id = match req.headers.get(&self.header) {
-            Some(id) if !id.as_bytes().trim_ascii().is_empty() => id.clone(),
-            _ => {
+        let sent = req
+            .headers
+            .get(self.header.as_str())
+            .filter(|id| !id.trim_ascii().is_empty())
+            .and_then(|id| HeaderValue::from_bytes(id).ok());
+        let id = match sent {
+            Some(id) => id,
+            None => {
                 let id = self.generator.generate(Some(req));
-                req.headers.insert(&self.header, id.clone());
+                req.headers.insert(self.header.clone(), id.clone());
                 id
             }
         };
@@ -2568,9 +2573,9 @@ enum Directive {
     Text(String),
 }
 
-fn directives<'h>(values: impl Iterator<Item = &'h HeaderValue>) -> Vec<(String, Directive)> {
+fn directives<'h>(values: impl Iterator<Item = &'h [u8]>) -> Vec<(String, Directive)> {
     let joined = values
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .collect::<Vec<_>>()
         .join(", ");
     let mut out: Vec<(String, Directive)> = Vec::new();
@@ -2815,8 +2820,7 @@ impl ProxyCache {
             let values: Vec<Arg> = req
                 .headers
                 .get_all(key.as_str())
-                .iter()
-                .map(|v| Arg::Text(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|v| Arg::Text(String::from_utf8_lossy(v).into_owned()))
                 .collect();
             let value = match values.len() {
                 0 => None,
@@ -2916,18 +2920,18 @@ impl ProxyCache {
     }
 
     fn lookup(&self, req: &PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Result<Flow, String> {
-        let debug = req.headers.contains_key(KONG_DEBUG);
-        let cc = directives(req.headers.get_all(CACHE_CONTROL).iter());
+        let debug = req.headers.contains(KONG_DEBUG);
+        let cc = directives(req.headers.get_all(CACHE_CONTROL));
         let cacheable = self.methods.contains(&req.method)
             && !(self.cache_control
                 && (directive(&cc, "no-store").is_some() || directive(&cc, "no-cache").is_some()));
         if !cacheable {
-            ctx.cache = Some(CacheState {
+            ctx.cache = Some(Box::new(CacheState {
                 key: None,
                 status: Some(CacheStatus::Bypass),
                 debug,
                 pending: None,
-            });
+            }));
             return Ok(Flow::Continue);
         }
         let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
@@ -2942,7 +2946,7 @@ impl ProxyCache {
         let status = match self.shared.cache.fetch(&key) {
             None => {
                 if self.cache_control && directive(&cc, "only-if-cached").is_some() {
-                    ctx.cache = Some(state);
+                    ctx.cache = Some(Box::new(state));
                     return Ok(Flow::Exit(exit_message(
                         StatusCode::GATEWAY_TIMEOUT,
                         "The upstream server is timing out",
@@ -2976,7 +2980,7 @@ impl ProxyCache {
             headers: None,
             ttl: 0.0,
         });
-        ctx.cache = Some(state);
+        ctx.cache = Some(Box::new(state));
         Ok(Flow::Continue)
     }
 }
@@ -3002,7 +3006,12 @@ impl Plugin for ProxyCache {
         };
         let mut ttl = None;
         if state.pending.is_some() {
-            let cc = directives(headers.get_all(CACHE_CONTROL).iter());
+            let cc = directives(
+                headers
+                    .get_all(CACHE_CONTROL)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
             if self.cacheable_response(status, headers, &cc) {
                 ttl = Some(if self.cache_control {
                     ProxyCache::resource_ttl(&cc, headers)
@@ -3376,7 +3385,7 @@ mod tests {
     #[test]
     fn parses_cache_control_like_kong() {
         let value = HeaderValue::from_static("max-age=60, No-Cache, private=\"x\", max-stale");
-        let cc = directives(std::iter::once(&value));
+        let cc = directives(std::iter::once(value.as_bytes()));
         assert_eq!(directive(&cc, "max-age"), Some(&Directive::Number(60.0)));
         assert_eq!(directive(&cc, "no-cache"), Some(&Directive::Flag));
         assert_eq!(
@@ -3404,7 +3413,7 @@ mod tests {
             method: Method::GET,
             path: "/pc/x",
             query: Some(Cow::Borrowed("b=2&a&a2=1&b=1")),
-            headers,
+            headers: crate::plugins::RequestHeaders::from_map(headers),
             body: None,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             client_addr: "127.0.0.1",
