@@ -20,6 +20,9 @@ pub(crate) struct RequestHeaders<'a> {
     /// per name; they hide every raw field of that name. An auth plugin
     /// sets three or four.
     edits: SmallVec<[(HeaderName, Option<HeaderValue>); 4]>,
+    /// Some edit names a field the client sent. Consumer fields usually
+    /// name none, and then the client's fields go upstream unchecked.
+    hiding: bool,
     /// Once made, the request's headers: `raw` and `edits` are folded in.
     map: OnceLock<HeaderMap>,
 }
@@ -30,6 +33,7 @@ impl<'a> RequestHeaders<'a> {
         RequestHeaders {
             raw,
             edits: SmallVec::new(),
+            hiding: false,
             map: OnceLock::new(),
         }
     }
@@ -39,6 +43,7 @@ impl<'a> RequestHeaders<'a> {
         RequestHeaders {
             raw: &[],
             edits: SmallVec::new(),
+            hiding: false,
             map: OnceLock::from(map),
         }
     }
@@ -147,7 +152,7 @@ impl<'a> RequestHeaders<'a> {
             return;
         }
         for field in self.raw {
-            if self.edits.is_empty() || self.edit(field.name).is_none() {
+            if !self.hiding || self.edit(field.name).is_none() {
                 f(field.name.as_bytes(), field.value);
             }
         }
@@ -174,6 +179,7 @@ impl<'a> RequestHeaders<'a> {
     }
 
     fn set_edit(&mut self, name: HeaderName, value: Option<HeaderValue>) {
+        self.hiding = self.hiding || self.raw_has(name.as_str());
         match self.edits.iter_mut().find(|(edited, _)| *edited == name) {
             Some(edit) => edit.1 = value,
             None => self.edits.push((name, value)),
@@ -246,6 +252,29 @@ mod tests {
                 (b"x-list".to_vec(), b"3".to_vec()),
             ]
         );
+    }
+
+    #[test]
+    fn new_fields_follow_the_clients_own() {
+        let mut storage = [httparse::EMPTY_HEADER; 8];
+        let raw = parsed(HEAD, &mut storage);
+        let mut headers = RequestHeaders::parsed(raw);
+        headers.insert(
+            HeaderName::from_static("x-consumer-id"),
+            HeaderValue::from_static("c1"),
+        );
+        headers.remove("x-anonymous-consumer");
+        let mut names = Vec::new();
+        headers.for_each(|name, _| names.push(String::from_utf8_lossy(name).into_owned()));
+        assert_eq!(
+            names,
+            ["Host", "ApiKey", "X-List", "x-list", "x-consumer-id"]
+        );
+        // A later edit of a field the client sent hides it.
+        headers.remove("apikey");
+        names.clear();
+        headers.for_each(|name, _| names.push(String::from_utf8_lossy(name).into_owned()));
+        assert_eq!(names, ["Host", "X-List", "x-list", "x-consumer-id"]);
     }
 
     #[test]
