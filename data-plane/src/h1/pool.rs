@@ -49,7 +49,9 @@ struct Idle {
 
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<Box<str>, Vec<Idle>>,
+    /// Keyed by addresses the configuration names, looked up twice per
+    /// request: a fast hash, as no client chooses the keys.
+    idle: HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>,
     last_sweep: Option<Instant>,
 }
 
