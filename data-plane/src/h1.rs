@@ -354,6 +354,8 @@ impl Engine<'_> {
             // inside this future copies them.
             let req = plugin_req.insert(PluginRequest {
                 method: method.clone(),
+                // This engine takes HTTP/1.1 only.
+                version: Version::HTTP_11,
                 path: raw_path,
                 query: query.map(Cow::Borrowed),
                 headers: RequestHeaders::parsed(request.headers),

@@ -108,6 +108,8 @@ pub(crate) type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Res
 /// The upstream request as plugins see and change it.
 pub(crate) struct PluginRequest<'a> {
     pub(crate) method: Method,
+    /// The HTTP version the client spoke.
+    pub(crate) version: http::Version,
     /// The path as the client sent it, without the query.
     pub(crate) path: &'a str,
     /// The query string as it goes upstream (plugins may replace it).

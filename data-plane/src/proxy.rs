@@ -960,6 +960,7 @@ async fn forward<'r>(
     if let Some((plugins, chain)) = chain {
         let mut req = PluginRequest {
             method: parts.method.clone(),
+            version: parts.version,
             path: head.raw_path,
             query: head.query.map(Cow::Borrowed),
             headers: RequestHeaders::from_map(parts.headers.clone()),

@@ -1461,8 +1461,14 @@ fn hmac_signing_string(req: &PluginRequest<'_>, names: &[&[u8]]) -> Vec<u8> {
                 out.extend_from_slice(req.method.as_str().as_bytes());
                 out.push(b' ');
                 request_uri(&mut out);
-                // The plugin request does not carry the HTTP version.
-                out.extend_from_slice(b" HTTP/1.1");
+                // Kong formats the version as `HTTP/%.01f`.
+                out.extend_from_slice(match req.version {
+                    http::Version::HTTP_09 => b" HTTP/0.9",
+                    http::Version::HTTP_10 => b" HTTP/1.0",
+                    http::Version::HTTP_2 => b" HTTP/2.0",
+                    http::Version::HTTP_3 => b" HTTP/3.0",
+                    _ => b" HTTP/1.1",
+                });
             }
             None => {
                 out.extend_from_slice(name);
@@ -1763,6 +1769,7 @@ mod tests {
         }
         PluginRequest {
             method,
+            version: http::Version::HTTP_11,
             path,
             query,
             headers: RequestHeaders::from_map(map),
@@ -1995,6 +2002,12 @@ mod tests {
         assert_eq!(
             hmac_signing_string(&req, &names),
             b"Content_MD5: md5\nGET /x?a=1 HTTP/1.1"
+        );
+        let mut h2 = req;
+        h2.version = http::Version::HTTP_2;
+        assert_eq!(
+            hmac_signing_string(&h2, &names[1..]),
+            b"GET /x?a=1 HTTP/2.0"
         );
     }
 

@@ -3411,6 +3411,7 @@ mod tests {
         headers.append("x-foo", HeaderValue::from_static("a"));
         let mut req = PluginRequest {
             method: Method::GET,
+            version: http::Version::HTTP_11,
             path: "/pc/x",
             query: Some(Cow::Borrowed("b=2&a&a2=1&b=1")),
             headers: crate::plugins::RequestHeaders::from_map(headers),
