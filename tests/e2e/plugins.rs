@@ -937,3 +937,76 @@ async fn prometheus_counts_with_kongs_metric_names_on_the_status_and_admin_apis(
     let admin = scrape(format!("{}/metrics", s.g.admin)).await;
     assert!(admin.contains("kong_http_requests_total"), "{admin}");
 }
+
+/// Kong's balancer runs after `access`, so an upstream that hashes on a
+/// header sees the value a plugin set, not the one the client sent.
+#[tokio::test]
+async fn a_header_hash_balancer_sees_the_consumer_key_auth_set() {
+    let mut s = Setup::start();
+    let second = EchoUpstream::start();
+    s.post(
+        "/upstreams",
+        json!({"name": "pool", "hash_on": "header", "hash_on_header": "X-Consumer-ID"}),
+    )
+    .await;
+    for addr in [s.up.addr, second.addr] {
+        s.post(
+            "/upstreams/pool/targets",
+            json!({"target": addr.to_string()}),
+        )
+        .await;
+    }
+    s.post("/services", json!({"name": "hashed", "url": "http://pool"}))
+        .await;
+    s.post(
+        "/services/hashed/routes",
+        json!({"name": "hashed", "paths": ["/hashed"]}),
+    )
+    .await;
+    s.post("/routes/hashed/plugins", json!({"name": "key-auth"}))
+        .await;
+    let mut consumers = Vec::new();
+    for i in 0..16 {
+        let consumer = s
+            .post("/consumers", json!({"username": format!("user-{i}")}))
+            .await;
+        let key = format!("key-{i}");
+        s.post(
+            &format!("/consumers/user-{i}/key-auth"),
+            json!({"key": key}),
+        )
+        .await;
+        consumers.push((consumer["id"].as_str().expect("id").to_owned(), key));
+    }
+    s.synced().await;
+
+    let mut targets_used = std::collections::BTreeSet::new();
+    for (id, key) in &consumers {
+        let mut seen = std::collections::BTreeSet::new();
+        for attempt in 0..6 {
+            // A different spoofed id each time: hashing on it would spread
+            // one consumer's requests over both targets.
+            let spoofed = format!("spoofed-{id}-{attempt}");
+            let r = s
+                .get(
+                    "/hashed",
+                    &[
+                        ("apikey", key.as_str()),
+                        ("x-consumer-id", spoofed.as_str()),
+                    ],
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(
+                r.upstream_header("x-consumer-id").as_deref(),
+                Some(id.as_str())
+            );
+            seen.insert(r.upstream_header("host").expect("host"));
+        }
+        assert_eq!(seen.len(), 1, "consumer {id} reached {seen:?}");
+        targets_used.extend(seen);
+    }
+    // Sixteen consumers all on one of two targets would mean the hash
+    // ignores the header (a chance of 1 in 32,768 otherwise).
+    assert_eq!(targets_used.len(), 2, "{targets_used:?}");
+}
