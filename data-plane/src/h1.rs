@@ -282,10 +282,7 @@ impl Engine<'_> {
         let runtime = self.dp.runtime.load_full();
         let header_map;
         let empty = HeaderMap::new();
-        // The router or a balancer reads headers (gRPC routes read its
-        // content type).
-        let reads_headers = runtime.reads_headers || info.grpc;
-        let headers = if reads_headers {
+        let headers = if runtime.reads_headers || info.grpc {
             header_map = match header_map_of(request.headers) {
                 Some(map) => map,
                 None => return Next::HandOff,
@@ -402,7 +399,7 @@ impl Engine<'_> {
             Some(req) => {
                 plugin_view = RequestHead {
                     // Balancers hash on the headers as plugins left them.
-                    headers: if reads_headers {
+                    headers: if runtime.reads_headers || info.grpc {
                         req.headers.map()
                     } else {
                         view.headers
