@@ -282,7 +282,10 @@ impl Engine<'_> {
         let runtime = self.dp.runtime.load_full();
         let header_map;
         let empty = HeaderMap::new();
-        let headers = if runtime.reads_headers || info.grpc {
+        // The router or a balancer reads headers (gRPC routes read its
+        // content type).
+        let reads_headers = runtime.reads_headers || info.grpc;
+        let headers = if reads_headers {
             header_map = match header_map_of(request.headers) {
                 Some(map) => map,
                 None => return Next::HandOff,
@@ -399,7 +402,7 @@ impl Engine<'_> {
             Some(req) => {
                 plugin_view = RequestHead {
                     // Balancers hash on the headers as plugins left them.
-                    headers: if runtime.reads_headers || info.grpc {
+                    headers: if reads_headers {
                         req.headers.map()
                     } else {
                         view.headers

@@ -254,24 +254,27 @@ async fn data_planes_follow_the_control_plane_and_survive_its_absence() {
     for i in 0..65 {
         post(
             format!("{a}/services/echo/routes"),
-            json!({"paths": [format!("/far-{i}")]}),
+            json!({"paths": [format!("/far/{i}/")]}),
         )
         .await;
         // Served before the next write: each write is its own version
-        // (a burst of writes would be published as one).
-        let url = format!("{}/far-{i}", dps[0].proxy);
+        // (a burst of writes would be published as one). Paths are
+        // prefixes, so no path here may begin with another: with `/far-1`
+        // in place, `/far-10` would answer before its own route is
+        // published, and two writes could then share a version.
+        let url = format!("{}/far/{i}/", dps[0].proxy);
         eventually("a data plane serves the change", || async {
             status_of(&url).await == 200
         })
         .await;
     }
     dps[1] = Gatehouse::start_role(BIN, "dp", &prefixes[1], &dp_env);
-    let far = format!("{}/far-64", dps[1].proxy);
+    let far = format!("{}/far/64/", dps[1].proxy);
     eventually("the far-behind data plane catches up", || async {
         status_of(&far).await == 200
     })
     .await;
-    assert_eq!(status_of(&format!("{}/far-0", dps[1].proxy)).await, 200);
+    assert_eq!(status_of(&format!("{}/far/0/", dps[1].proxy)).await, 200);
     let planes = data_planes(&a).await;
     let back = plane(&planes, &returning);
     assert_eq!(back["snapshots_sent"], 1, "{back}\n{}", dps[1].log_text());

@@ -428,11 +428,11 @@ fn scheme_argument<'v>(value: &'v [u8], scheme: &[u8], min_spaces: usize) -> Opt
 
 /// Request header `name` (Kong's normalisation) as raw bytes, first value.
 fn first_header<'h>(headers: &'h RequestHeaders<'_>, name: &[u8]) -> Option<&'h [u8]> {
-    let name: Vec<u8> = name
-        .iter()
-        .map(|&b| if b == b'_' { b'-' } else { b })
-        .collect();
-    headers.get(std::str::from_utf8(&name).ok()?)
+    let name = std::str::from_utf8(name).ok()?;
+    if !name.contains('_') {
+        return headers.get(name);
+    }
+    headers.get(name.replace('_', "-"))
 }
 
 /// An identifier for `X-Credential-Identifier`; the credential's id when
@@ -565,9 +565,11 @@ impl BasicAuth {
         &self,
         req: &mut PluginRequest<'_>,
         name: HeaderName,
-        value: Option<&[u8]>,
     ) -> Option<UserPassword> {
-        let decoded = value
+        // Decoded into an owned value, so the header can go afterwards.
+        let decoded = req
+            .headers
+            .get(&name)
             .and_then(|v| scheme_argument(v, b"basic", 0))
             .and_then(|arg| nginx_base64(arg, false));
         let found = match decoded {
@@ -585,9 +587,7 @@ impl BasicAuth {
         req: &mut PluginRequest<'_>,
         consumers: &Consumers,
     ) -> Result<Authenticated, Denied> {
-        let authorization = req.headers.get(AUTHORIZATION).map(<[u8]>::to_vec);
-        let proxy_authorization = req.headers.get(PROXY_AUTHORIZATION).map(<[u8]>::to_vec);
-        if authorization.is_none() && proxy_authorization.is_none() {
+        if !req.headers.contains(AUTHORIZATION) && !req.headers.contains(PROXY_AUTHORIZATION) {
             return Err(self.denied());
         }
         let lookup = |given: UserPassword| {
@@ -599,11 +599,11 @@ impl BasicAuth {
         // Proxy-Authorization first; a user it names that does not exist
         // sends Kong on to Authorization, a wrong password does not.
         let mut found = self
-            .credentials_in(req, PROXY_AUTHORIZATION, proxy_authorization.as_deref())
+            .credentials_in(req, PROXY_AUTHORIZATION)
             .and_then(lookup);
         if found.is_none() {
             let given = self
-                .credentials_in(req, AUTHORIZATION, authorization.as_deref())
+                .credentials_in(req, AUTHORIZATION)
                 .ok_or_else(|| self.denied())?;
             found = lookup(given);
         }
