@@ -75,6 +75,7 @@ async fn serve_cp(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(Arc::clone(&cluster).follow(dao.clone(), shutdown_rx.clone()));
     tasks.spawn(Arc::clone(&cluster).persist(dao.clone(), shutdown_rx.clone()));
+    tasks.spawn(dao.clone().expire(shutdown_rx.clone()));
 
     let node = NodeInfo {
         node_id: uuid::Uuid::new_v4().to_string(),

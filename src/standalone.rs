@@ -242,6 +242,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         dp.clone(),
         shutdown_rx.clone(),
     ));
+    tasks.spawn(dao.clone().expire(shutdown_rx.clone()));
 
     let node = NodeInfo {
         node_id: uuid::Uuid::new_v4().to_string(),

@@ -7,8 +7,9 @@
 //! in-memory state, commits its changes in one database transaction and only
 //! then applies them in memory, so a failed commit leaves nothing behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use base64::Engine;
 use gatehouse_model::declarative::Declarative;
@@ -32,6 +33,8 @@ struct Row {
     tags: Vec<String>,
     /// Unique-index keys this row owns.
     index_keys: Vec<(&'static str, String)>,
+    /// When an entity with Kong's `ttl` stops existing (unix seconds).
+    expires: Option<u64>,
 }
 
 impl Row {
@@ -45,6 +48,17 @@ impl Row {
     fn parse(&self) -> Entity {
         serde_json::from_str(&self.doc).unwrap_or_default()
     }
+
+    /// Kong hides an entity from the moment its `ttl` runs out, before
+    /// its row is purged.
+    fn live(&self, now: u64) -> bool {
+        self.expires.is_none_or(|at| at > now)
+    }
+}
+
+/// Now, in whole unix seconds, the unit of Kong's `ttl`.
+fn now_secs() -> u64 {
+    gatehouse_model::schema::validate_now_s() as u64
 }
 
 /// Entities of every kind at one version. Entities are kept as compact
@@ -59,6 +73,8 @@ pub struct State {
     unique: HashMap<(&'static str, &'static str), HashMap<String, String>>,
     /// The content hash of every row, kept as rows come and go.
     content: ContentHash,
+    /// Rows with a `ttl`, by when they expire.
+    expiring: BTreeSet<(u64, &'static str, String)>,
 }
 
 const CACHE_KEY: &str = "#cache_key";
@@ -86,9 +102,13 @@ impl State {
         self.row(entity, id)?.fk(field)
     }
 
-    /// Every entity of a kind, parsed, in id order.
+    /// Every entity of a kind, parsed, in id order; not those whose `ttl`
+    /// has run out.
     pub fn iter(&self, entity: &str) -> impl Iterator<Item = Entity> + '_ {
-        self.rows(entity).map(|(_, r)| r.parse())
+        let now = now_secs();
+        self.rows(entity)
+            .filter(move |(_, r)| r.live(now))
+            .map(|(_, r)| r.parse())
     }
 
     pub fn count(&self, entity: &str) -> usize {
@@ -137,6 +157,14 @@ impl State {
         // not change when the control plane restarts.
         let mut doc = Value::Object(e);
         sort_keys(&mut doc);
+        let expires = if schema.ttl {
+            doc.get("ttl").and_then(Value::as_u64)
+        } else {
+            None
+        };
+        if let Some(at) = expires {
+            self.expiring.insert((at, schema.name, id.clone()));
+        }
         let doc: EntityDoc = Arc::from(doc.to_string());
         self.content.add(schema.name, &doc);
         let row = Row {
@@ -144,6 +172,7 @@ impl State {
             fks,
             tags,
             index_keys,
+            expires,
         };
         self.tables.entry(schema.name).or_default().insert(id, row);
     }
@@ -153,6 +182,9 @@ impl State {
             return;
         };
         self.content.remove(schema.name, &old.doc);
+        if let Some(at) = old.expires {
+            self.expiring.remove(&(at, schema.name, id.to_owned()));
+        }
         for (field, key) in old.index_keys {
             if let Some(idx) = self.unique.get_mut(&(schema.name, field)) {
                 if idx.get(&key).is_some_and(|owner| owner == id) {
@@ -169,6 +201,20 @@ impl State {
         v: &Value,
     ) -> Option<&String> {
         self.unique.get(&(entity, field))?.get(&value_key(v))
+    }
+
+    /// Rows whose `ttl` has run out by `now`.
+    fn expired(&self, now: u64) -> Vec<(&'static EntitySchema, String)> {
+        self.expiring
+            .iter()
+            .take_while(|(at, _, _)| *at <= now)
+            .filter_map(|(_, entity, id)| Some((entities::entity(entity)?, id.clone())))
+            .collect()
+    }
+
+    /// When the next row expires.
+    fn next_expiry(&self) -> Option<u64> {
+        self.expiring.first().map(|(at, _, _)| *at)
     }
 
     /// The content hash of the configuration, equal to the hash of its
@@ -334,6 +380,9 @@ impl Dao {
         self.read(|s| {
             let id = resolve_key(s, schema, key, parent)?;
             let row = s.row(schema.name, &id)?;
+            if !row.live(now_secs()) {
+                return None;
+            }
             if let Some(p) = parent {
                 if row.fk(p.field) != Some(p.id.as_str()) {
                     return None;
@@ -348,6 +397,7 @@ impl Dao {
             None => None,
             Some(o) => Some(decode_offset(o)?),
         };
+        let now = now_secs();
         Ok(self.read(|s| {
             let mut data = Vec::new();
             let mut last = None;
@@ -361,6 +411,9 @@ impl Dao {
                 None => t.range::<String, _>(..),
             });
             for (id, row) in iter {
+                if !row.live(now) {
+                    continue;
+                }
                 if let Some(p) = &q.parent {
                     if row.fk(p.field) != Some(p.id.as_str()) {
                         continue;
@@ -402,6 +455,7 @@ impl Dao {
         parent: Option<&Parent>,
     ) -> Result<Value, DaoError> {
         let _w = self.writer.lock().await;
+        self.purge_expired().await?;
         let (id, entity, extra) = self.read(|s| prepare_insert(s, schema, input, parent))?;
         self.commit(schema, id, entity, extra).await
     }
@@ -415,6 +469,7 @@ impl Dao {
         parent: Option<&Parent>,
     ) -> Result<Value, DaoError> {
         let _w = self.writer.lock().await;
+        self.purge_expired().await?;
         let (id, entity, extra) = self.read(|s| prepare_update(s, schema, key, input, parent))?;
         self.commit(schema, id, entity, extra).await
     }
@@ -428,6 +483,7 @@ impl Dao {
         parent: Option<&Parent>,
     ) -> Result<Value, DaoError> {
         let _w = self.writer.lock().await;
+        self.purge_expired().await?;
         let (id, entity, extra) = self.read(|s| prepare_upsert(s, schema, key, input, parent))?;
         self.commit(schema, id, entity, extra).await
     }
@@ -441,6 +497,7 @@ impl Dao {
         parent: Option<&Parent>,
     ) -> Result<(), DaoError> {
         let _w = self.writer.lock().await;
+        self.purge_expired().await?;
         let changes = self.read(
             |s| -> Result<Vec<(&'static EntitySchema, String)>, DbError> {
                 let Some(id) = resolve_key(s, schema, key, parent) else {
@@ -517,6 +574,55 @@ impl Dao {
         }))
     }
 
+    /// Deletes the rows whose `ttl` has run out, as one version, so data
+    /// planes drop them too. Called with the writer lock held: a write
+    /// never trips over an expired row's unique key.
+    async fn purge_expired(&self) -> Result<(), DaoError> {
+        let expired = self.read(|s| s.expired(now_secs()));
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<Change> = expired
+            .iter()
+            .map(|(schema, id)| Change::Delete {
+                entity: schema.name,
+                id: id.clone(),
+            })
+            .collect();
+        let version = self.backend.commit(&changes).await?;
+        self.apply(version, |state| {
+            for (schema, id) in &expired {
+                state.remove(schema, id);
+            }
+        });
+        tracing::debug!(count = expired.len(), "Purged entities whose ttl ran out.");
+        Ok(())
+    }
+
+    /// Purges expired rows as their `ttl` runs out, until `shutdown`
+    /// changes. Reads already hide them; the purge is what tells data
+    /// planes (which also check the time themselves).
+    pub async fn expire(self: Arc<Self>, mut shutdown: watch::Receiver<()>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if self
+                .read(State::next_expiry)
+                .is_none_or(|at| at > now_secs())
+            {
+                continue;
+            }
+            let _w = self.writer.lock().await;
+            if let Err(error) = self.purge_expired().await {
+                tracing::warn!(%error, "Cannot purge expired entities; retrying.");
+            }
+        }
+    }
+
     fn apply<T>(&self, version: u64, f: impl FnOnce(&mut State) -> T) -> T {
         let out = {
             let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
@@ -587,6 +693,16 @@ fn resolve_key(
 /// The entity as the Admin API shows it.
 fn render(s: &State, schema: &EntitySchema, e: &Entity) -> Value {
     let mut out = e.clone();
+    if schema.ttl {
+        // Stored as when it expires (as Kong exports it); shown as the
+        // seconds left, or null.
+        let now = gatehouse_model::schema::validate_now_s();
+        let left = e
+            .get("ttl")
+            .and_then(Value::as_u64)
+            .map(|at| (at as f64 - now).floor().max(0.0) as u64);
+        out.insert("ttl".into(), json!(left));
+    }
     if schema.name == "certificates" {
         let id = e.get("id").and_then(Value::as_str).unwrap_or("");
         let mut names: Vec<String> = s
@@ -848,6 +964,54 @@ fn finish(
     Ok((id, e))
 }
 
+/// Kong's largest `ttl` (`DAO_MAX_TTL`).
+const MAX_TTL: u64 = 100_000_000;
+
+/// The `ttl` option of an Admin API write, which Kong takes out of the
+/// body (`extract_options`) for entities whose schema has one: seconds to
+/// live, 0 (or null) for none. Other entities keep it in the body, where
+/// it is an unknown field.
+fn take_ttl(schema: &EntitySchema, input: &mut Entity) -> Result<Option<u64>, DbError> {
+    if !schema.ttl {
+        return Ok(None);
+    }
+    let seconds = match input.remove("ttl") {
+        None => return Ok(None),
+        Some(Value::Null) => Some(0.0),
+        Some(Value::Number(n)) => n.as_f64(),
+        // A form or query string carries it as text.
+        Some(Value::String(text)) => text.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match seconds {
+        Some(s) if s.fract() == 0.0 && (0.0..=MAX_TTL as f64).contains(&s) => Ok(Some(s as u64)),
+        _ => {
+            let mut options = Map::new();
+            options.insert(
+                "ttl".into(),
+                json!(format!("must be an integer between 0 and {MAX_TTL}")),
+            );
+            Err(DbError::InvalidOptions(options))
+        }
+    }
+}
+
+/// Stores when the entity expires: `ttl` seconds after `from`, or never
+/// for 0.
+fn set_expiry(e: &mut Entity, ttl: u64, from: u64) {
+    if ttl == 0 {
+        e.remove("ttl");
+    } else {
+        e.insert("ttl".into(), json!(from + ttl));
+    }
+}
+
+fn created_at(e: &Entity) -> u64 {
+    e.get("created_at")
+        .and_then(Value::as_f64)
+        .map_or_else(now_secs, |c| c as u64)
+}
+
 fn prepare_insert(
     s: &State,
     schema: &'static EntitySchema,
@@ -863,9 +1027,14 @@ fn prepare_insert(
             return Err(DbError::UniqueViolation(key));
         }
     }
+    let ttl = take_ttl(schema, &mut input)?;
     let raw = input.clone();
     let mut e = process(schema, input, Context::Insert)?;
     validate(schema, &e, true)?;
+    if let Some(ttl) = ttl {
+        let from = created_at(&e);
+        set_expiry(&mut e, ttl, from);
+    }
     let snis = take_snis(schema, &mut e);
     let (id, e) = finish(s, schema, e, &raw)?;
     let extra = sni_changes(s, &id, snis, false)?;
@@ -880,12 +1049,16 @@ fn prepare_update(
     parent: Option<&Parent>,
 ) -> Result<(String, Entity, Vec<Pending>), DbError> {
     let id = resolve_key(s, schema, key, parent).ok_or(DbError::NotFound)?;
-    let existing = s.get(schema.name, &id).ok_or(DbError::NotFound)?;
+    let mut existing = s.get(schema.name, &id).ok_or(DbError::NotFound)?;
     if let Some(p) = parent {
         if s.fk(schema.name, &id, p.field) != Some(p.id.as_str()) {
             return Err(DbError::NotFound);
         }
     }
+    let ttl = take_ttl(schema, &mut input)?;
+    // Not a schema field: kept aside while the entity is validated. A
+    // PATCH without `ttl` keeps the expiry, as Kong's does.
+    let expires = existing.remove("ttl");
     set_parent(&mut input, parent);
     resolve_foreign(s, schema, &mut input)?;
     let raw = input.clone();
@@ -905,6 +1078,15 @@ fn prepare_update(
         merged
     };
     validate(schema, &merged, false)?;
+    let mut merged = merged;
+    match (ttl, expires) {
+        // Kong counts from `updated_at`, which credentials do not have.
+        (Some(ttl), _) => set_expiry(&mut merged, ttl, now_secs()),
+        (None, Some(at)) => {
+            merged.insert("ttl".into(), at);
+        }
+        (None, None) => {}
+    }
     let (id, e) = finish(s, schema, merged, &raw)?;
     let extra = sni_changes(s, &id, snis, true)?;
     Ok((id, e, extra))
@@ -955,9 +1137,14 @@ fn prepare_upsert(
             input.entry("created_at").or_insert(c);
         }
     }
+    // A PUT replaces the expiry too: without `ttl` there is none.
+    let ttl = take_ttl(schema, &mut input)?;
     let raw = input.clone();
     let mut e = process(schema, input, Context::Upsert)?;
     validate(schema, &e, true)?;
+    if let Some(ttl) = ttl {
+        set_expiry(&mut e, ttl, now_secs());
+    }
     let snis = take_snis(schema, &mut e);
     let (id, e) = finish(s, schema, e, &raw)?;
     let extra = sni_changes(s, &id, snis, true)?;
@@ -1304,8 +1491,23 @@ impl Dao {
             let raw_password = (!decl.transform && schema.name == "basicauth_credentials")
                 .then(|| fields.get("password").cloned())
                 .flatten();
+            // A file holds `ttl` as when the entity expires (unix
+            // seconds), as Kong exports it; not as seconds to live.
+            let expires = match schema.ttl.then(|| fields.remove("ttl")).flatten() {
+                None | Some(Value::Null) => None,
+                Some(at) => match at.as_f64() {
+                    Some(at) if at >= 0.0 && at.fract() == 0.0 => Some(at as u64),
+                    _ => {
+                        errors.push((index, DbError::schema("ttl", "expected an integer")));
+                        continue;
+                    }
+                },
+            };
             let prepared =
                 prepare_insert(&scratch, schema, fields, None).map(|(id, mut entity, extra)| {
+                    if let Some(at) = expires {
+                        entity.insert("ttl".into(), json!(at));
+                    }
                     // `_transform: false`: the file holds passwords as
                     // stored (an export), not to be hashed again.
                     if let Some(password) = &raw_password {

@@ -417,8 +417,9 @@ impl Engine<'_> {
         let prepared = match prepare(&routed, self.downstream, view).await {
             Ok(prepared) => prepared,
             Err(error) => {
+                let plugins = plugin_ctx.as_mut().map(|(chain, ctx)| (*chain, ctx));
                 return exchange
-                    .answer(io, buf, body_len, error.response(), Some(error), out)
+                    .fail(io, buf, body_len, error, out, plugins, None)
                     .await;
             }
         };
@@ -529,6 +530,55 @@ struct Exchange<'e, 'r> {
 }
 
 impl<'r> Exchange<'_, 'r> {
+    /// Answers an error met after the plugins' access phase. Kong's error
+    /// pages keep the request's context, so plugins still run their
+    /// header_filter and log phases: a log plugin records the 502 or 504
+    /// of an upstream that failed, and rate-limiting's headers are there.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail<S>(
+        &mut self,
+        io: &mut S,
+        buf: &mut BytesMut,
+        body_len: u64,
+        error: ProxyError,
+        out: &mut Vec<u8>,
+        plugins: Option<(&Chain, &mut Ctx<'_>)>,
+        upstream_uri: Option<&str>,
+    ) -> Next
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Some((chain, ctx)) = plugins else {
+            return self
+                .answer(io, buf, body_len, error.response(), Some(error), out)
+                .await;
+        };
+        let mut response = error.response();
+        chain.response(ctx, response.status(), response.headers_mut());
+        // What nginx's $upstream_status holds when the upstream failed.
+        let upstream_status = match error {
+            ProxyError::UpstreamTimeout { .. } => Some(504),
+            ProxyError::UpstreamConnectIo { .. } | ProxyError::UpstreamIo { .. } => Some(502),
+            _ => None,
+        };
+        let size = Body::size_hint(response.body()).exact().unwrap_or(0);
+        let next = self
+            .answer(io, buf, body_len, response, Some(error), out)
+            .await;
+        chain.log(
+            ctx,
+            &plugin_log::Facts {
+                upstream_uri,
+                upstream_status,
+                proxy_latency: self.facts.proxy_latency,
+                upstream_latency: None,
+                total: self.started.elapsed(),
+                response_size: size,
+            },
+        );
+        next
+    }
+
     /// Sends an answer the gateway makes itself. `body_len` bytes of request
     /// body follow the head: skipped when already read, else the
     /// connection closes after discarding them.
@@ -683,7 +733,7 @@ impl<'r> Exchange<'_, 'r> {
                     RequestBody::Buffered(_) => 0,
                 };
                 return self
-                    .answer(io, buf, unread, error.response(), Some(error), out)
+                    .fail(io, buf, unread, error, out, plugins, Some(&path_and_query))
                     .await;
             }
             attempts_left -= 1;
@@ -716,9 +766,7 @@ impl<'r> Exchange<'_, 'r> {
                         service_id: service.id.clone(),
                         source,
                     };
-                    return self
-                        .answer(io, buf, 0, error.response(), Some(error), out)
-                        .await;
+                    return self.fail(io, buf, 0, error, out, plugins, None).await;
                 }
             };
             if !route.preserve_host && peer.host_header != host_header {

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::balancer::{Failure, HashInput, Peer, PeerError, Tracked};
 use crate::downstream::{Activity, DownstreamIo, Limits, TrackedBody};
 use crate::h1::{Ended, Engine, Prefixed};
-use crate::plugins::{log as plugin_log, Ctx, PluginRequest, Protocol, RequestHeaders};
+use crate::plugins::{log as plugin_log, Chain, Ctx, PluginRequest, Protocol, RequestHeaders};
 use crate::runtime::{HttpUpstream, RouteTarget, Runtime, ServiceTarget, Upstream};
 use crate::tls::TlsError;
 use crate::{DataPlane, ProxyConfig};
@@ -657,7 +657,9 @@ async fn handle(
     let (mut response, error) =
         match forward(dp, &runtime, downstream, request, started, &mut facts).await {
             Ok(response) => (response, None),
-            Err(error) => (error.response(), Some(error)),
+            Err(Failed { error, answer }) => {
+                (answer.unwrap_or_else(|| error.response()), Some(error))
+            }
         };
     if grpc_request && (error.is_some() || is_gateway_json(&response)) {
         response = grpc_error(response);
@@ -919,6 +921,62 @@ pub(crate) async fn prepare<'h>(
     })
 }
 
+/// A request that failed, with the answer the plugins made of the error
+/// when they ran on it.
+struct Failed {
+    error: ProxyError,
+    answer: Option<Response<ResponseBody>>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Failed {
+        Failed {
+            error,
+            answer: None,
+        }
+    }
+}
+
+/// An error met after the plugins' access phase. Kong's error pages keep
+/// the request's context, so plugins still run header_filter and log on
+/// the answer: a log plugin records an upstream's 502 or 504, and
+/// rate-limiting's headers are on it.
+fn after_access(
+    error: ProxyError,
+    plugins: Option<&mut (&Chain, Ctx<'_>)>,
+    proxy_latency: Option<Duration>,
+    started: Instant,
+) -> Failed {
+    let Some((chain, ctx)) = plugins else {
+        return error.into();
+    };
+    let mut answer = error.response();
+    chain.response(ctx, answer.status(), answer.headers_mut());
+    // What nginx's $upstream_status holds when the upstream failed.
+    let upstream_status = match error {
+        ProxyError::UpstreamTimeout { .. } => Some(504),
+        ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => Some(502),
+        _ => None,
+    };
+    chain.log(
+        ctx,
+        &plugin_log::Facts {
+            upstream_status,
+            proxy_latency,
+            total: started.elapsed(),
+            response_size: http_body::Body::size_hint(answer.body())
+                .exact()
+                .unwrap_or(0),
+            ..plugin_log::Facts::default()
+        },
+    );
+    Failed {
+        error,
+        answer: Some(answer),
+    }
+}
+
+/// Routes a request, runs the plugins, forwards it and relays the answer.
 async fn forward<'r>(
     dp: &DataPlane,
     runtime: &'r Runtime,
@@ -926,7 +984,7 @@ async fn forward<'r>(
     request: Request<Incoming>,
     started: Instant,
     facts: &mut Facts<'r>,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, Failed> {
     let (mut parts, body) = request.into_parts();
     let raw_host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.as_bytes()),
@@ -1042,7 +1100,9 @@ async fn forward<'r>(
         forwarded_path,
         forwarded_prefix,
         via,
-    } = prepare(&routed, downstream, head).await?;
+    } = prepare(&routed, downstream, head)
+        .await
+        .map_err(|error| after_access(error, plugin_ctx.as_mut(), None, started))?;
     let mut host_header = host_header;
     if let Some(req) = &plugin_req {
         if let Some(host) = crate::h1::plugin_host(req, head.raw_host) {
@@ -1199,7 +1259,12 @@ async fn forward<'r>(
             ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamConnect { .. }
         );
         let Some(retry) = template.as_ref().filter(|_| retriable && attempts_left > 0) else {
-            return Err(error);
+            return Err(after_access(
+                error,
+                plugin_ctx.as_mut(),
+                facts.proxy_latency,
+                started,
+            ));
         };
         attempts_left -= 1;
         peer = upstream
@@ -1212,9 +1277,12 @@ async fn forward<'r>(
                 path_regex,
             })
             .await
-            .map_err(|source| ProxyError::NoPeer {
-                service_id: service.id.clone(),
-                source,
+            .map_err(|source| {
+                let error = ProxyError::NoPeer {
+                    service_id: service.id.clone(),
+                    source,
+                };
+                after_access(error, plugin_ctx.as_mut(), facts.proxy_latency, started)
             })?;
         facts.peer = Some(peer.authority.clone());
         let mut uri_parts = uri::Parts::default();

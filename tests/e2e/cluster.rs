@@ -506,4 +506,49 @@ async fn plugins_reach_every_data_plane_and_redis_limits_count_across_them() {
     // The counter lives in Redis under Kong's key layout.
     let keys = redis.command("KEYS ratelimit:*");
     assert!(keys.contains(":hour"), "{keys}");
+
+    // A key with a ttl works on every data plane until it runs out, then
+    // on none (Kong's key-auth hybrid-mode spec).
+    post(
+        format!("{a}/services/echo/routes"),
+        json!({"name": "open", "paths": ["/open"]}),
+    )
+    .await;
+    post(format!("{a}/consumers"), json!({"username": "fay"})).await;
+    let created = Instant::now();
+    post(
+        format!("{a}/consumers/fay/key-auth"),
+        json!({"key": "fay-key", "ttl": 5}),
+    )
+    .await;
+    let with_key = |proxy: String| async move {
+        client()
+            .get(format!("{proxy}/open"))
+            .header("apikey", "fay-key")
+            .send()
+            .await
+            .expect("proxy")
+            .status()
+            .as_u16()
+    };
+    // Within its 5 s (a data plane that got it late would never answer 200).
+    for dp in &dps {
+        eventually("the key with a ttl works", || async {
+            with_key(dp.proxy.clone()).await == 200
+        })
+        .await;
+    }
+    // Data planes refuse it by themselves, without the control plane's
+    // purge.
+    drop(cp);
+    for dp in &dps {
+        eventually("the expired key is refused", || async {
+            with_key(dp.proxy.clone()).await == 401
+        })
+        .await;
+    }
+    assert!(
+        created.elapsed() >= Duration::from_secs(4),
+        "refused too early"
+    );
 }

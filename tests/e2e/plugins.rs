@@ -284,6 +284,164 @@ async fn key_auth_reads_header_query_and_body_hides_keys_and_falls_back_to_anony
     );
 }
 
+/// An Admin API call's status and JSON body, whatever the status.
+async fn admin_raw(s: &Setup, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let r =
+        s.c.request(method, format!("{}{path}", s.g.admin))
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+#[tokio::test]
+async fn key_auth_credentials_expire_with_their_ttl() {
+    let mut s = Setup::start();
+    s.service_route("ttl", &["/ttl"]).await;
+    s.post("/routes/ttl/plugins", json!({"name": "key-auth"}))
+        .await;
+    s.post("/consumers", json!({"username": "tess"})).await;
+    let forever = s
+        .post("/consumers/tess/key-auth", json!({"key": "forever"}))
+        .await;
+    assert_eq!(forever["ttl"], Value::Null, "{forever}");
+    s.synced().await;
+
+    // Kong's option checks: an integer from 0 to 1e8, and only on
+    // entities that have a ttl (elsewhere it is an unknown field).
+    for bad in [json!(-1), json!(1.5), json!("soon"), json!(100_000_001)] {
+        let (status, body) = admin_raw(
+            &s,
+            "POST",
+            "/consumers/tess/key-auth",
+            json!({"key": "bad", "ttl": bad}),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(
+            body,
+            json!({"code": 11, "name": "invalid options",
+                   "message": "invalid option (ttl: must be an integer between 0 and 100000000)",
+                   "options": {"ttl": "must be an integer between 0 and 100000000"}}),
+            "{bad}"
+        );
+    }
+    let (status, body) =
+        admin_raw(&s, "POST", "/consumers", json!({"username": "x", "ttl": 5})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["fields"], json!({"ttl": "unknown field"}));
+
+    let created = unix_now();
+    let short = s
+        .post(
+            "/consumers/tess/key-auth",
+            json!({"key": "short-lived", "ttl": 6}),
+        )
+        .await;
+    let left = short["ttl"].as_u64().expect("ttl left");
+    assert!((4..=6).contains(&left), "{short}");
+    let short_id = short["id"].as_str().expect("id").to_owned();
+    let listed = s.admin("GET", "/consumers/tess/key-auth", json!({})).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2), "{listed}");
+
+    // Served while it lives: seen at least once before its ttl ran out.
+    let mut served = false;
+    while unix_now() < created + 5 && !served {
+        served = s.get("/ttl", &[("apikey", "short-lived")]).await.status == 200;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served, "the key never worked:\n{}", s.g.log_text());
+
+    // A PATCH without ttl keeps the expiry; ttl 0 removes it.
+    let patched = s
+        .admin(
+            "PATCH",
+            &format!("/key-auths/{}", forever["id"].as_str().unwrap()),
+            json!({"ttl": 100}),
+        )
+        .await;
+    assert!(
+        (98..=100).contains(&patched["ttl"].as_u64().unwrap_or(0)),
+        "{patched}"
+    );
+    let patched = s
+        .admin("PATCH", "/key-auths/forever", json!({"tags": ["kept"]}))
+        .await;
+    assert!(patched["ttl"].as_u64().is_some_and(|t| t > 90), "{patched}");
+    let patched = s
+        .admin("PATCH", "/key-auths/forever", json!({"ttl": 0}))
+        .await;
+    assert_eq!(patched["ttl"], Value::Null, "{patched}");
+
+    // Once expired: refused by the proxy, gone from the Admin API.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = s.get("/ttl", &[("apikey", "short-lived")]).await;
+        if r.status == 401 {
+            assert!(unix_now() >= created + 5, "refused too early");
+            assert_eq!(r.json(), json!({"message": "Unauthorized"}));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, _) = admin_raw(
+        &s,
+        "GET",
+        &format!("/consumers/tess/key-auth/{short_id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = admin_raw(&s, "GET", "/key-auths/short-lived", Value::Null).await;
+    assert_eq!(status, 404);
+    let listed = s.admin("GET", "/consumers/tess/key-auth", json!({})).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(s.get("/ttl", &[("apikey", "forever")]).await.status, 200);
+    // Its key is free again.
+    s.post("/consumers/tess/key-auth", json!({"key": "short-lived"}))
+        .await;
+    s.synced().await;
+    assert_eq!(
+        s.get("/ttl", &[("apikey", "short-lived")]).await.status,
+        200
+    );
+
+    // A declarative file holds ttl as when the entity expires, as Kong
+    // exports it.
+    let now = unix_now();
+    let file = json!({
+        "_format_version": "3.0",
+        "consumers": [{"username": "dec", "keyauth_credentials": [
+            {"key": "later", "ttl": now + 100},
+            {"key": "past", "ttl": now - 10},
+        ]}],
+    });
+    let (status, body) = admin_raw(&s, "POST", "/config", file).await;
+    assert_eq!(status, 201, "{body}");
+    let listed = s.admin("GET", "/consumers/dec/key-auth", json!({})).await;
+    let data = listed["data"].as_array().expect("data");
+    assert_eq!(data.len(), 1, "{listed}");
+    assert_eq!(data[0]["key"], "later");
+    assert!(
+        (98..=100).contains(&data[0]["ttl"].as_u64().unwrap_or(0)),
+        "{listed}"
+    );
+}
+
 #[tokio::test]
 async fn scoping_follows_kongs_precedence() {
     let mut s = Setup::start();
@@ -866,6 +1024,113 @@ async fn log_plugins_send_kongs_serialized_entries() {
     let array: Value =
         serde_json::from_str(batch.splitn(4, ' ').nth(3).expect("body")).expect("json");
     assert_eq!(array.as_array().map(Vec::len), Some(3), "{array}");
+}
+
+/// Lines of a file-log file, once there are `n` of them.
+async fn log_lines(file: &std::path::Path, n: usize) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("json line"))
+            .collect();
+        if lines.len() >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    lines
+}
+
+#[tokio::test]
+async fn upstream_failures_reach_the_plugins_header_filter_and_log_phases() {
+    let mut s = Setup::start();
+    let logs = tempfile::tempdir().expect("temp dir");
+    // Nothing listens here: every connection is refused (502).
+    let closed = gatehouse_test_support::free_port();
+    // This one accepts and never answers (504 after read_timeout).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let targets = [
+        ("refused", format!("http://127.0.0.1:{closed}"), 502),
+        ("silent", format!("http://{silent_addr}"), 504),
+    ];
+    for (name, url, _) in &targets {
+        s.post(
+            "/services",
+            json!({"name": name, "url": url, "retries": 0, "read_timeout": 300}),
+        )
+        .await;
+        // The HTTP/1.1 engine runs head-only chains; a chain that reads
+        // response bodies moves the request to the hyper engine.
+        for (route, body_plugin) in [
+            (format!("{name}-h1"), false),
+            (format!("{name}-hyper"), true),
+        ] {
+            s.post(
+                &format!("/services/{name}/routes"),
+                json!({"name": route, "paths": [format!("/{route}")]}),
+            )
+            .await;
+            let file = logs.path().join(format!("{route}.log"));
+            s.post(
+                &format!("/routes/{route}/plugins"),
+                json!({"name": "file-log", "config": {"path": file.to_str().expect("utf-8")}}),
+            )
+            .await;
+            s.post(
+                &format!("/routes/{route}/plugins"),
+                json!({"name": "rate-limiting", "config": {"minute": 50}}),
+            )
+            .await;
+            if body_plugin {
+                s.post(
+                    &format!("/routes/{route}/plugins"),
+                    json!({"name": "response-transformer", "config": {"add": {"json": ["a:1"]}}}),
+                )
+                .await;
+            }
+        }
+    }
+    s.synced().await;
+
+    for (name, _, status) in &targets {
+        for engine in ["h1", "hyper"] {
+            let route = format!("{name}-{engine}");
+            let r = s.get(&format!("/{route}/x"), &[]).await;
+            assert_eq!(r.status, *status, "{route}: {}", r.body);
+            // header_filter ran: rate-limiting's headers are on the error.
+            assert_eq!(
+                r.header("x-ratelimit-limit-minute"),
+                Some("50"),
+                "{route}: {:?}",
+                r.headers
+            );
+            assert_eq!(
+                r.header("x-ratelimit-remaining-minute"),
+                Some("49"),
+                "{route}"
+            );
+            // log ran: the entry has the gateway's answer and the
+            // upstream's status as nginx records it.
+            let lines = log_lines(&logs.path().join(format!("{route}.log")), 1).await;
+            assert_eq!(lines.len(), 1, "{route}: {lines:?}");
+            let entry = &lines[0];
+            assert_eq!(entry["response"]["status"], *status, "{route}: {entry}");
+            assert_eq!(
+                entry["upstream_status"],
+                status.to_string(),
+                "{route}: {entry}"
+            );
+            assert_eq!(entry["route"]["name"], route.as_str());
+            assert_eq!(
+                entry["response"]["headers"]["x-ratelimit-limit-minute"], "50",
+                "{route}: {entry}"
+            );
+        }
+    }
+    drop(silent);
 }
 
 #[tokio::test]

@@ -361,7 +361,21 @@ impl Plugin for KeyAuth {
                     owned_key.as_str()
                 }
             };
-            match ctx.consumers.keys.get(key) {
+            // Kong's data planes drop a key whose ttl has run out
+            // without waiting for the control plane's purge.
+            let live = |expires: Option<u64>| {
+                expires.is_none_or(|at| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .is_ok_and(|now| now.as_secs() < at)
+                })
+            };
+            match ctx
+                .consumers
+                .keys
+                .get(key)
+                .filter(|owned| live(owned.secret))
+            {
                 Some(owned) => Ok((
                     Arc::clone(&owned.consumer),
                     Credential {

@@ -43,7 +43,8 @@ pub(crate) struct Consumers {
     by_username: HashMap<Box<str>, Arc<Consumer>>,
     /// By the key a request presents; a seeded fast hash, as keys come
     /// from clients.
-    pub(crate) keys: HashMap<Box<str>, Owned<()>, foldhash::fast::RandomState>,
+    /// The secret is when the key expires (Kong's `ttl`, unix seconds).
+    pub(crate) keys: HashMap<Box<str>, Owned<Option<u64>>, foldhash::fast::RandomState>,
     /// basic-auth: the stored hash (SHA-1 of password and consumer id).
     pub(crate) basic: HashMap<Box<str>, Owned<Box<str>>>,
     pub(crate) jwt: HashMap<Box<str>, Owned<JwtSecret>>,
@@ -74,6 +75,10 @@ struct CredentialDoc {
     group: Option<String>,
     algorithm: Option<String>,
     rsa_public_key: Option<String>,
+    /// When the credential expires (unix seconds); stored by the control
+    /// plane, which purges it then, but a data plane may not hear of the
+    /// purge in time.
+    ttl: Option<u64>,
 }
 
 fn value(text: &str) -> Result<HeaderValue, String> {
@@ -134,7 +139,7 @@ impl Consumers {
                     Owned {
                         id,
                         consumer,
-                        secret: (),
+                        secret: doc.ttl,
                     },
                 );
             }
