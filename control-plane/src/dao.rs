@@ -501,6 +501,11 @@ impl Dao {
         let changes = self.read(
             |s| -> Result<Vec<(&'static EntitySchema, String)>, DbError> {
                 let Some(id) = resolve_key(s, schema, key, parent) else {
+                    // Kong's acl endpoint answers 404 for a group the
+                    // consumer does not have.
+                    if schema.name == "acls" && !is_uuid(key) {
+                        return Err(DbError::NotFound);
+                    }
                     return Ok(Vec::new());
                 };
                 let Some(row) = s.row(schema.name, &id) else {
@@ -678,6 +683,15 @@ fn resolve_key(
             .rows("targets")
             .filter(|(_, row)| row.fk(up.field) == Some(up.id.as_str()))
             .find(|(_, row)| row.parse().get("target").and_then(Value::as_str) == Some(key))
+            .map(|(id, _)| id.clone());
+    }
+    if schema.name == "acls" {
+        // `/consumers/{c}/acls/{group}` (`kong/plugins/acl/api.lua`).
+        let consumer = parent?;
+        return s
+            .rows("acls")
+            .filter(|(_, row)| row.fk(consumer.field) == Some(consumer.id.as_str()))
+            .find(|(_, row)| row.parse().get("group").and_then(Value::as_str) == Some(key))
             .map(|(id, _)| id.clone());
     }
     if schema.name == "certificates" {
@@ -1119,6 +1133,10 @@ fn prepare_upsert(
     if !is_uuid(key) {
         match (schema.endpoint_key, schema.name) {
             (_, "certificates") => return Err(DbError::NotFound),
+            // A PUT naming a group the consumer lacks creates it.
+            (_, "acls") if parent.is_some() => {
+                input.entry("group").or_insert_with(|| json!(key));
+            }
             (Some(ek), _) => {
                 input.insert(ek.to_owned(), json!(key));
             }

@@ -441,9 +441,10 @@ impl Chain {
                     continue;
                 };
                 if instance.global && instance.protocols & bit != 0 {
-                    if let Some(response) =
+                    if let Some(mut response) =
                         settle(instance.handler.rewrite(req, ctx), req, ctx).await
                     {
+                        finish_error(&mut response, req);
                         return Some(response);
                     }
                 }
@@ -471,7 +472,10 @@ impl Chain {
             }
         }
         self.record(req, ctx);
-        exit
+        exit.map(|mut response| {
+            finish_error(&mut response, req);
+            response
+        })
     }
 
     fn record(&self, req: &PluginRequest<'_>, ctx: &mut Ctx<'_>) {
@@ -648,7 +652,7 @@ impl Plugin for Unavailable {
     }
 
     fn access(&self, _req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
-        Flow::Exit(exit_message(
+        Flow::Exit(error_message(
             StatusCode::INTERNAL_SERVER_ERROR,
             "An unexpected error occurred",
         ))
@@ -823,8 +827,111 @@ pub(crate) fn build(
     Ok(Some(Plugins { consumers, chains }))
 }
 
-/// The JSON answer Kong's `kong.response.error` / `exit` make:
-/// `{"message": …}` with Kong's content type.
+/// An answer made by Kong's `kong.response.error`: its body is written
+/// when the plugin chain hands it back ([`finish_error`]), in the format
+/// the client accepts, with the request's id.
+#[derive(Clone)]
+struct KongError(Box<str>);
+
+/// Kong's `kong.response.error(status, message)`.
+pub(crate) fn error_message(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let mut response = exit_raw(status, "application/json; charset=utf-8", Bytes::new());
+    response.extensions_mut().insert(KongError(message.into()));
+    response
+}
+
+/// The formats of Kong's error templates (`kong/tools/http.lua`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ErrorFormat {
+    Json,
+    Html,
+    Plain,
+    Xml,
+}
+
+impl ErrorFormat {
+    /// `get_response_type`: of the `Accept` values, the first with the
+    /// highest quality; media types Kong has no template for give JSON.
+    pub(crate) fn negotiate(accept: Option<&[u8]>) -> ErrorFormat {
+        let Some(accept) = accept.and_then(|a| std::str::from_utf8(a).ok()) else {
+            return ErrorFormat::Json;
+        };
+        let mut best = (0.0f64, ErrorFormat::Json);
+        for value in accept.split(',') {
+            let mut parts = value.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let Some((kind, sub)) = media.split_once('/') else {
+                continue;
+            };
+            if kind.is_empty() || sub.is_empty() {
+                continue;
+            }
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f64>().ok())
+                .unwrap_or(1.0);
+            if q > best.0 {
+                let format = match (kind, sub) {
+                    ("text", "html") => ErrorFormat::Html,
+                    ("text", "plain") | ("text", "*") => ErrorFormat::Plain,
+                    ("application", "xml") => ErrorFormat::Xml,
+                    _ => ErrorFormat::Json,
+                };
+                best = (q, format);
+            }
+        }
+        best.1
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            ErrorFormat::Json => "application/json; charset=utf-8",
+            ErrorFormat::Html => "text/html; charset=utf-8",
+            ErrorFormat::Plain => "text/plain; charset=utf-8",
+            ErrorFormat::Xml => "application/xml; charset=utf-8",
+        }
+    }
+
+    /// Kong's template, filled as `string.format` fills it: the message
+    /// goes in as it is.
+    pub(crate) fn body(self, message: &str, request_id: &str) -> String {
+        match self {
+            ErrorFormat::Json => {
+                format!("{{\n  \"message\":\"{message}\",\n  \"request_id\":\"{request_id}\"\n}}")
+            }
+            ErrorFormat::Plain => format!("{message}\nrequest_id: {request_id}\n"),
+            ErrorFormat::Html => format!(
+                "<!doctype html>\n<html>\n  <head>\n    <meta charset=\"utf-8\">\n    <title>Error</title>\n  </head>\n  <body>\n    <h1>Error</h1>\n    <p>{message}.</p>\n    <p>request_id: {request_id}</p>\n  </body>\n</html>\n"
+            ),
+            ErrorFormat::Xml => format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<error>\n  <message>{message}</message>\n  <requestid>{request_id}</requestid>\n</error>\n"
+            ),
+        }
+    }
+}
+
+/// A request id as nginx's `$request_id` makes it: 32 hex digits.
+pub(crate) fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Writes the body of an answer made by [`error_message`], for the
+/// request that gets it.
+pub(crate) fn finish_error(response: &mut Response<ResponseBody>, req: &PluginRequest<'_>) {
+    let Some(KongError(message)) = response.extensions_mut().remove::<KongError>() else {
+        return;
+    };
+    let format = ErrorFormat::negotiate(req.headers.get("accept"));
+    let body = format.body(&message, &new_request_id());
+    *response.body_mut() = Either::Right(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+}
+
+/// The JSON answer Kong's `kong.response.exit(status, {message = …})`
+/// makes.
 pub(crate) fn exit_message(status: StatusCode, message: &str) -> Response<ResponseBody> {
     let body = serde_json::json!({ "message": message }).to_string();
     exit_raw(status, "application/json; charset=utf-8", Bytes::from(body))

@@ -32,6 +32,33 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// A body made by Kong's `kong.response.error`: exactly its JSON
+    /// template, with a request id as nginx makes them. The document,
+    /// without the id.
+    pub(crate) fn kong_error(&self) -> Value {
+        let mut doc = self.json();
+        let id = doc
+            .as_object_mut()
+            .and_then(|fields| fields.remove("request_id"))
+            .unwrap_or_else(|| panic!("no request_id: {}", self.body));
+        let id = id.as_str().expect("a request_id string");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{}",
+            self.body
+        );
+        let message = doc["message"].as_str().expect("a message");
+        assert_eq!(
+            self.body,
+            format!("{{\n  \"message\":\"{message}\",\n  \"request_id\":\"{id}\"\n}}")
+        );
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        doc
+    }
+
     /// A request header as the echo upstream saw it.
     pub(crate) fn upstream_header(&self, name: &str) -> Option<String> {
         self.json()["headers"][name].as_str().map(str::to_owned)
@@ -179,14 +206,14 @@ async fn key_auth_reads_header_query_and_body_hides_keys_and_falls_back_to_anony
     let missing = s.get("/ka", &[]).await;
     assert_eq!(missing.status, 401);
     assert_eq!(
-        missing.json(),
+        missing.kong_error(),
         json!({"message": "No API key found in request"})
     );
     assert_eq!(missing.header("www-authenticate"), Some("Key"));
 
     let wrong = s.get("/ka", &[("apikey", "nope")]).await;
     assert_eq!(wrong.status, 401);
-    assert_eq!(wrong.json(), json!({"message": "Unauthorized"}));
+    assert_eq!(wrong.kong_error(), json!({"message": "Unauthorized"}));
 
     // In a header; `_` in a key name matches `-` in the header, as nginx reads it.
     for headers in [[("apikey", "alice-key")], [("x-api-key", "alice-key")]] {
@@ -222,7 +249,10 @@ async fn key_auth_reads_header_query_and_body_hides_keys_and_falls_back_to_anony
     // Two keys are refused.
     let dup = s.get("/ka?apikey=alice-key&apikey=alice-key", &[]).await;
     assert_eq!(dup.status, 401);
-    assert_eq!(dup.json(), json!({"message": "Duplicate API key found"}));
+    assert_eq!(
+        dup.kong_error(),
+        json!({"message": "Duplicate API key found"})
+    );
 
     // hide_credentials: gone from the query (the other arguments keep their
     // order and encoding), from the header and from the body.
@@ -389,7 +419,7 @@ async fn key_auth_credentials_expire_with_their_ttl() {
         let r = s.get("/ttl", &[("apikey", "short-lived")]).await;
         if r.status == 401 {
             assert!(unix_now() >= created + 5, "refused too early");
-            assert_eq!(r.json(), json!({"message": "Unauthorized"}));
+            assert_eq!(r.kong_error(), json!({"message": "Unauthorized"}));
             break;
         }
         assert!(
@@ -611,7 +641,7 @@ async fn rate_limiting_counts_per_client_and_answers_429_with_kongs_headers() {
     let limited = s.get("/rl", &[]).await;
     assert_eq!(limited.status, 429);
     assert_eq!(
-        limited.json(),
+        limited.kong_error(),
         json!({"message": "API rate limit exceeded"})
     );
     assert_eq!(limited.header("x-ratelimit-remaining-hour"), Some("0"));
@@ -720,14 +750,14 @@ async fn traffic_plugins_answer_as_kong_does() {
     let redir = s.get("/redir", &[]).await;
     assert_eq!(redir.status, 500);
     assert_eq!(
-        redir.json(),
+        redir.kong_error(),
         json!({"message": "An unexpected error occurred"})
     );
 
     let denied = s.get("/deny", &[]).await;
     assert_eq!(denied.status, 403);
     assert_eq!(
-        denied.json(),
+        denied.kong_error(),
         json!({"message": "IP address not allowed: 127.0.0.1"})
     );
     assert_eq!(s.get("/allow", &[]).await.status, 200);
@@ -738,7 +768,10 @@ async fn traffic_plugins_answer_as_kong_does() {
         .send("POST", "/size", &[], Some(("text/plain", &big)))
         .await;
     assert_eq!(r.status, 413);
-    assert_eq!(r.json(), json!({"message": "Request size limit exceeded"}));
+    assert_eq!(
+        r.kong_error(),
+        json!({"message": "Request size limit exceeded"})
+    );
     assert_eq!(
         s.send("POST", "/size", &[], Some(("text/plain", &small)))
             .await
@@ -756,7 +789,7 @@ async fn traffic_plugins_answer_as_kong_does() {
         )
         .await;
     assert_eq!(bot.status, 403);
-    assert_eq!(bot.json(), json!({"message": "Forbidden"}));
+    assert_eq!(bot.kong_error(), json!({"message": "Forbidden"}));
     assert_eq!(
         s.get("/bots", &[("user-agent", "Googlebot/2.1 (ok)")])
             .await

@@ -54,9 +54,17 @@ fn assert_anonymous(a: &Answer, guest: &Value) {
     );
 }
 
+/// A 401 made with `kong.response.exit` (jwt): the body as given.
 fn assert_401(a: &Answer, body: Value, www_authenticate: &str) {
     assert_eq!(a.status, 401, "{}", a.body);
     assert_eq!(a.json(), body);
+    assert_eq!(a.header("www-authenticate"), Some(www_authenticate));
+}
+
+/// A 401 made with `kong.response.error`: Kong's error template.
+fn assert_401_error(a: &Answer, body: Value, www_authenticate: &str) {
+    assert_eq!(a.status, 401, "{}", a.body);
+    assert_eq!(a.kong_error(), body);
     assert_eq!(a.header("www-authenticate"), Some(www_authenticate));
 }
 
@@ -157,7 +165,7 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
     let unauthorized = json!({"message": "Unauthorized"});
 
     // basic-auth: basic-auth/access.lua do_authentication.
-    assert_401(&s.get("/ba", &[]).await, unauthorized.clone(), realm);
+    assert_401_error(&s.get("/ba", &[]).await, unauthorized.clone(), realm);
     for wrong in [
         basic("alice:nope"),
         basic("nobody:pa:ss"),
@@ -165,7 +173,7 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
         "Bearer abc".to_owned(),
     ] {
         let a = s.get("/ba", &[("authorization", &wrong)]).await;
-        assert_401(&a, unauthorized.clone(), realm);
+        assert_401_error(&a, unauthorized.clone(), realm);
     }
     let ok = s.get("/ba", &[("authorization", &alice_auth)]).await;
     assert_consumer(&ok, &alice, "alice");
@@ -209,7 +217,7 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
             ],
         )
         .await;
-    assert_401(&no_retry, unauthorized.clone(), realm);
+    assert_401_error(&no_retry, unauthorized.clone(), realm);
     // The client's consumer headers are overwritten.
     let spoof = s
         .get(
@@ -224,7 +232,7 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
     assert_consumer(&spoof, &bob, "bob");
 
     // hide_credentials and realm.
-    assert_401(
+    assert_401_error(
         &s.get("/ba-hide", &[]).await,
         unauthorized.clone(),
         r#"Basic realm="gatehouse""#,
@@ -274,13 +282,13 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
     }
     let denied = s.get("/acl-allow", &[("authorization", &bob_auth)]).await;
     assert_eq!(denied.status, 403, "{}", denied.body);
-    assert_eq!(denied.json(), forbidden);
+    assert_eq!(denied.kong_error(), forbidden);
     // An authenticated consumer in no group at all: 403 too.
     let groupless = s.get("/acl-allow", &[("authorization", &carol_auth)]).await;
     assert_eq!(groupless.status, 403, "{}", groupless.body);
-    assert_eq!(groupless.json(), forbidden);
+    assert_eq!(groupless.kong_error(), forbidden);
     // Authentication runs first (priority 1100 > 950).
-    assert_401(&s.get("/acl-allow", &[]).await, unauthorized.clone(), realm);
+    assert_401_error(&s.get("/acl-allow", &[]).await, unauthorized.clone(), realm);
 
     // deny list with hide_groups_header.
     let passed = s.get("/acl-deny", &[("authorization", &alice_auth)]).await;
@@ -288,7 +296,7 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
     assert_eq!(passed.upstream_header("x-consumer-groups"), None);
     let blocked = s.get("/acl-deny", &[("authorization", &bob_auth)]).await;
     assert_eq!(blocked.status, 403);
-    assert_eq!(blocked.json(), forbidden);
+    assert_eq!(blocked.kong_error(), forbidden);
     // No group is never in the deny list.
     let free = s.get("/acl-deny", &[("authorization", &carol_auth)]).await;
     assert_consumer(&free, &carol, "carol");
@@ -297,11 +305,11 @@ async fn basic_auth_and_acl_answer_as_kong_does() {
     // No consumer at all: kong.response.error(401).
     let nobody = s.get("/acl-only", &[]).await;
     assert_eq!(nobody.status, 401);
-    assert_eq!(nobody.json(), unauthorized);
+    assert_eq!(nobody.kong_error(), unauthorized);
     // The anonymous consumer has no credential and no group: 401, not 403.
     let anon = s.get("/acl-anon", &[]).await;
     assert_eq!(anon.status, 401, "{}", anon.body);
-    assert_eq!(anon.json(), unauthorized);
+    assert_eq!(anon.kong_error(), unauthorized);
     let member = s.get("/acl-anon", &[("authorization", &alice_auth)]).await;
     assert_consumer(&member, &alice, "alice");
 }
@@ -764,7 +772,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
     let no_date = json!({"message": "HMAC signature cannot be verified, a valid date or x-date header is required for HMAC Authentication"});
 
     // Missing: hmac-auth/access.lua do_authentication.
-    assert_401(
+    assert_401_error(
         &s.get("/hmac", &[("date", &date)]).await,
         json!({"message": "Unauthorized"}),
         "hmac",
@@ -849,7 +857,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
         &hank,
         "hank-user",
     );
-    assert_401(
+    assert_401_error(
         &s.get("/hmac?q=2", &[("date", &date), ("authorization", &line)])
             .await,
         not_same.clone(),
@@ -860,7 +868,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
     for (method, path) in [("GET", "/hmac?a=2&b=%2F"), ("DELETE", "/hmac?a=1&b=%2F")] {
         let h = [("date", date.as_str()), ("authorization", auth.as_str())];
         let a = s.send(method, path, &h, None).await;
-        assert_401(&a, not_same.clone(), "hmac");
+        assert_401_error(&a, not_same.clone(), "hmac");
     }
     let bad_b64 = hmac_header(
         "hank-user",
@@ -868,7 +876,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
         "date @request-target",
         "not base64!!!",
     );
-    assert_401(
+    assert_401_error(
         &s.get("/hmac", &[("date", &date), ("authorization", &bad_b64)])
             .await,
         not_same.clone(),
@@ -894,7 +902,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
         let a = s
             .get("/hmac", &[("date", &date), ("authorization", &header)])
             .await;
-        assert_401(&a, not_valid.clone(), "hmac");
+        assert_401_error(&a, not_valid.clone(), "hmac");
     }
     // Clock skew (default 300 s), a missing or unparsable date.
     let old = http_date(now() - 600);
@@ -914,13 +922,13 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
         vec![("date", "yesterday"), ("authorization", auth.as_str())],
     ] {
         let a = s.get("/hmac", &headers).await;
-        assert_401(&a, no_date.clone(), "hmac");
+        assert_401_error(&a, no_date.clone(), "hmac");
     }
 
     // Strict route: realm, enforced headers, algorithms, body digest,
     // hide_credentials.
     let realm = r#"hmac realm="gatehouse""#;
-    assert_401(
+    assert_401_error(
         &s.get("/hmac-strict", &[("date", &date)]).await,
         json!({"message": "Unauthorized"}),
         realm,
@@ -931,7 +939,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
         "date",
         &hmac_b64("hmac-sha256", "hank-secret", &format!("date: {date}")),
     );
-    assert_401(
+    assert_401_error(
         &s.get(
             "/hmac-strict",
             &[("date", &date), ("authorization", &date_only)],
@@ -950,7 +958,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
             &format!("date: {date}\n@request-target: get /hmac-strict"),
         ),
     );
-    assert_401(
+    assert_401_error(
         &s.get(
             "/hmac-strict",
             &[("date", &date), ("authorization", &sha512)],
@@ -1015,7 +1023,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
             Some(("application/json", "abc")),
         )
         .await;
-    assert_401(&other, not_same.clone(), realm);
+    assert_401_error(&other, not_same.clone(), realm);
     let wrong = format!("SHA-256={}", B64.encode(sha2::Sha256::digest("abc")));
     let a = s
         .send(
@@ -1029,7 +1037,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
             Some(("application/json", body)),
         )
         .await;
-    assert_401(&a, not_same.clone(), realm);
+    assert_401_error(&a, not_same.clone(), realm);
     let a = s
         .send(
             "POST",
@@ -1041,7 +1049,7 @@ async fn hmac_auth_verifies_signatures_clock_skew_and_body_digests() {
             Some(("application/json", body)),
         )
         .await;
-    assert_401(&a, not_same.clone(), realm);
+    assert_401_error(&a, not_same.clone(), realm);
 
     // anonymous.
     assert_anonymous(&s.get("/hmac-anon", &[]).await, &guest);

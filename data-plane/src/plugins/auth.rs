@@ -21,8 +21,8 @@ use serde_json::Value;
 use sha2::Digest as _;
 
 use super::{
-    exit_message, set_consumer, typed, BuildContext, Consumer, Consumers, Credential, Ctx, Flow,
-    Needs, Plugin, PluginRequest, RequestHeaders,
+    error_message, exit_message, set_consumer, typed, BuildContext, Consumer, Consumers,
+    Credential, Ctx, Flow, Needs, Plugin, PluginRequest, RequestHeaders,
 };
 use crate::proxy::ResponseBody;
 
@@ -34,6 +34,9 @@ pub(crate) struct Denied {
     /// A body other than `{"message": …}` (jwt answers its claim errors
     /// as an object of its own).
     pub(crate) body: Option<Box<serde_json::Value>>,
+    /// Answered with `kong.response.exit(status, {message = …})` (jwt),
+    /// not `kong.response.error`, so without Kong's error template.
+    pub(crate) plain: bool,
 }
 
 impl Denied {
@@ -46,6 +49,7 @@ impl Denied {
             message: message.into(),
             www_authenticate: www,
             body: None,
+            plain: false,
         }
     }
 
@@ -57,6 +61,7 @@ impl Denied {
             message: Cow::Borrowed("An unexpected error occurred"),
             www_authenticate: None,
             body: None,
+            plain: false,
         }
     }
 
@@ -67,7 +72,8 @@ impl Denied {
                 "application/json; charset=utf-8",
                 bytes::Bytes::from(body.to_string()),
             ),
-            None => exit_message(self.status, &self.message),
+            None if self.plain => exit_message(self.status, &self.message),
+            None => error_message(self.status, &self.message),
         };
         if let Some(www) = self.www_authenticate {
             response.headers_mut().insert(WWW_AUTHENTICATE, www);
@@ -111,7 +117,7 @@ pub(crate) fn authenticate(
                             "anonymous consumer {anonymous} is configured but doesn't exist"
                         );
                         tracing::error!("{message}");
-                        return Flow::Exit(exit_message(
+                        return Flow::Exit(error_message(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             &message,
                         ));
@@ -136,21 +142,44 @@ pub(crate) fn header_key(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
 }
 
-/// The query without the arguments named `name`, other arguments kept as
-/// they were sent.
+/// The names a lookup of `name` tries, in order: Kong's nginx accepts
+/// underscores in header names (`underscores_in_headers on`), and the
+/// table `kong.request.get_headers()` returns finds a name as sent before
+/// trying it with `_` read as `-`.
+pub(crate) fn header_lookups(name: &str) -> (String, Option<String>) {
+    let literal = name.to_ascii_lowercase();
+    let dashed = literal.contains('_').then(|| literal.replace('_', "-"));
+    (literal, dashed)
+}
+
+/// Every value of the first of `names` the request carries.
+fn header_values<'a>(
+    headers: &'a super::RequestHeaders<'_>,
+    names: &'a (String, Option<String>),
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let (literal, dashed) = names;
+    let name = match dashed {
+        Some(dashed) if !headers.contains(literal.as_str()) => dashed.as_str(),
+        _ => literal.as_str(),
+    };
+    headers.get_all(name)
+}
+
+/// The query without the arguments named `name`, as Kong 3.9's
+/// `clear_query_arg` (lua-resty-ada's `search.remove`) leaves it: the
+/// other arguments in their order, decoded and written back the way
+/// WHATWG's `URLSearchParams` writes them (`c=valu%651` goes as
+/// `c=value1`, `a` as `a=`). `None` when nothing is left.
 pub(crate) fn without_query_arg(query: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| {
-            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            let decoded = form_urlencoded::parse(key.as_bytes())
-                .next()
-                .map(|(k, _)| k.into_owned())
-                .unwrap_or_default();
-            !pair.is_empty() && decoded != name
-        })
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    let mut any = false;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != name {
+            kept.append_pair(&key, &value);
+            any = true;
+        }
+    }
+    any.then(|| kept.finish())
 }
 
 /// A request body as Kong's `kong.request.get_body()` reads it: JSON or
@@ -202,7 +231,7 @@ struct KeyAuthConfig {
 pub(crate) struct KeyAuth {
     config: KeyAuthConfig,
     /// `key_names` as nginx looks header names up.
-    header_names: Vec<String>,
+    header_names: Vec<(String, Option<String>)>,
     www_authenticate: HeaderValue,
 }
 
@@ -217,7 +246,7 @@ impl KeyAuth {
             None => "Key".to_owned(),
         };
         Ok(KeyAuth {
-            header_names: config.key_names.iter().map(|n| header_key(n)).collect(),
+            header_names: config.key_names.iter().map(|n| header_lookups(n)).collect(),
             www_authenticate: HeaderValue::from_str(&www).map_err(|e| e.to_string())?,
             config,
         })
@@ -233,9 +262,7 @@ impl KeyAuth {
         for (name, header_name) in config.key_names.iter().zip(&self.header_names) {
             let mut found: Option<Vec<String>> = None;
             if config.key_in_header {
-                let values: Vec<String> = req
-                    .headers
-                    .get_all(header_name.as_str())
+                let values: Vec<String> = header_values(&req.headers, header_name)
                     .filter_map(|v| std::str::from_utf8(v).ok().map(str::to_owned))
                     .collect();
                 if !values.is_empty() {
@@ -272,7 +299,10 @@ impl KeyAuth {
                 if let Some(q) = req.query.as_deref() {
                     req.query = without_query_arg(q, name).map(Cow::Owned);
                 }
-                req.headers.remove(header_name.as_str());
+                req.headers.remove(header_name.0.as_str());
+                if let Some(dashed) = &header_name.1 {
+                    req.headers.remove(dashed.as_str());
+                }
                 if config.key_in_body {
                     if let Some(Some(mut map)) = body.take() {
                         map.remove(name);
@@ -344,8 +374,8 @@ impl Plugin for KeyAuth {
             let first_header = (self.config.key_in_header && !self.config.hide_credentials)
                 .then(|| self.header_names.first())
                 .flatten()
-                .and_then(|name| {
-                    let mut values = req.headers.get_all(name.as_str());
+                .and_then(|names| {
+                    let mut values = header_values(&req.headers, names);
                     match (values.next(), values.next()) {
                         (Some(value), None) => {
                             std::str::from_utf8(value).ok().filter(|v| !v.is_empty())
@@ -732,12 +762,12 @@ impl Plugin for Acl {
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         const CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
         match self.verdict(ctx.consumer.as_deref(), ctx.credential.is_some()) {
-            AclVerdict::Forbidden => Flow::Exit(exit_message(
+            AclVerdict::Forbidden => Flow::Exit(error_message(
                 StatusCode::FORBIDDEN,
                 "You cannot consume this service",
             )),
             AclVerdict::Unauthorized => {
-                Flow::Exit(exit_message(StatusCode::UNAUTHORIZED, "Unauthorized"))
+                Flow::Exit(error_message(StatusCode::UNAUTHORIZED, "Unauthorized"))
             }
             AclVerdict::Unexpected => {
                 tracing::error!("acl has neither an allow nor a non-empty deny list");
@@ -749,8 +779,12 @@ impl Plugin for Acl {
                         Some(groups) => {
                             req.headers.insert(CONSUMER_GROUPS, groups);
                         }
+                        // A consumer without groups, let through a deny
+                        // list: Kong sets the header to "" (its groups
+                        // joined), it does not clear it.
                         None => {
-                            req.headers.remove(CONSUMER_GROUPS);
+                            req.headers
+                                .insert(CONSUMER_GROUPS, HeaderValue::from_static(""));
                         }
                     }
                 }
@@ -1111,7 +1145,7 @@ fn cookie<'h>(headers: impl Iterator<Item = &'h [u8]>, name: &[u8]) -> Option<&'
 pub(crate) struct Jwt {
     uri_param_names: Vec<String>,
     cookie_names: Vec<String>,
-    header_names: Vec<HeaderName>,
+    header_names: Vec<(String, Option<String>)>,
     key_claim_name: String,
     secret_is_base64: bool,
     claims_to_verify: Vec<RegisteredClaim>,
@@ -1190,7 +1224,7 @@ impl Jwt {
                 .header_names
                 .unwrap_or_default()
                 .iter()
-                .filter_map(|n| HeaderName::from_bytes(header_key(n).as_bytes()).ok())
+                .map(|n| header_lookups(n))
                 .collect(),
             secret_is_base64: config.secret_is_base64,
             claims_to_verify,
@@ -1238,10 +1272,11 @@ impl Jwt {
                 add(Token::Text(Cow::Borrowed(value)));
             }
         }
-        for name in &self.header_names {
+        for (literal, dashed) in &self.header_names {
             let token = req
                 .headers
-                .get(name)
+                .get(literal.as_str())
+                .or_else(|| dashed.as_deref().and_then(|name| req.headers.get(name)))
                 .and_then(|v| scheme_argument(v, b"bearer", 1));
             if let Some(token) = token {
                 add(Token::Text(Cow::Borrowed(token)));
@@ -1317,11 +1352,18 @@ impl Jwt {
 
     fn denied(&self, failure: JwtFailure) -> Denied {
         let with_error = Some(self.www_authenticate_error.clone());
+        // jwt answers with kong.response.exit (`handler.lua`), but a Lua
+        // error is Kong's error page.
+        let plain = |denied: Denied| Denied {
+            plain: true,
+            ..denied
+        };
         match failure {
-            JwtFailure::NoToken => {
-                Denied::unauthorized("Unauthorized", Some(self.www_authenticate.clone()))
-            }
-            JwtFailure::Invalid(message) => Denied::unauthorized(message, with_error),
+            JwtFailure::NoToken => plain(Denied::unauthorized(
+                "Unauthorized",
+                Some(self.www_authenticate.clone()),
+            )),
+            JwtFailure::Invalid(message) => plain(Denied::unauthorized(message, with_error)),
             JwtFailure::Claims(errors) => Denied {
                 body: Some(Box::new(Value::Object(errors))),
                 ..Denied::unauthorized("", with_error)

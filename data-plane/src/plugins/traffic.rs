@@ -16,8 +16,8 @@ use regex::{Regex, RegexSet};
 use serde::Deserialize;
 
 use super::{
-    exit_message, exit_raw, typed, BuildContext, Ctx, Flow, HeaderLine, HeaderPrefix, Plugin,
-    PluginRequest, SetHeaders,
+    error_message, exit_message, exit_raw, typed, BuildContext, Ctx, Flow, HeaderLine,
+    HeaderPrefix, Plugin, PluginRequest, SetHeaders,
 };
 use crate::proxy::ResponseBody;
 
@@ -545,7 +545,7 @@ impl Limits {
 
     fn finish(&self, ctx: &mut Ctx<'_>, now: i64, used: &[u64]) -> Flow {
         if self.verdict(now, used, &mut ctx.response_headers) {
-            Flow::Exit(exit_message(self.error_status, &self.error_message))
+            Flow::Exit(error_message(self.error_status, &self.error_message))
         } else {
             Flow::Continue
         }
@@ -611,7 +611,7 @@ impl Plugin for RateLimiting {
                             if tolerant {
                                 Flow::Continue
                             } else {
-                                Flow::Exit(exit_message(
+                                Flow::Exit(error_message(
                                     StatusCode::INTERNAL_SERVER_ERROR,
                                     "An unexpected error occurred",
                                 ))
@@ -674,7 +674,7 @@ impl RequestSizeLimiting {
         } else {
             StatusCode::PAYLOAD_TOO_LARGE
         };
-        Flow::Exit(exit_message(status, "Request size limit exceeded"))
+        Flow::Exit(error_message(status, "Request size limit exceeded"))
     }
 }
 
@@ -694,7 +694,7 @@ impl Plugin for RequestSizeLimiting {
             .header("transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         if self.require_content_length && !chunked {
-            return Flow::Exit(exit_message(
+            return Flow::Exit(error_message(
                 StatusCode::LENGTH_REQUIRED,
                 "A valid Content-Length header is required",
             ));
@@ -768,7 +768,7 @@ impl Plugin for IpRestriction {
             Some(message) => message.clone(),
             None => format!("IP address not allowed: {ip}"),
         };
-        Flow::Exit(exit_message(self.status, &message))
+        Flow::Exit(error_message(self.status, &message))
     }
 }
 
@@ -835,7 +835,7 @@ impl Plugin for BotDetection {
             return Flow::Continue;
         };
         if agents.next().is_some() {
-            return Flow::Exit(exit_message(
+            return Flow::Exit(error_message(
                 StatusCode::BAD_REQUEST,
                 "Only one User-Agent header allowed",
             ));
@@ -846,7 +846,7 @@ impl Plugin for BotDetection {
             return Flow::Continue;
         }
         if self.deny.iter().any(|rule| rule.is_match(agent)) || BOTS.is_match(agent) {
-            return Flow::Exit(exit_message(StatusCode::FORBIDDEN, "Forbidden"));
+            return Flow::Exit(error_message(StatusCode::FORBIDDEN, "Forbidden"));
         }
         Flow::Continue
     }

@@ -24,7 +24,10 @@ use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
 use super::auth::header_key;
-use super::{exit_message, typed, BuildContext, Ctx, Flow, Needs, Plugin, PluginRequest, Shared};
+use super::{
+    error_message, exit_message, typed, BuildContext, Ctx, Flow, Needs, Plugin, PluginRequest,
+    Shared,
+};
 use crate::proxy::ResponseBody;
 
 // ---------------------------------------------------------------------------
@@ -50,7 +53,7 @@ fn header_name(name: &str) -> Result<HeaderName, String> {
 /// The plugins answer Lua runtime errors the way Kong's error handler does.
 fn runtime_error(plugin: &str, error: &str) -> Flow {
     tracing::error!(plugin, "{error}");
-    Flow::Exit(exit_message(
+    Flow::Exit(error_message(
         StatusCode::INTERNAL_SERVER_ERROR,
         "An unexpected error occurred",
     ))
@@ -504,8 +507,8 @@ impl Value {
 mod lua {
     //! The part of Lua that template expressions use: literals, the
     //! template environment (`headers`, `query_params`, `uri_captures`,
-    //! `shared`), indexing, the operators, and a few functions of Kong's
-    //! sandbox (`type`, `tostring`, `tonumber`, `string.*`, `math.*`).
+    //! `shared`), indexing, the operators, `type` (all Kong's sandbox adds)
+    //! and a few string methods (`s:upper()`).
 
     use std::borrow::Cow;
 
@@ -894,19 +897,12 @@ mod lua {
     #[derive(Debug, Clone, Copy, PartialEq)]
     pub(super) enum Func {
         Type,
-        ToString,
-        ToNumber,
         Lower,
         Upper,
         Len,
         Sub,
         Rep,
         Reverse,
-        Floor,
-        Ceil,
-        Abs,
-        Min,
-        Max,
     }
 
     #[derive(Debug, Clone)]
@@ -918,8 +914,6 @@ mod lua {
         Empty,
         /// A repeated header or argument.
         List(Vec<Val<'e>>),
-        StringLib,
-        MathLib,
     }
 
     #[derive(Debug, Clone)]
@@ -1000,11 +994,11 @@ mod lua {
             "query_params" => Val::Table(Table::Query),
             "uri_captures" => Val::Table(Table::Captures),
             "shared" => Val::Table(Table::Empty),
+            // Kong's sandbox (the default `untrusted_lua = sandbox`) adds
+            // `type` and nothing else: `tostring`, `string` or `math` are
+            // nil there, and a template that calls them fails (500).
+            // Strings keep their methods (`s:sub(1, 2)`).
             "type" => Val::Func(Func::Type),
-            "tostring" => Val::Func(Func::ToString),
-            "tonumber" => Val::Func(Func::ToNumber),
-            "string" => Val::Table(Table::StringLib),
-            "math" => Val::Table(Table::MathLib),
             _ => Val::Nil,
         }
     }
@@ -1065,17 +1059,6 @@ mod lua {
             (Table::List(items), Val::Num(n)) if n >= 1.0 && n.fract() == 0.0 => {
                 items.into_iter().nth(n as usize - 1).unwrap_or(Val::Nil)
             }
-            (Table::StringLib, Val::Str(name)) => string_function(&name),
-            (Table::MathLib, Val::Str(name)) => match &*name {
-                "floor" => Val::Func(Func::Floor),
-                "ceil" => Val::Func(Func::Ceil),
-                "abs" => Val::Func(Func::Abs),
-                "min" => Val::Func(Func::Min),
-                "max" => Val::Func(Func::Max),
-                "huge" => Val::Num(f64::INFINITY),
-                "pi" => Val::Num(std::f64::consts::PI),
-                _ => Val::Nil,
-            },
             _ => Val::Nil,
         })
     }
@@ -1108,19 +1091,6 @@ mod lua {
         };
         Ok(match func {
             Func::Type => Val::Str(Cow::Borrowed(arg(0).type_name())),
-            Func::ToString => Val::Str(Cow::Owned(arg(0).to_text().into_owned())),
-            Func::ToNumber => match (arg(0), args.get(1)) {
-                (value, None) => value.number().map_or(Val::Nil, Val::Num),
-                (value, Some(base)) => {
-                    let base = base.number().ok_or_else(|| bad(1, "tonumber", "number"))?;
-                    let text = value.string().ok_or_else(|| bad(0, "tonumber", "string"))?;
-                    u32::try_from(base as i64)
-                        .ok()
-                        .filter(|b| (2..=36).contains(b))
-                        .and_then(|b| i64::from_str_radix(text.trim(), b).ok())
-                        .map_or(Val::Nil, |n| Val::Num(n as f64))
-                }
-            },
             Func::Lower => Val::Str(Cow::Owned(string_arg(0, "lower")?.to_ascii_lowercase())),
             Func::Upper => Val::Str(Cow::Owned(string_arg(0, "upper")?.to_ascii_uppercase())),
             Func::Len => Val::Num(string_arg(0, "len")?.len() as f64),
@@ -1164,20 +1134,6 @@ mod lua {
                     Val::Str(Cow::Owned(String::from_utf8_lossy(bytes).into_owned()))
                 }
             }
-            Func::Floor => Val::Num(number_arg(0, "floor")?.floor()),
-            Func::Ceil => Val::Num(number_arg(0, "ceil")?.ceil()),
-            Func::Abs => Val::Num(number_arg(0, "abs")?.abs()),
-            Func::Min | Func::Max => {
-                let name = if func == Func::Min { "min" } else { "max" };
-                let mut best = number_arg(0, name)?;
-                for i in 1..args.len() {
-                    let n = number_arg(i, name)?;
-                    if (func == Func::Min && n < best) || (func == Func::Max && n > best) {
-                        best = n;
-                    }
-                }
-                Val::Num(best)
-            }
         })
     }
 
@@ -1210,8 +1166,6 @@ mod lua {
                 (Table::Headers, Table::Headers)
                     | (Table::Query, Table::Query)
                     | (Table::Captures, Table::Captures)
-                    | (Table::StringLib, Table::StringLib)
-                    | (Table::MathLib, Table::MathLib)
             ),
             _ => false,
         }
@@ -2031,9 +1985,12 @@ struct ResponseHeader {
 
 impl ResponseHeader {
     fn new(name: &str) -> Option<ResponseHeader> {
+        header_name(name).ok()?;
         let lookup = HeaderName::from_bytes(header_key(name).as_bytes()).ok()?;
+        // kong.response.set_header, add_header and clear_header go through
+        // nginx's `ngx.header`, which writes `_` as `-`.
         Some(ResponseHeader {
-            name: header_name(name).ok()?,
+            name: lookup.clone(),
             lookup,
         })
     }
@@ -2073,7 +2030,8 @@ fn cjson_escape(s: &str) -> String {
 /// configured JSON type. `None` when Kong skips the entry (no value, or
 /// not a number).
 fn json_value(value: Option<&str>, json_type: Option<&str>) -> Option<Json> {
-    let text = cjson_escape(value?)
+    // `"k:"` has no value: Kong's `cjson.encode(nil)` makes it "null".
+    let text = cjson_escape(value.unwrap_or("null"))
         .replace("\\\"", "\"")
         .replace("\\/", "/");
     match json_type {
@@ -3191,9 +3149,12 @@ mod tests {
             "EXAMPLE.TEST"
         );
         assert_eq!(
-            render("$(string.sub(headers.host, 1, 7))", &env).unwrap(),
+            render("$(headers.host:sub(1, 7))", &env).unwrap(),
             "example"
         );
+        // Kong's sandbox has no `string`, `tostring` or `math`.
+        assert!(render("$(string.sub(headers.host, 1, 7))", &env).is_err());
+        assert!(render("$(tostring(1))", &env).is_err());
         assert_eq!(render("$(shared.my_version)", &env).unwrap(), "");
         // Lua errors and code that does not compile fail the request.
         assert!(render("$(10 * uri_captures.user1)", &env).is_err());
@@ -3332,7 +3293,8 @@ mod tests {
             json_value(Some("yes"), Some("boolean")),
             Some(Json::Bool(false))
         );
-        assert_eq!(json_value(None, None), None);
+        // `"k:"`: cjson.encode(nil) is the text null.
+        assert_eq!(json_value(None, None), Some(Json::String("null".into())));
     }
 
     #[test]
