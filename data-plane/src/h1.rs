@@ -621,7 +621,11 @@ impl<'r> Exchange<'_, 'r> {
         if self.engine.dp.cfg.latency_headers {
             push_latency(out, &self.facts, self.started);
         }
-        if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        // 1xx, 204 and 304 carry no body, so no length either.
+        let bodiless = status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
             push_header(out, b"Content-Length", body.len().to_string().as_bytes());
         }
         push_date(out);
@@ -629,7 +633,7 @@ impl<'r> Exchange<'_, 'r> {
             push_header(out, b"Connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
-        if self.method != Method::HEAD {
+        if self.method != Method::HEAD && !bodiless {
             out.extend_from_slice(&body);
         }
         self.log(status, error.as_ref());

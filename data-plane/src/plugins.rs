@@ -90,6 +90,12 @@ pub(crate) struct Needs {
     pub(crate) log: bool,
     /// The plugin reads the captures of the route's regex path.
     pub(crate) uri_captures: bool,
+    /// The plugin reads the route and service entities
+    /// (`kong.router.get_route()`).
+    pub(crate) entities: bool,
+    /// The plugin reads the request body when its length is not declared
+    /// (a chunked body, which the HTTP/1.1 engine hands to hyper).
+    pub(crate) unsized_request_body: bool,
 }
 
 /// Whether the request goes on or the plugin answered it.
@@ -178,11 +184,14 @@ pub(crate) struct Ctx<'r> {
     pub(crate) cors_headers: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
     /// proxy-cache: the key and what happened, for `response`.
     pub(crate) cache: Option<Box<transform::CacheState>>,
-    /// correlation-id: the id sent upstream, for `echo_downstream`.
+    /// correlation-id: the id sent upstream, for `echo_downstream` and
+    /// log entries.
     pub(crate) correlation_id: Option<HeaderValue>,
     /// The captures of the route's regex path (Kong's `uri_captures`),
     /// for request-transformer's templates; set by the proxy.
     pub(crate) uri_captures: Option<Box<transform::UriCaptures>>,
+    /// The matched route and service, for plugins that need them whole.
+    pub(crate) entities: Option<&'r log::Entities>,
     /// What the log phase reports, when a plugin logs.
     log: Option<Box<log::Record>>,
     /// opentelemetry: the request's trace.
@@ -204,6 +213,7 @@ impl<'r> Ctx<'r> {
             cache: None,
             correlation_id: None,
             uri_captures: None,
+            entities: chain.entities.as_deref(),
             log: None,
             otel: None,
             // Only a log entry reads it: no clock read otherwise.
@@ -781,6 +791,8 @@ pub(crate) fn build(
                     needs.response_body |= n.response_body;
                     needs.log |= n.log;
                     needs.uri_captures |= n.uri_captures;
+                    needs.entities |= n.entities;
+                    needs.unsized_request_body |= n.unsized_request_body;
                     has_global |= instance.global;
                     filters_response |= n.log || instance.handler.filters_response();
                 };
@@ -810,7 +822,7 @@ pub(crate) fn build(
                 path_regexes,
                 route_id: route_id.into(),
                 service_id: service_id.map(Into::into),
-                entities: needs.log.then(|| {
+                entities: (needs.log || needs.entities).then(|| {
                     let parse = |doc: &str| serde_json::from_str(doc).unwrap_or_default();
                     Arc::new(log::Entities {
                         route: parse(info.doc),
@@ -948,6 +960,10 @@ pub(crate) fn exit_raw(
     if let Ok(value) = HeaderValue::from_str(content_type) {
         response.headers_mut().insert(CONTENT_TYPE, value);
     }
+    // kong.response.exit adds the server token (`headers = server_tokens`).
+    response
+        .headers_mut()
+        .insert(http::header::SERVER, crate::proxy::SERVER);
     response
 }
 

@@ -525,7 +525,7 @@ mod body {
     pub(super) const NON_GRPC: &[u8] = br#"{"message":"Non-gRPC request matched gRPC route"}"#;
 }
 
-const SERVER: HeaderValue =
+pub(crate) const SERVER: HeaderValue =
     HeaderValue::from_static(concat!("gatehouse/", env!("CARGO_PKG_VERSION")));
 const JSON_UTF8: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
 /// Kong's `Via` names the protocol version of the hop it describes: the
@@ -952,6 +952,7 @@ fn after_access(
     };
     let mut answer = error.response();
     chain.response(ctx, answer.status(), answer.headers_mut());
+    filter_answer_body(chain, ctx, &mut answer);
     // What nginx's $upstream_status holds when the upstream failed.
     let upstream_status = match error {
         ProxyError::UpstreamTimeout { .. } => Some(504),
@@ -974,6 +975,29 @@ fn after_access(
         error,
         answer: Some(answer),
     }
+}
+
+/// Kong runs body_filter on the answers plugins and error pages make too
+/// (a response-transformer adds its JSON fields to a key-auth 401). Those
+/// bodies are in memory already.
+fn filter_answer_body(chain: &Chain, ctx: &mut Ctx<'_>, answer: &mut Response<ResponseBody>) {
+    if !chain.needs().response_body || matches!(answer.body(), Either::Left(_)) {
+        return;
+    }
+    let Either::Right(full) = std::mem::replace(answer.body_mut(), Either::Right(Full::default()))
+    else {
+        return;
+    };
+    let Some(Ok(collected)) = futures_util::FutureExt::now_or_never(full.collect()) else {
+        return;
+    };
+    let mut bytes = collected.to_bytes();
+    let status = answer.status();
+    chain.response_body(ctx, status, answer.headers_mut(), &mut bytes);
+    answer
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    *answer.body_mut() = Either::Right(Full::new(bytes));
 }
 
 /// Routes a request, runs the plugins, forwards it and relays the answer.
@@ -1037,7 +1061,8 @@ async fn forward<'r>(
             ),
             upstream_path: None,
         };
-        if chain.needs().request_body {
+        let needs = chain.needs();
+        if needs.request_body || (needs.unsized_request_body && head.content_length.is_none()) {
             let incoming = body.take().unwrap_or_else(|| unreachable!("taken once"));
             let cap = limit.map_or(PLUGIN_BODY_LIMIT, |l| {
                 usize::try_from(l).unwrap_or(usize::MAX)
@@ -1065,6 +1090,7 @@ async fn forward<'r>(
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
         if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
             chain.response(&mut ctx, response.status(), response.headers_mut());
+            filter_answer_body(chain, &mut ctx, &mut response);
             chain.log(
                 &mut ctx,
                 &plugin_log::Facts {

@@ -168,7 +168,7 @@ impl Record {
                 "consumer_id": ctx.consumer.as_ref().map(|c| &*c.id),
             })
         });
-        json!({
+        let mut entry = json!({
             "request": Value::Object(self.request),
             "upstream_uri": facts.upstream_uri.unwrap_or(""),
             "upstream_status": facts.upstream_status.map_or(String::new(), |s| s.to_string()),
@@ -192,6 +192,10 @@ impl Record {
             "started_at": self.started_at,
             "source": if proxied { "upstream" } else { "kong" },
             "workspace_name": "default",
-        })
+        });
+        if let Some(id) = ctx.correlation_id.as_ref().and_then(|id| id.to_str().ok()) {
+            entry["correlation_id"] = id.into();
+        }
+        entry
     }
 }

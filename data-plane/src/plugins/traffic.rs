@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::{
     error_message, exit_message, exit_raw, typed, BuildContext, Ctx, Flow, HeaderLine,
-    HeaderPrefix, Plugin, PluginRequest, SetHeaders,
+    HeaderPrefix, Needs, Plugin, PluginRequest, SetHeaders,
 };
 use crate::proxy::ResponseBody;
 
@@ -683,6 +683,15 @@ impl Plugin for RequestSizeLimiting {
         false
     }
 
+    /// A body without Content-Length is measured as Kong measures it:
+    /// read whole (`kong.request.get_raw_body()`).
+    fn needs(&self) -> Needs {
+        Needs {
+            unsized_request_body: true,
+            ..Needs::default()
+        }
+    }
+
     fn access(&self, req: &mut PluginRequest<'_>, _ctx: &mut Ctx<'_>) -> Flow {
         if let Some(length) = req
             .header("content-length")
@@ -782,15 +791,18 @@ impl Plugin for IpRestriction {
 /// call themselves a bot, spider, crawler, scraper, indexer or archiver.
 static BOTS: LazyLock<RegexSet> = LazyLock::new(|| {
     RegexSet::new([
-        r"(?i)(googlebot|adsbot-google|mediapartners-google|apis-google|feedfetcher-google|google-read-aloud|google.*/\+/web/snippet)",
+        r"(?i)(googlebot|adsbot-google|mediapartners-google|apis-google|feedfetcher-google|google.*/\+/web/snippet)",
         r"(?i)(bingbot|bingpreview|msnbot|slurp|duckduckbot|baiduspider|yandex\w*|sogou|exabot|seznambot|naverbot|yeti|ia_archiver|archive\.org_bot)",
-        r"(facebookexternalhit|Twitterbot|LinkedInBot|Slackbot|Slack-ImgProxy|WhatsApp|TelegramBot|Discordbot|Pinterest|redditbot|Applebot|SemrushBot|AhrefsBot|MJ12bot|DotBot|PetalBot|Bytespider)",
-        r"(Pingdom\.com_bot_version_\d+|UptimeRobot|StatusCake|GomezAgent|Catchpoint|YottaaMonitor| PTST/\d)",
-        r"(Boto3?|JetS3t|aws-cli|aws-sdk-[a-z0-9-]+|s3fs)/\d+",
-        r"(Google-HTTP-Java-Client|Apache-HttpClient|Go-http-client|scalaj-http|Python-urllib|HttpMonitor|TLSProber|WinHTTP|JNLP|okhttp|aihttp|reqwest|axios|unirest-(java|python|ruby|nodejs|php|net))",
-        r"(?i)(scrapy|heritrix|nutch|larbin|htdig|masscan|zgrab|webcrawler|wget/)",
+        r"(facebookexternalhit|Twitterbot|LinkedInBot|Slackbot|Slack-ImgProxy|WhatsApp|TelegramBot|Discordbot|redditbot|Applebot|SemrushBot|AhrefsBot|MJ12bot|DotBot|PetalBot|Bytespider|WordPress|YahooSeeker|Yahoo! Slurp)",
+        r"(Pingdom\.com_bot_version_\d+|UptimeRobot|GomezAgent|Catchpoint|YottaaMonitor| PTST/\d)",
+        r"(?i)\b\w{0,30}favicon\w{0,30}\b",
+        r"\b(Boto3?|JetS3t|aws-cli|aws-sdk-[a-z0-9-]+|s3fs)/\d+",
+        r"(Google-HTTP-Java-Client|Apache-HttpClient|Go-http-client|scalaj-http|http%20client|Python-urllib|HttpMonitor|TLSProber|WinHTTP|JNLP|okhttp|aihttp|reqwest|axios|unirest-(java|python|ruby|nodejs|php|net))",
+        r"(?i)(scrapy|heritrix|nutch|larbin|htdig|masscan|zgrab|webcrawler)",
         r"(?i)[a-z0-9_\-!\[\]:]{0,50}(archiver|indexer|scraper|bot|spider|crawl[a-z]{0,50})[/ ]v?\d+",
-        r"(?i)(spider|scrape|crawl)",
+        // Kong's last rule reads "scrape" with only its first letter in
+        // either case.
+        r"(?i:spider|crawl)|[Ss]crape",
     ])
     .unwrap_or_else(|_| RegexSet::empty())
 });
@@ -1200,25 +1212,71 @@ impl RequestTermination {
                 }
             }
         }
-        let query: serde_json::Map<String, serde_json::Value> = req
-            .query_args()
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect();
-        let body = serde_json::json!({
-            "message": self.config.message.as_deref().or(Self::default_message(self.status)),
-            "request": {
-                "scheme": if req.https { "https" } else { "http" },
-                "host": req.header("host"),
-                "headers": headers,
-                "query": query,
-                "raw_body": req.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-                "method": req.method.as_str(),
-                "path": req.path,
-            },
-            "matched_route": { "id": ctx.route_id },
-            "matched_service": ctx.service_id.map(|id| serde_json::json!({ "id": id })),
+        // kong.request.get_query(): repeated arguments as lists.
+        let mut query = serde_json::Map::new();
+        for (k, v) in req.query_args() {
+            let value = serde_json::Value::String(v);
+            match query.get_mut(&k) {
+                Some(serde_json::Value::Array(list)) => list.push(value),
+                Some(first) => {
+                    let first = first.take();
+                    query.insert(k, serde_json::json!([first, value]));
+                }
+                None => {
+                    query.insert(k, value);
+                }
+            }
+        }
+        // kong.request.get_host(): nginx's $host, without the port.
+        let host = req.header("host").map(|host| {
+            let host = match host.rfind(':') {
+                Some(colon) if !host[colon..].contains(']') => &host[..colon],
+                _ => host,
+            };
+            host.to_ascii_lowercase()
         });
+        let captures = ctx.uri_captures.as_ref().map_or_else(
+            || serde_json::json!({ "named": {}, "unnamed": [] }),
+            |captures| captures.to_json(),
+        );
+        let (route, service) = match ctx.entities {
+            Some(entities) => (entities.route.clone(), entities.service.clone()),
+            None => (
+                serde_json::json!({ "id": ctx.route_id }),
+                ctx.service_id.map_or(
+                    serde_json::Value::Null,
+                    |id| serde_json::json!({ "id": id }),
+                ),
+            ),
+        };
+        let mut request = serde_json::json!({
+            "scheme": if req.https { "https" } else { "http" },
+            "host": host,
+            "port": req.local_port,
+            "headers": headers,
+            "query": query,
+            "raw_body": req.body.as_ref().map_or(String::new(), |b| String::from_utf8_lossy(b).into_owned()),
+            "method": req.method.as_str(),
+            "path": req.path,
+            "uri_captures": captures,
+        });
+        if let Some(body) = super::auth::body_args(req) {
+            request["body"] = serde_json::Value::Object(body);
+        }
+        let mut body = serde_json::json!({
+            "request": request,
+            "matched_route": route,
+            "matched_service": service,
+        });
+        // A nil message leaves no key in Kong's table.
+        if let Some(message) = self
+            .config
+            .message
+            .as_deref()
+            .or(Self::default_message(self.status))
+        {
+            body["message"] = message.into();
+        }
         exit_raw(
             self.status,
             "application/json; charset=utf-8",
@@ -1230,6 +1288,16 @@ impl RequestTermination {
 impl Plugin for RequestTermination {
     fn filters_response(&self) -> bool {
         false
+    }
+
+    fn needs(&self) -> Needs {
+        let echo = self.config.echo;
+        Needs {
+            request_body: echo,
+            uri_captures: echo,
+            entities: echo,
+            ..Needs::default()
+        }
     }
 
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
@@ -1263,5 +1331,43 @@ impl Plugin for RequestTermination {
             Some(message) => exit_message(self.status, message),
             None => exit_raw(self.status, "", Bytes::new()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BOTS;
+
+    #[test]
+    fn the_bot_list_compiles_and_knows_kongs_families() {
+        // An empty set (a rule that does not compile) would block nothing.
+        assert_eq!(BOTS.len(), 10);
+        for agent in [
+            "Boto3/1.26.0 Python/3.9",
+            "aws-cli/2.0.1 Python/3.8",
+            "aws-sdk-java/1.12.0",
+            "s3fs/1.0",
+            "Googlebot/2.1 (+http://www.google.com/bot.html)",
+            "WordPress/6.1; https://example.test",
+            "Mozilla/5.0 (compatible; YahooSeeker/1.2)",
+            "FaviconFetcher",
+            "http%20client/1.0",
+            "Scrapy/2.8",
+            "MyCrawler/1.0",
+        ] {
+            assert!(BOTS.is_match(agent), "{agent}");
+        }
+        // Kong lets these through.
+        for agent in [
+            "Wget/1.21.4",
+            "curl/8.4.0",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/119.0 Safari/537.36",
+            "Google-Read-Aloud",
+            "StatusCake",
+            "SCRAPE",
+            "PostmanRuntime/7.32.3",
+        ] {
+            assert!(!BOTS.is_match(agent), "{agent}");
+        }
     }
 }

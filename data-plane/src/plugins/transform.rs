@@ -350,6 +350,27 @@ impl UriCaptures {
         self.positional.get(i).and_then(Option::as_deref)
     }
 
+    /// `kong.request.get_uri_captures()`: the groups by position (from the
+    /// first, the whole match left out) and by name.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let unnamed: Vec<serde_json::Value> = self
+            .positional
+            .iter()
+            .skip(1)
+            .map(|group| {
+                group
+                    .as_deref()
+                    .map_or(serde_json::Value::Bool(false), Into::into)
+            })
+            .collect();
+        let named: serde_json::Map<String, serde_json::Value> = self
+            .named
+            .iter()
+            .map(|(name, value)| (name.clone(), value.as_str().into()))
+            .collect();
+        serde_json::json!({ "named": named, "unnamed": unnamed })
+    }
+
     fn name(&self, name: &str) -> Option<&str> {
         self.named
             .iter()
@@ -2350,9 +2371,9 @@ impl Plugin for CorrelationId {
                 id
             }
         };
-        if self.echo_downstream {
-            ctx.correlation_id = Some(id);
-        }
+        // Kept for echo_downstream and for log entries, where Kong puts it
+        // (`kong.log.set_serialize_value("correlation_id", …)`).
+        ctx.correlation_id = Some(id);
         Flow::Continue
     }
 
