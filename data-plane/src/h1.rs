@@ -333,6 +333,11 @@ impl Engine<'_> {
                     .answer(io, buf, body_len, response, None, out)
                     .await;
             }
+            // Plugins that run without a service (the global ones on a
+            // 404, a serviceless route's own) run on the hyper path.
+            Err(error) if crate::proxy::unrouted_chain(&runtime, &error).is_some() => {
+                return Next::HandOff;
+            }
             Err(error) => {
                 return exchange
                     .answer(io, buf, body_len, error.response(), Some(error), out)

@@ -56,6 +56,10 @@ pub(crate) trait Plugin: Send + Sync {
         Flow::Continue
     }
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow;
+    /// Instead of `access`, for a request whose access phase never runs
+    /// (no route matched): takes what `response` reads from the request,
+    /// as Kong's header_filter reads it then.
+    fn without_access(&self, _req: &PluginRequest<'_>, _ctx: &mut Ctx<'_>) {}
     /// Whether [`Plugin::response`] does anything: when no plugin of a
     /// chain does, the HTTP/1.1 engine copies the upstream's response
     /// head without building a header map. The default is the safe one.
@@ -436,6 +440,28 @@ impl Chain {
         }
     }
 
+    /// For an answer made before any plugin's access phase (no route
+    /// matched): collects the plugins that apply, as Kong's
+    /// `get_collected_iterator` falls back to the global ones, so that
+    /// [`Chain::response`] and [`Chain::log`] run them.
+    pub(crate) fn collect<'c>(
+        &'c self,
+        req: &PluginRequest<'_>,
+        ctx: &mut Ctx<'c>,
+        protocol: Protocol,
+    ) {
+        let bit = protocol as u8;
+        for step in &self.steps {
+            if let Some(instance) = self.resolve(step, None) {
+                if instance.protocols & bit != 0 {
+                    instance.handler.without_access(req, ctx);
+                    ctx.collected.push(instance);
+                }
+            }
+        }
+        self.record(req, ctx);
+    }
+
     /// Kong's `rewrite` (global plugins) and `access` phases. `Some` is the
     /// answer a plugin made; [`Chain::response`] has not run on it yet.
     pub(crate) async fn access<'c>(
@@ -576,11 +602,19 @@ pub(crate) struct Plugins {
     pub(crate) consumers: Consumers,
     /// By the router's `route_idx`.
     chains: Vec<Option<Chain>>,
+    /// The global plugins, for requests no route matched.
+    global: Option<Chain>,
 }
 
 impl Plugins {
     pub(crate) fn chain(&self, route_idx: usize) -> Option<&Chain> {
         self.chains.get(route_idx).and_then(Option::as_ref)
+    }
+
+    /// Kong runs the global plugins' header_filter and log phases on the
+    /// 404 of a request no route matched.
+    pub(crate) fn global(&self) -> Option<&Chain> {
+        self.global.as_ref()
     }
 }
 
@@ -836,7 +870,39 @@ pub(crate) fn build(
             })
         })
         .collect();
-    Ok(Some(Plugins { consumers, chains }))
+    let global = global_chain(&ordered);
+    Ok(Some(Plugins {
+        consumers,
+        chains,
+        global,
+    }))
+}
+
+/// The global configurations alone, in priority order.
+fn global_chain(ordered: &[(i32, String, Arc<PluginCombos>)]) -> Option<Chain> {
+    let mut needs = Needs::default();
+    let mut filters_response = false;
+    let steps: Vec<Step> = ordered
+        .iter()
+        .filter_map(|(_, _, combos)| combos.lookup(None, None, None))
+        .map(|instance| {
+            let n = instance.handler.needs();
+            needs.log |= n.log;
+            needs.response_body |= n.response_body;
+            filters_response |= n.log || instance.handler.filters_response();
+            Step::Fixed(Arc::clone(instance))
+        })
+        .collect();
+    (!steps.is_empty()).then(|| Chain {
+        path_regexes: Vec::new(),
+        route_id: "".into(),
+        service_id: None,
+        entities: None,
+        steps,
+        needs,
+        has_global: true,
+        filters_response,
+    })
 }
 
 /// An answer made by Kong's `kong.response.error`: its body is written

@@ -352,7 +352,10 @@ pub(crate) enum ProxyError {
     #[error("no route matched")]
     NoRoute,
     #[error("route {route_id} has no service")]
-    NoService { route_id: Box<str> },
+    NoService {
+        route_id: Box<str>,
+        route_idx: usize,
+    },
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("service {service_id} uses protocol {protocol}, which is not supported yet")]
@@ -508,21 +511,21 @@ impl ProxyError {
 }
 
 /// Kong's bodies for responses the gateway generates.
+/// The messages of Kong's own error answers.
 mod body {
-    pub(super) const NO_ROUTE: &[u8] = br#"{"message":"no Route matched with those values"}"#;
-    pub(super) const NO_SERVICE: &[u8] = br#"{"message":"no Service found with those values"}"#;
-    pub(super) const NO_PEER: &[u8] =
-        br#"{"message":"failure to get a peer from the ring-balancer"}"#;
-    pub(super) const NAME_RESOLUTION: &[u8] = br#"{"message":"name resolution failed"}"#;
-    pub(super) const TOO_LARGE: &[u8] = br#"{"message":"Request size limit exceeded"}"#;
-    pub(super) const BAD_GATEWAY: &[u8] =
-        br#"{"message":"An invalid response was received from the upstream server"}"#;
-    pub(super) const GATEWAY_TIMEOUT: &[u8] = br#"{"message":"The upstream server is timing out"}"#;
-    pub(super) const INTERNAL: &[u8] = br#"{"message":"An unexpected error occurred"}"#;
-    pub(super) const BAD_REQUEST: &[u8] = br#"{"message":"Bad request"}"#;
-    pub(super) const HTTPS_REQUIRED: &[u8] = br#"{"message":"Please use HTTPS protocol"}"#;
-    pub(super) const HTTP2_REQUIRED: &[u8] = br#"{"message":"Please use HTTP2 protocol"}"#;
-    pub(super) const NON_GRPC: &[u8] = br#"{"message":"Non-gRPC request matched gRPC route"}"#;
+    pub(super) const NO_ROUTE: &str = "no Route matched with those values";
+    pub(super) const NO_SERVICE: &str = "no Service found with those values";
+    pub(super) const NO_PEER: &str = "failure to get a peer from the ring-balancer";
+    pub(super) const NAME_RESOLUTION: &str = "name resolution failed";
+    pub(super) const TOO_LARGE: &str = "Request size limit exceeded";
+    pub(super) const BAD_GATEWAY: &str =
+        "An invalid response was received from the upstream server";
+    pub(super) const GATEWAY_TIMEOUT: &str = "The upstream server is timing out";
+    pub(super) const INTERNAL: &str = "An unexpected error occurred";
+    pub(super) const BAD_REQUEST: &str = "Bad request";
+    pub(super) const HTTPS_REQUIRED: &str = "Please use HTTPS protocol";
+    pub(super) const HTTP2_REQUIRED: &str = "Please use HTTP2 protocol";
+    pub(super) const NON_GRPC: &str = "Non-gRPC request matched gRPC route";
 }
 
 pub(crate) const SERVER: HeaderValue =
@@ -793,6 +796,7 @@ pub(crate) fn route_request<'r, 'h>(
         .as_deref()
         .ok_or_else(|| ProxyError::NoService {
             route_id: route.id.clone(),
+            route_idx: found.route_idx,
         })?;
     facts.service = Some(service);
     let upstream = match &service.upstream {
@@ -921,6 +925,102 @@ pub(crate) async fn prepare<'h>(
     })
 }
 
+/// The plugins' view of a request on the hyper path.
+fn plugin_request<'a>(
+    head: &RequestHead<'a>,
+    parts: &http::request::Parts,
+    downstream: &'a Downstream,
+) -> PluginRequest<'a> {
+    PluginRequest {
+        method: parts.method.clone(),
+        version: parts.version,
+        path: head.raw_path,
+        query: head.query.map(Cow::Borrowed),
+        headers: RequestHeaders::from_map(parts.headers.clone()),
+        body: None,
+        client_ip: downstream.remote.ip().to_canonical(),
+        client_addr: downstream.client_ip.to_str().unwrap_or_default(),
+        https: downstream.tls,
+        target: head.target,
+        local_port: downstream.local_port,
+        connection: (
+            downstream.local_ip,
+            downstream.serial,
+            downstream
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        upstream_path: None,
+    }
+}
+
+/// The plugins that run on a request without a service to go to: the
+/// global ones when no route matched (their header_filter and log phases,
+/// on the 404), the route's own when it has no service (all phases, as
+/// Kong runs access before it answers 503).
+pub(crate) fn unrouted_chain<'r>(
+    runtime: &'r Runtime,
+    error: &ProxyError,
+) -> Option<(&'r crate::plugins::Plugins, &'r Chain)> {
+    match error {
+        ProxyError::NoRoute => {
+            let plugins = runtime.plugins.as_ref()?;
+            Some((plugins, plugins.global()?))
+        }
+        ProxyError::NoService { route_idx, .. } => runtime.chain(*route_idx),
+        _ => None,
+    }
+}
+
+/// Answers a request no service can take, with the plugins that apply
+/// (see [`unrouted_chain`]). The body is not read: Kong's plugins that
+/// read it do not run on these requests.
+async fn unrouted(
+    runtime: &Runtime,
+    downstream: &Downstream,
+    head: &RequestHead<'_>,
+    parts: &http::request::Parts,
+    error: ProxyError,
+    started: Instant,
+) -> Result<Response<ResponseBody>, Failed> {
+    let Some((plugins, chain)) = unrouted_chain(runtime, &error) else {
+        return Err(error.into());
+    };
+    let mut req = plugin_request(head, parts, downstream);
+    let mut ctx = Ctx::new(plugins, chain);
+    let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
+    let answered = match error {
+        ProxyError::NoService { .. } => chain.access(&mut req, &mut ctx, protocol).await,
+        _ => {
+            chain.collect(&req, &mut ctx, protocol);
+            None
+        }
+    };
+    let (mut response, error) = match answered {
+        Some(response) => (response, None),
+        None => (error.response(), Some(error)),
+    };
+    chain.response(&mut ctx, response.status(), response.headers_mut());
+    filter_answer_body(chain, &mut ctx, &mut response);
+    chain.log(
+        &mut ctx,
+        &plugin_log::Facts {
+            total: started.elapsed(),
+            response_size: http_body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0),
+            ..plugin_log::Facts::default()
+        },
+    );
+    match error {
+        Some(error) => Err(Failed {
+            error,
+            answer: Some(response),
+        }),
+        None => Ok(response),
+    }
+}
+
 /// A request that failed, with the answer the plugins made of the error
 /// when they ran on it.
 struct Failed {
@@ -1030,9 +1130,13 @@ async fn forward<'r>(
         headers: &parts.headers,
         content_length: content_length(&parts.headers),
     };
-    let routed = match route_request(dp, runtime, downstream, &head, facts)? {
-        Decision::Forward(routed) => routed,
-        Decision::Answer(response) => return Ok(response),
+    let routed = match route_request(dp, runtime, downstream, &head, facts) {
+        Ok(Decision::Forward(routed)) => routed,
+        Ok(Decision::Answer(response)) => return Ok(response),
+        Err(error @ (ProxyError::NoRoute | ProxyError::NoService { .. })) => {
+            return unrouted(runtime, downstream, &head, &parts, error, started).await;
+        }
+        Err(error) => return Err(error.into()),
     };
     let limit = dp.cfg.max_body_bytes;
     let chain = runtime.chain(routed.found.route_idx);
@@ -1040,27 +1144,7 @@ async fn forward<'r>(
     let mut plugin_req = None;
     let mut plugin_ctx = None;
     if let Some((plugins, chain)) = chain {
-        let mut req = PluginRequest {
-            method: parts.method.clone(),
-            version: parts.version,
-            path: head.raw_path,
-            query: head.query.map(Cow::Borrowed),
-            headers: RequestHeaders::from_map(parts.headers.clone()),
-            body: None,
-            client_ip: downstream.remote.ip().to_canonical(),
-            client_addr: downstream.client_ip.to_str().unwrap_or_default(),
-            https: downstream.tls,
-            target: head.target,
-            local_port: downstream.local_port,
-            connection: (
-                downstream.local_ip,
-                downstream.serial,
-                downstream
-                    .requests
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            ),
-            upstream_path: None,
-        };
+        let mut req = plugin_request(&head, &parts, downstream);
         let needs = chain.needs();
         if needs.request_body || (needs.unsized_request_body && head.content_length.is_none()) {
             let incoming = body.take().unwrap_or_else(|| unreachable!("taken once"));
@@ -1565,8 +1649,11 @@ pub(crate) fn grpc_error(response: Response<ResponseBody>) -> Response<ResponseB
     grpc
 }
 
-fn gateway_response(status: StatusCode, body: &'static [u8]) -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(body))));
+/// Kong's error page (`kong/error_handlers.lua`, `kong.response.error`):
+/// the JSON template with the message and a request id.
+fn gateway_response(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let body = crate::plugins::ErrorFormat::Json.body(message, &crate::plugins::new_request_id());
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, JSON_UTF8);

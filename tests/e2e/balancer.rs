@@ -210,8 +210,8 @@ async fn targets_can_be_set_healthy_and_unhealthy() {
     let (status, body) = raw_request(g.proxy_addr, "GET", "/m", &[], b"").expect("request");
     assert_eq!(status, 503);
     assert_eq!(
-        serde_json::from_slice::<Value>(&body).expect("json"),
-        json!({"message": "failure to get a peer from the ring-balancer"})
+        serde_json::from_slice::<Value>(&body).expect("json")["message"],
+        "failure to get a peer from the ring-balancer"
     );
     let (_, body) = call(
         reqwest::Method::GET,

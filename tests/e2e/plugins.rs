@@ -1167,6 +1167,87 @@ async fn upstream_failures_reach_the_plugins_header_filter_and_log_phases() {
 }
 
 #[tokio::test]
+async fn plugins_run_on_requests_no_service_takes() {
+    let mut s = Setup::start();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let file = logs.path().join("global.log");
+    // Global: cors and file-log.
+    s.post("/plugins", json!({"name": "cors"})).await;
+    s.post(
+        "/plugins",
+        json!({"name": "file-log", "config": {"path": file.to_str().expect("utf-8")}}),
+    )
+    .await;
+    // Routes without a service.
+    for (name, plugin) in [
+        (
+            "closed",
+            json!({"name": "request-termination", "config": {"status_code": 403, "message": "closed"}}),
+        ),
+        ("keyed", json!({"name": "key-auth"})),
+    ] {
+        s.post(
+            "/routes",
+            json!({"name": name, "paths": [format!("/{name}")]}),
+        )
+        .await;
+        s.post(&format!("/routes/{name}/plugins"), plugin).await;
+    }
+    s.post("/consumers", json!({"username": "kim"})).await;
+    s.post("/consumers/kim/key-auth", json!({"key": "kim-key"}))
+        .await;
+    s.synced().await;
+
+    // No route: the global plugins' header_filter and log run on the 404.
+    let lost = s.get("/nowhere", &[("origin", "http://a.test")]).await;
+    assert_eq!(lost.status, 404, "{}", lost.body);
+    assert_eq!(lost.json()["message"], "no Route matched with those values");
+    assert_eq!(lost.header("access-control-allow-origin"), Some("*"));
+    // A serviceless route runs its access phase: the plugin answers...
+    let closed = s.get("/closed", &[]).await;
+    assert_eq!(closed.status, 403, "{}", closed.body);
+    assert_eq!(closed.json(), json!({"message": "closed"}));
+    assert_eq!(closed.header("access-control-allow-origin"), Some("*"));
+    let keyless = s.get("/keyed", &[]).await;
+    assert_eq!(keyless.status, 401, "{}", keyless.body);
+    assert_eq!(
+        keyless.kong_error(),
+        json!({"message": "No API key found in request"})
+    );
+    // ...and only when none does, Kong's 503.
+    let keyed = s.get("/keyed", &[("apikey", "kim-key")]).await;
+    assert_eq!(keyed.status, 503, "{}", keyed.body);
+    assert_eq!(
+        keyed.json()["message"],
+        "no Service found with those values"
+    );
+
+    // The sentinel requests that waited for the configuration are logged
+    // too (the plugin is global): only ours are looked at.
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("json line"))
+            .filter(|entry| {
+                let uri = entry["request"]["uri"].as_str().unwrap_or("");
+                ["/nowhere", "/closed", "/keyed"].contains(&uri)
+            })
+            .collect();
+        if lines.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let statuses: Vec<&Value> = lines.iter().map(|l| &l["response"]["status"]).collect();
+    assert_eq!(statuses, [404, 403, 401, 503], "{lines:?}");
+    assert!(lines[0]["route"].is_null(), "{}", lines[0]);
+    assert_eq!(lines[1]["route"]["name"], "closed");
+    assert_eq!(lines[3]["consumer"]["username"], "kim");
+}
+
+#[tokio::test]
 async fn prometheus_counts_with_kongs_metric_names_on_the_status_and_admin_apis() {
     let status_port = gatehouse_test_support::free_port();
     let listen = format!("127.0.0.1:{status_port}");

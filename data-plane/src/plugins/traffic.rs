@@ -1086,7 +1086,7 @@ impl Plugin for Cors {
     fn access(&self, req: &mut PluginRequest<'_>, ctx: &mut Ctx<'_>) -> Flow {
         use http::header::{
             ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_MAX_AGE,
-            ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
+            ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD,
         };
         let origin = req
             .header("origin")
@@ -1096,18 +1096,7 @@ impl Plugin for Cors {
             && origin.is_some()
             && req.headers.contains(ACCESS_CONTROL_REQUEST_METHOD);
         if !preflight {
-            // header_filter's work depends only on the request: decided now.
-            if origin.is_some() || self.config.allow_origin_absent {
-                let mut ops = Vec::new();
-                self.origin_headers(req.headers.get_str(ORIGIN), &mut ops);
-                if let Some(exposed) = &self.exposed {
-                    ops.push((
-                        http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                        Some(exposed.clone()),
-                    ));
-                }
-                ctx.cors_headers = Some(ops);
-            }
+            self.without_access(req, ctx);
             return Flow::Continue;
         }
         if self.config.preflight_continue {
@@ -1145,6 +1134,22 @@ impl Plugin for Cors {
         response.headers_mut().remove(http::header::CONTENT_TYPE);
         apply(response.headers_mut(), ops, false);
         Flow::Exit(response)
+    }
+
+    /// header_filter's work depends only on the request: decided here.
+    fn without_access(&self, req: &PluginRequest<'_>, ctx: &mut Ctx<'_>) {
+        let origin = req.headers.get_str(http::header::ORIGIN);
+        if origin.is_some_and(|o| !o.is_empty()) || self.config.allow_origin_absent {
+            let mut ops = Vec::new();
+            self.origin_headers(origin, &mut ops);
+            if let Some(exposed) = &self.exposed {
+                ops.push((
+                    http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    Some(exposed.clone()),
+                ));
+            }
+            ctx.cors_headers = Some(ops);
+        }
     }
 
     fn response(&self, ctx: &mut Ctx<'_>, _status: StatusCode, headers: &mut HeaderMap) {
