@@ -211,6 +211,8 @@ impl Peer {
         Tracked {
             inner: body,
             tracker: self.tracker.take(),
+            on_end: None,
+            sent: 0,
         }
     }
 }
@@ -249,13 +251,46 @@ impl Drop for Tracker {
     }
 }
 
+/// What runs once a response body has been relayed (or abandoned), with
+/// the bytes of body relayed: the plugins' log phase.
+pub(crate) type OnEnd = Box<dyn FnOnce(u64) + Send>;
+
 /// A response body that releases its peer when it ends.
 pub(crate) struct Tracked<B> {
     inner: B,
     tracker: Option<Tracker>,
+    on_end: Option<OnEnd>,
+    /// Body bytes relayed so far, counted only for `on_end`.
+    sent: u64,
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
+impl<B> Tracked<B> {
+    /// Runs `hook` when the body ends or is dropped.
+    pub(crate) fn on_end(&mut self, hook: OnEnd) {
+        self.on_end = Some(hook);
+    }
+
+    fn ended(&mut self) {
+        self.tracker = None;
+        if let Some(hook) = self.on_end.take() {
+            hook(self.sent);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        // A client that went away mid-body is still logged, as in Kong.
+        if let Some(hook) = self.on_end.take() {
+            hook(self.sent);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B>
+where
+    B::Data: bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -265,10 +300,19 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.on_end.is_some() {
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += bytes::Buf::remaining(data) as u64;
+                }
+            }
+        }
         // Release the peer with the last frame: the server may not poll
         // again once the body says it has ended.
-        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.tracker = None;
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+            || this.inner.is_end_stream()
+        {
+            this.ended();
         }
         polled
     }

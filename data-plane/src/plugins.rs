@@ -177,7 +177,7 @@ pub(crate) struct Ctx<'r> {
     pub(crate) consumer: Option<Arc<Consumer>>,
     pub(crate) credential: Option<Credential>,
     /// The instances that ran `access`, in order.
-    collected: SmallVec<[&'r Instance; 8]>,
+    collected: SmallVec<[&'r Arc<Instance>; 8]>,
     /// Headers a plugin set on the response in `access` (Kong's
     /// `kong.response.set_header` before the response exists, as
     /// rate-limiting does): they replace the upstream's of the same name
@@ -431,12 +431,12 @@ impl Chain {
         }
     }
 
-    fn resolve<'c>(&'c self, step: &'c Step, consumer: Option<&str>) -> Option<&'c Instance> {
+    fn resolve<'c>(&'c self, step: &'c Step, consumer: Option<&str>) -> Option<&'c Arc<Instance>> {
         match step {
             Step::Fixed(instance) => Some(instance),
-            Step::ByConsumer(combos) => combos
-                .lookup(Some(&self.route_id), self.service_id.as_deref(), consumer)
-                .map(|instance| &**instance),
+            Step::ByConsumer(combos) => {
+                combos.lookup(Some(&self.route_id), self.service_id.as_deref(), consumer)
+            }
         }
     }
 
@@ -522,13 +522,24 @@ impl Chain {
 
     /// Kong's `log` phase for the plugins that ran `access`.
     pub(crate) fn log(&self, ctx: &mut Ctx<'_>, facts: &log::Facts<'_>) {
-        let Some(record) = ctx.log.take() else {
-            return;
-        };
-        let entry = record.entry(ctx, self.entities.as_deref(), facts);
-        for instance in &ctx.collected {
-            instance.handler.log(&entry);
+        if let Some(deferred) = self.defer_log(ctx, facts) {
+            deferred.run();
         }
+    }
+
+    /// The log phase, to run once the response body has gone (see
+    /// [`DeferredLog::finish`]); `facts` are those known at the head.
+    pub(crate) fn defer_log(
+        &self,
+        ctx: &mut Ctx<'_>,
+        facts: &log::Facts<'_>,
+    ) -> Option<DeferredLog> {
+        let record = ctx.log.take()?;
+        let entry = record.entry(ctx, self.entities.as_deref(), facts);
+        Some(DeferredLog {
+            entry,
+            instances: ctx.collected.iter().map(|i| Arc::clone(i)).collect(),
+        })
     }
 
     /// Kong's `header_filter` for the plugins that ran `access`.
@@ -615,6 +626,27 @@ impl Plugins {
     /// 404 of a request no route matched.
     pub(crate) fn global(&self) -> Option<&Chain> {
         self.global.as_ref()
+    }
+}
+
+/// A log entry waiting for its response body to be sent.
+pub(crate) struct DeferredLog {
+    entry: serde_json::Value,
+    instances: SmallVec<[Arc<Instance>; 8]>,
+}
+
+impl DeferredLog {
+    /// The body is done: `size` bytes went, `total` after the request came.
+    pub(crate) fn finish(mut self, size: u64, total: std::time::Duration) {
+        self.entry["response"]["size"] = size.into();
+        self.entry["latencies"]["request"] = (total.as_millis() as u64).into();
+        self.run();
+    }
+
+    fn run(self) {
+        for instance in &self.instances {
+            instance.handler.log(&self.entry);
+        }
     }
 }
 

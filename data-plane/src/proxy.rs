@@ -1429,7 +1429,7 @@ async fn forward<'r>(
     if let Some(cookie) = peer.set_cookie.take() {
         parts.headers.append(header::SET_COOKIE, cookie);
     }
-    let body = peer.track(body);
+    let mut body = peer.track(body);
     let Some((chain, mut ctx)) = plugin_ctx else {
         return Ok(Response::from_parts(parts, Either::Left(body)));
     };
@@ -1443,11 +1443,12 @@ async fn forward<'r>(
         response_size: size,
     };
     if !chain.needs().response_body {
-        // The log phase runs when the head is ready: the body streams on.
-        chain.log(
-            &mut ctx,
-            &log_facts(content_length(&parts.headers).unwrap_or(0)),
-        );
+        // The body streams on; the log phase runs once it has gone.
+        if let Some(deferred) = chain.defer_log(&mut ctx, &log_facts(0)) {
+            body.on_end(Box::new(move |size| {
+                deferred.finish(size, started.elapsed())
+            }));
+        }
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let mut bytes = body

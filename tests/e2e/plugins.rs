@@ -1248,6 +1248,71 @@ async fn plugins_run_on_requests_no_service_takes() {
 }
 
 #[tokio::test]
+async fn a_streamed_response_is_logged_once_its_body_has_gone() {
+    use std::io::{BufRead, Write};
+    let mut s = Setup::start();
+    // An upstream that sends half its chunked body, waits, then the rest.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in upstream.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n",
+            );
+            let _ = stream.flush();
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let _ = stream.write_all(b"6\r\n world\r\n0\r\n\r\n");
+        }
+    });
+    let logs = tempfile::tempdir().expect("temp dir");
+    let file = logs.path().join("streamed.log");
+    s.post(
+        "/services",
+        json!({"name": "streamed", "url": format!("http://{addr}")}),
+    )
+    .await;
+    s.post(
+        "/services/streamed/routes",
+        json!({"name": "streamed", "paths": ["/streamed"]}),
+    )
+    .await;
+    // key_in_body puts the route on the hyper path, where the body streams
+    // to the client after the head.
+    s.post(
+        "/routes/streamed/plugins",
+        json!({"name": "key-auth", "config": {"key_in_body": true}}),
+    )
+    .await;
+    s.post(
+        "/routes/streamed/plugins",
+        json!({"name": "file-log", "config": {"path": file.to_str().expect("utf-8")}}),
+    )
+    .await;
+    s.post("/consumers", json!({"username": "sam"})).await;
+    s.post("/consumers/sam/key-auth", json!({"key": "sam-key"}))
+        .await;
+    s.synced().await;
+
+    let r = s.get("/streamed", &[("apikey", "sam-key")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "hello world");
+    let lines = log_lines(&file, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let entry = &lines[0];
+    // Logged after the body: all of it, and the time it took.
+    assert_eq!(entry["response"]["size"], 11, "{entry}");
+    let total = entry["latencies"]["request"].as_u64().expect("latency");
+    assert!(total >= 400, "{entry}");
+    assert_eq!(entry["response"]["status"], 200);
+}
+
+#[tokio::test]
 async fn prometheus_counts_with_kongs_metric_names_on_the_status_and_admin_apis() {
     let status_port = gatehouse_test_support::free_port();
     let listen = format!("127.0.0.1:{status_port}");
