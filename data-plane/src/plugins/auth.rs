@@ -915,7 +915,7 @@ impl JwtAlg {
             JwtAlg::Es256 => (A::ES256, DecodingKey::from_ec_pem(pem.as_bytes())),
             JwtAlg::Es384 => (A::ES384, DecodingKey::from_ec_pem(pem.as_bytes())),
             JwtAlg::EdDsa => (A::EdDSA, DecodingKey::from_ed_pem(pem.as_bytes())),
-            JwtAlg::Es512 => return Err("ES512 (P-521) signatures cannot be verified here".into()),
+            JwtAlg::Es512 => return Err("ES512 keys are prepared by p521_key".into()),
             JwtAlg::Hs256 | JwtAlg::Hs384 | JwtAlg::Hs512 => {
                 return Err("an HMAC algorithm has no public key".into())
             }
@@ -924,11 +924,21 @@ impl JwtAlg {
     }
 }
 
+/// A P-521 public key from its PEM (SubjectPublicKeyInfo, as Kong's
+/// `openssl_pkey.new` reads it).
+fn p521_key(pem: &str) -> Result<p521::ecdsa::VerifyingKey, String> {
+    use p521::pkcs8::DecodePublicKey;
+    let public = p521::PublicKey::from_public_key_pem(pem.trim()).map_err(|e| e.to_string())?;
+    p521::ecdsa::VerifyingKey::from_affine(*public.as_affine()).map_err(|e| e.to_string())
+}
+
 /// What a jwt credential verifies with, prepared when the plugin is built.
 enum JwtKey {
     /// `secret_is_base64`: the decoded secret.
     Secret(Vec<u8>),
     Public(DecodingKey, jsonwebtoken::Algorithm),
+    /// ES512: P-521 keys, which `jsonwebtoken` (ring) does not verify.
+    P521(Box<p521::ecdsa::VerifyingKey>),
     /// Kong's "Invalid key/secret": no secret, no public key, or a base64
     /// secret that does not decode.
     Missing,
@@ -1094,6 +1104,15 @@ fn verify_public(
             let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature);
             Ok(jsonwebtoken::crypto::verify(&encoded, input, key, *algorithm).unwrap_or(false))
         }
+        JwtKey::P521(key) => {
+            use p521::ecdsa::signature::Verifier;
+            if alg.asserted_len().is_some_and(|len| len != signature.len()) {
+                return Err(JwtFailure::Unexpected);
+            }
+            // JOSE's r || s, each 66 bytes; ECDSA over SHA-512.
+            Ok(p521::ecdsa::Signature::from_slice(signature)
+                .is_ok_and(|signature| key.verify(input, &signature).is_ok()))
+        }
         JwtKey::Unusable(why) => {
             tracing::error!("jwt credential key is unusable: {why}");
             Err(JwtFailure::Unexpected)
@@ -1208,6 +1227,10 @@ impl Jwt {
             } else {
                 match owned.secret.rsa_public_key.as_deref() {
                     None => JwtKey::Missing,
+                    Some(pem) if alg == JwtAlg::Es512 => match p521_key(pem) {
+                        Ok(key) => JwtKey::P521(Box::new(key)),
+                        Err(why) => JwtKey::Unusable(why.into()),
+                    },
                     Some(pem) => match alg.public_key(pem) {
                         Ok((key, algorithm)) => JwtKey::Public(key, algorithm),
                         Err(why) => JwtKey::Unusable(why.into()),
@@ -2386,9 +2409,6 @@ mod tests {
             "Kong asserts a 64-byte ES256 signature"
         );
         assert!(JwtAlg::Rs256.public_key("not a key").is_err());
-        assert!(JwtAlg::Es512
-            .public_key(&key_pair.public_key_pem())
-            .is_err());
         assert_eq!(
             verify_public(JwtAlg::Rs256, &JwtKey::Missing, b"", b""),
             Err(JwtFailure::Invalid("Invalid key/secret".into()))
@@ -2419,5 +2439,37 @@ mod tests {
             empty_deny.verdict(Some(&gold), true),
             AclVerdict::Unexpected
         );
+    }
+
+    #[test]
+    fn es512_verifies_with_p521_keys() {
+        use p521::ecdsa::signature::Signer;
+        use p521::pkcs8::{EncodePublicKey, LineEnding};
+        let mut scalar = [0u8; 66];
+        scalar[65] = 7;
+        let signing = p521::ecdsa::SigningKey::from_slice(&scalar).expect("a scalar");
+        let verifying = p521::ecdsa::VerifyingKey::from(&signing);
+        let pem = p521::PublicKey::from_affine(*verifying.as_affine())
+            .expect("a point")
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem");
+        let key = JwtKey::P521(Box::new(p521_key(&pem).expect("a P-521 key")));
+        let signature: p521::ecdsa::Signature = signing.sign(b"h.c");
+        let signature = signature.to_bytes();
+        assert_eq!(signature.len(), 132);
+        assert_eq!(
+            verify_public(JwtAlg::Es512, &key, b"h.c", &signature),
+            Ok(true)
+        );
+        assert_eq!(
+            verify_public(JwtAlg::Es512, &key, b"h.d", &signature),
+            Ok(false)
+        );
+        assert_eq!(
+            verify_public(JwtAlg::Es512, &key, b"h.c", &signature[1..]),
+            Err(JwtFailure::Unexpected),
+            "Kong asserts a 132-byte ES512 signature"
+        );
+        assert!(p521_key("not a key").is_err());
     }
 }
