@@ -521,20 +521,29 @@ impl Dao {
                 Ok(out)
             },
         )?;
-        if changes.is_empty() {
+        self.commit_deletes(&changes).await
+    }
+
+    /// Removes `rows` in one transaction, as one version; nothing when
+    /// there are none.
+    async fn commit_deletes(
+        &self,
+        rows: &[(&'static EntitySchema, String)],
+    ) -> Result<(), DaoError> {
+        if rows.is_empty() {
             return Ok(());
         }
-        let db_changes: Vec<Change> = changes
+        let changes: Vec<Change> = rows
             .iter()
-            .map(|(sch, id)| Change::Delete {
-                entity: sch.name,
+            .map(|(schema, id)| Change::Delete {
+                entity: schema.name,
                 id: id.clone(),
             })
             .collect();
-        let version = self.backend.commit(&db_changes).await?;
+        let version = self.backend.commit(&changes).await?;
         self.apply(version, |state| {
-            for (sch, id) in &changes {
-                state.remove(sch, id);
+            for (schema, id) in rows {
+                state.remove(schema, id);
             }
         });
         Ok(())
@@ -584,23 +593,10 @@ impl Dao {
     /// never trips over an expired row's unique key.
     async fn purge_expired(&self) -> Result<(), DaoError> {
         let expired = self.read(|s| s.expired(now_secs()));
-        if expired.is_empty() {
-            return Ok(());
+        self.commit_deletes(&expired).await?;
+        if !expired.is_empty() {
+            tracing::debug!(count = expired.len(), "Purged entities whose ttl ran out.");
         }
-        let changes: Vec<Change> = expired
-            .iter()
-            .map(|(schema, id)| Change::Delete {
-                entity: schema.name,
-                id: id.clone(),
-            })
-            .collect();
-        let version = self.backend.commit(&changes).await?;
-        self.apply(version, |state| {
-            for (schema, id) in &expired {
-                state.remove(schema, id);
-            }
-        });
-        tracing::debug!(count = expired.len(), "Purged entities whose ttl ran out.");
         Ok(())
     }
 

@@ -1000,15 +1000,12 @@ async fn unrouted(
         Some(response) => (response, None),
         None => (error.response(), Some(error)),
     };
-    chain.response(&mut ctx, response.status(), response.headers_mut());
-    filter_answer_body(chain, &mut ctx, &mut response);
-    chain.log(
+    finish_answer(
+        chain,
         &mut ctx,
-        &plugin_log::Facts {
+        &mut response,
+        plugin_log::Facts {
             total: started.elapsed(),
-            response_size: http_body::Body::size_hint(response.body())
-                .exact()
-                .unwrap_or(0),
             ..plugin_log::Facts::default()
         },
     );
@@ -1051,23 +1048,20 @@ fn after_access(
         return error.into();
     };
     let mut answer = error.response();
-    chain.response(ctx, answer.status(), answer.headers_mut());
-    filter_answer_body(chain, ctx, &mut answer);
     // What nginx's $upstream_status holds when the upstream failed.
     let upstream_status = match error {
         ProxyError::UpstreamTimeout { .. } => Some(504),
         ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => Some(502),
         _ => None,
     };
-    chain.log(
+    finish_answer(
+        chain,
         ctx,
-        &plugin_log::Facts {
+        &mut answer,
+        plugin_log::Facts {
             upstream_status,
             proxy_latency,
             total: started.elapsed(),
-            response_size: http_body::Body::size_hint(answer.body())
-                .exact()
-                .unwrap_or(0),
             ..plugin_log::Facts::default()
         },
     );
@@ -1075,6 +1069,28 @@ fn after_access(
         error,
         answer: Some(answer),
     }
+}
+
+/// Kong's header_filter, body_filter and log phases on an answer a plugin
+/// or the gateway made; `facts` without the size, which is the answer's.
+fn finish_answer(
+    chain: &Chain,
+    ctx: &mut Ctx<'_>,
+    answer: &mut Response<ResponseBody>,
+    facts: plugin_log::Facts<'_>,
+) {
+    chain.response(ctx, answer.status(), answer.headers_mut());
+    filter_answer_body(chain, ctx, answer);
+    let response_size = http_body::Body::size_hint(answer.body())
+        .exact()
+        .unwrap_or(0);
+    chain.log(
+        ctx,
+        &plugin_log::Facts {
+            response_size,
+            ..facts
+        },
+    );
 }
 
 /// Kong runs body_filter on the answers plugins and error pages make too
@@ -1173,15 +1189,12 @@ async fn forward<'r>(
         );
         let protocol = Protocol::of(downstream.tls, is_grpc(&parts.headers));
         if let Some(mut response) = chain.access(&mut req, &mut ctx, protocol).await {
-            chain.response(&mut ctx, response.status(), response.headers_mut());
-            filter_answer_body(chain, &mut ctx, &mut response);
-            chain.log(
+            finish_answer(
+                chain,
                 &mut ctx,
-                &plugin_log::Facts {
+                &mut response,
+                plugin_log::Facts {
                     total: started.elapsed(),
-                    response_size: http_body::Body::size_hint(response.body())
-                        .exact()
-                        .unwrap_or(0),
                     ..plugin_log::Facts::default()
                 },
             );

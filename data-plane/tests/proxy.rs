@@ -1,6 +1,9 @@
 //! The proxy over real sockets: a hyper echo server as the upstream, the
 //! data plane serving on 127.0.0.1:0, and hyper clients.
 
+mod common;
+use common::kong_error;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -1281,22 +1284,4 @@ async fn pipelined_requests_are_answered_in_order() {
     assert!(one < two && two < three, "{text}");
     assert!(text.contains(r#""body_len":3"#), "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 3, "{text}");
-}
-
-/// The message of Kong's JSON error template (`{"message":…,"request_id":…}`,
-/// laid out as Kong lays it out), after checking the template and the id.
-fn kong_error(body: &[u8]) -> String {
-    let text = std::str::from_utf8(body).expect("utf-8 body");
-    let rest = text
-        .strip_prefix("{\n  \"message\":\"")
-        .unwrap_or_else(|| panic!("not Kong's error template: {text}"));
-    let (message, rest) = rest
-        .split_once("\",\n  \"request_id\":\"")
-        .expect("request_id");
-    let id = rest.strip_suffix("\"\n}").expect("template end");
-    assert!(
-        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{text}"
-    );
-    message.to_owned()
 }
