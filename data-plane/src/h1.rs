@@ -314,6 +314,7 @@ impl Engine<'_> {
             started,
             method: &method,
             path: raw_path,
+            headers: request.headers,
             grpc: info.grpc,
             close: info.close || self.drain.has_changed().unwrap_or(true),
             sent: started,
@@ -526,6 +527,8 @@ struct Exchange<'e, 'r> {
     started: Instant,
     method: &'e Method,
     path: &'e str,
+    /// The request's fields as parsed, for the gateway's error answers.
+    headers: &'e [httparse::Header<'e>],
     grpc: bool,
     /// The connection closes after this response.
     close: bool,
@@ -601,6 +604,13 @@ impl<'r> Exchange<'_, 'r> {
     {
         if self.grpc && (error.is_some() || is_gateway_json(&response)) {
             response = grpc_error(response);
+        } else {
+            let accept = self
+                .headers
+                .iter()
+                .find(|field| field.name.eq_ignore_ascii_case("accept"))
+                .map(|field| field.value);
+            crate::proxy::negotiate_error(&mut response, accept);
         }
         let mut next = if self.close {
             Next::Close

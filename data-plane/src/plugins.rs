@@ -993,7 +993,7 @@ impl ErrorFormat {
         best.1
     }
 
-    fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             ErrorFormat::Json => "application/json; charset=utf-8",
             ErrorFormat::Html => "text/html; charset=utf-8",

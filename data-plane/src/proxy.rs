@@ -656,6 +656,8 @@ async fn handle(
         .then(|| (request.method().clone(), request.uri().clone()));
     let version = request.version();
     let grpc_request = is_grpc(request.headers());
+    // For the gateway's own error answers (a reference-count copy).
+    let accept = request.headers().get(header::ACCEPT).cloned();
     let mut facts = Facts::default();
     let (mut response, error) =
         match forward(dp, &runtime, downstream, request, started, &mut facts).await {
@@ -666,6 +668,8 @@ async fn handle(
         };
     if grpc_request && (error.is_some() || is_gateway_json(&response)) {
         response = grpc_error(response);
+    } else {
+        negotiate_error(&mut response, accept.as_ref().map(HeaderValue::as_bytes));
     }
     if let Some(ProxyError::BodyTooLarge { .. }) = error {
         // The rest of the body is not read: close the connection, after
@@ -1665,14 +1669,40 @@ pub(crate) fn grpc_error(response: Response<ResponseBody>) -> Response<ResponseB
 
 /// Kong's error page (`kong/error_handlers.lua`, `kong.response.error`):
 /// the JSON template with the message and a request id.
-fn gateway_response(status: StatusCode, message: &str) -> Response<ResponseBody> {
+fn gateway_response(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
     let body = crate::plugins::ErrorFormat::Json.body(message, &crate::plugins::new_request_id());
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
+    response.extensions_mut().insert(GatewayError(message));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, JSON_UTF8);
     headers.insert(header::SERVER, SERVER);
     response
+}
+
+/// The message of an error answer the gateway made, for
+/// [`negotiate_error`].
+#[derive(Clone, Copy)]
+struct GatewayError(&'static str);
+
+/// Kong's error pages pick their template by the request's `Accept`
+/// (`kong/error_handlers.lua`): the gateway's JSON answer is written again
+/// as text, HTML or XML when the client prefers one of those.
+pub(crate) fn negotiate_error(response: &mut Response<ResponseBody>, accept: Option<&[u8]>) {
+    let Some(&GatewayError(message)) = response.extensions().get::<GatewayError>() else {
+        return;
+    };
+    let format = crate::plugins::ErrorFormat::negotiate(accept);
+    if format == crate::plugins::ErrorFormat::Json {
+        return;
+    }
+    let body = format.body(message, &crate::plugins::new_request_id());
+    *response.body_mut() = Either::Right(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
 }
 
 /// Removes connection-specific headers and those the `Connection` header

@@ -55,6 +55,40 @@ async fn readme_walkthrough_proxies_to_the_upstream() {
         "{v}"
     );
     assert_eq!(v.as_object().map(|o| o.len()), Some(2), "{v}");
+    // The template follows Accept, on the HTTP/1.1 engine and on hyper's
+    // (a chunked request goes there).
+    let (status, body) =
+        raw_request(proxy, "GET", "/nowhere", &[("Accept", "text/plain")], b"").expect("request");
+    assert_eq!(status, 404);
+    let text = String::from_utf8(body).expect("utf-8");
+    let id = text
+        .strip_prefix("no Route matched with those values\nrequest_id: ")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("not Kong's text template: {text:?}"));
+    assert_eq!(id.len(), 32, "{text:?}");
+    let chunked = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(proxy).expect("connect");
+        s.write_all(
+            b"POST /nowhere HTTP/1.1\r\nHost: x\r\nAccept: text/html;q=0.9, application/xml\r\n\
+              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+        )
+        .expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        answer
+    };
+    assert!(chunked.starts_with("HTTP/1.1 404"), "{chunked}");
+    assert!(
+        chunked
+            .to_ascii_lowercase()
+            .contains("content-type: application/xml; charset=utf-8"),
+        "{chunked}"
+    );
+    assert!(
+        chunked.contains("<message>no Route matched with those values</message>"),
+        "{chunked}"
+    );
 
     // Deleting the route takes it out of the proxy.
     let rid: Value = c
