@@ -1077,7 +1077,7 @@ fn prepare_update(
     let mut merged = schema.record.merge_values(processed, &existing);
     merged.insert("id".into(), json!(id));
     // A changed subschema key (a plugin renamed) brings the new defaults.
-    let merged = if schema.subschema_key.is_some() {
+    let mut merged = if schema.subschema_key.is_some() {
         let sub = schema.subschema_for(&merged);
         let now = gatehouse_model::schema::validate_now_s();
         schema
@@ -1088,7 +1088,6 @@ fn prepare_update(
         merged
     };
     validate(schema, &merged, false)?;
-    let mut merged = merged;
     match (ttl, expires) {
         // Kong counts from `updated_at`, which credentials do not have.
         (Some(ttl), _) => set_expiry(&mut merged, ttl, now_secs()),

@@ -563,12 +563,7 @@ impl<'r> Exchange<'_, 'r> {
         };
         let mut response = error.response();
         chain.response(ctx, response.status(), response.headers_mut());
-        // What nginx's $upstream_status holds when the upstream failed.
-        let upstream_status = match error {
-            ProxyError::UpstreamTimeout { .. } => Some(504),
-            ProxyError::UpstreamConnectIo { .. } | ProxyError::UpstreamIo { .. } => Some(502),
-            _ => None,
-        };
+        let upstream_status = error.upstream_status();
         let size = Body::size_hint(response.body()).exact().unwrap_or(0);
         let next = self
             .answer(io, buf, body_len, response, Some(error), out)

@@ -448,6 +448,19 @@ impl ProxyError {
     }
 
     /// Kong's status and body for the error.
+    /// What nginx's `$upstream_status` holds when the upstream failed, on
+    /// either engine.
+    pub(crate) fn upstream_status(&self) -> Option<u16> {
+        match self {
+            ProxyError::UpstreamTimeout { .. } => Some(504),
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamConnectIo { .. }
+            | ProxyError::UpstreamIo { .. } => Some(502),
+            _ => None,
+        }
+    }
+
     pub(crate) fn response(&self) -> Response<ResponseBody> {
         let (status, body) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, body::NO_ROUTE),
@@ -1052,12 +1065,7 @@ fn after_access(
         return error.into();
     };
     let mut answer = error.response();
-    // What nginx's $upstream_status holds when the upstream failed.
-    let upstream_status = match error {
-        ProxyError::UpstreamTimeout { .. } => Some(504),
-        ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => Some(502),
-        _ => None,
-    };
+    let upstream_status = error.upstream_status();
     finish_answer(
         chain,
         ctx,
